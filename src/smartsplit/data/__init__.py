@@ -1,0 +1,18 @@
+"""Data sets (Fashion-MNIST, MNIST, CIFAR-10, synthetic) and client partitioners."""
+
+from smartsplit.data.datasets import DATASETS, FASHION_MNIST_ROOT, Dataset, load_dataset, synthetic
+from smartsplit.data.partition import SCHEMES, dirichlet, iid, label_skew, partition, shards
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_ROOT",
+    "SCHEMES",
+    "Dataset",
+    "dirichlet",
+    "iid",
+    "label_skew",
+    "load_dataset",
+    "partition",
+    "shards",
+    "synthetic",
+]

@@ -1,0 +1,31 @@
+"""Fleet: device catalog, seeded fleet sampling and memory-budget traces."""
+
+from smartsplit.fleet.catalog import (
+    Device,
+    DeviceClass,
+    fleet_from_csv,
+    fleet_to_csv,
+    load_catalog,
+    sample_fleet,
+)
+from smartsplit.fleet.traces import (
+    BudgetTrace,
+    constant_trace,
+    foreground_app_trace,
+    load_trace_csv,
+    save_trace_csv,
+)
+
+__all__ = [
+    "BudgetTrace",
+    "Device",
+    "DeviceClass",
+    "constant_trace",
+    "fleet_from_csv",
+    "fleet_to_csv",
+    "foreground_app_trace",
+    "load_catalog",
+    "load_trace_csv",
+    "sample_fleet",
+    "save_trace_csv",
+]

@@ -1,0 +1,29 @@
+# `make run`: set everything up and run the main job.  `make test`: set everything up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data run test clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so pip takes the CPU build rather than a multi-GB CUDA one.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+data:
+	bash scripts/install-data.sh
+
+run: setup data
+	$(VENV)/bin/smartsplit compare configs/fmnist.yaml --strategies fedavg,splitfed,smartsplit
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,107 @@
+"""``smartsplit run | compare | profile``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smartsplit.errors import SmartSplitError
+
+MB = 2**20
+
+
+def _run(args: argparse.Namespace) -> None:
+    from smartsplit.config import load_config
+    from smartsplit.runtime.embedded import run_experiment
+
+    config = load_config(args.config, args.set)
+    summary = run_experiment(config, args.out, progress=not args.quiet)
+    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "
+          f"results in {Path(args.out) if args.out else Path(config.output_dir) / config.name}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from smartsplit.config import load_config
+    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
+    from smartsplit.runtime.embedded import run_experiment
+
+    base = load_config(args.config, args.set)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    summaries = []
+    for name in strategies:
+        config = load_config(args.config, [*args.set, f"strategy.name={name}", f"name={base.name}-{name}"])
+        summaries.append(run_experiment(config, progress=not args.quiet))
+    print(format_table(COMPARE_HEADERS, compare_rows(summaries)))
+    print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>")
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from smartsplit.memory.model import device_memory, optimizer_slots
+    from smartsplit.models.profile import profile_chain
+    from smartsplit.models.zoo import build_model, default_input_shape
+    from smartsplit.reports.table import format_table
+
+    shape = default_input_shape(args.model)
+    model = build_model(args.model, num_classes=args.classes, width=args.width)
+    profile = profile_chain(model, shape, args.batch)
+    slots = optimizer_slots(args.optimizer, args.momentum)
+    rows = [
+        [u.index, u.name[:40], u.param_bytes / MB, u.saved_bytes / MB, u.output_bytes / MB, u.flops / 1e6]
+        for u in profile.units
+    ]
+    print(f"{args.model}: {profile.num_units} units, input {shape}, batch {args.batch}")
+    print(format_table(["unit", "layers", "params MB", "saved MB", "output MB", "fwd MFLOP"], rows))
+    print()
+    cuts = [
+        [c, device_memory(profile, c, slots=slots).total / MB, profile.cut_bytes(c) / MB, profile.flops(1, c) / 1e6]
+        for c in range(1, profile.num_units + 1)
+    ]
+    print(f"per cut (optimizer {args.optimizer}, momentum {args.momentum}; link bytes each way per step):")
+    print(format_table(["cut", "device peak MB", "link MB/step", "device fwd MFLOP"], cuts))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartsplit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment from a YAML config")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    compare = sub.add_parser("compare", help="run a config under several strategies and print one table")
+    compare.add_argument("config")
+    compare.add_argument("--strategies", default="fedavg,splitfed,smartsplit")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=_compare)
+
+    profile = sub.add_parser("profile", help="per-unit profile and per-cut device memory of a zoo model")
+    profile.add_argument("--model", required=True)
+    profile.add_argument("--batch", type=int, default=32)
+    profile.add_argument("--width", type=float, default=1.0)
+    profile.add_argument("--classes", type=int, default=10)
+    profile.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    profile.add_argument("--momentum", type=float, default=0.0)
+    profile.set_defaults(func=_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SmartSplitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rounds finished so far are in metrics.jsonl", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

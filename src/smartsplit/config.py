@@ -1,0 +1,138 @@
+"""Experiment configuration: YAML validated by pydantic, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from smartsplit.errors import SmartSplitError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
+    root: str | None = None  # None: the dataset's default folder (Fashion-MNIST: Debian's package)
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    train_limit: int | None = Field(None, ge=1)  # subsample the training set (seeded)
+    test_limit: int | None = Field(None, ge=1)
+    synthetic_shape: tuple[int, int, int] = (1, 28, 28)
+    synthetic_classes: int = Field(10, ge=2)
+    synthetic_train: int = Field(2000, ge=10)
+    synthetic_test: int = Field(500, ge=10)
+
+
+class ModelConfig(_Section):
+    name: str = "cnn"
+    width: float = Field(1.0, gt=0)
+
+
+class FleetConfig(_Section):
+    devices: int = Field(100, ge=1)
+    classes: dict[str, float] = Field(default_factory=lambda: {"phone-entry": 1.0})
+    catalog: str | None = None  # None: the catalog shipped with SmartSplit
+    jitter: float = Field(0.2, ge=0)
+    csv: str | None = None  # a fleet saved with fleet_to_csv, instead of sampling one
+
+
+class TrainingConfig(_Section):
+    rounds: int = Field(20, ge=1)
+    devices_per_round: int = Field(10, ge=1)
+    local_steps: int | None = Field(10, ge=1)
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    eval_batch_size: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainingConfig":
+        if self.local_epochs is not None:
+            self.local_steps = None
+        if self.local_steps is None and self.local_epochs is None:
+            raise ValueError("set local_steps or local_epochs")
+        return self
+
+
+class StrategyConfig(_Section):
+    name: str = "smartsplit"
+    cut: int | None = Field(None, ge=1)  # splitfed's fixed cut; None: the middle unit
+
+
+class EdgeConfig(_Section):
+    gflops: float = Field(2000.0, gt=0)  # sustained training throughput of the edge server
+    latency_s: float = Field(0.01, ge=0)  # per message, each way
+
+
+class Config(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    output_dir: str = "runs"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SmartSplitError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.path=value`` strings; values are read as YAML (numbers, booleans, lists, mappings)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SmartSplitError(f"--set {item!r}: expected key=value, e.g. training.rounds=5")
+        try:
+            parsed.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as exc:
+            raise SmartSplitError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return parsed
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> Config:
+    raw = dict(raw)
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SmartSplitError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise SmartSplitError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SmartSplitError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SmartSplitError(f"{path}: expected a mapping of sections (name, data, model, fleet, training, ...)")
+    return build_config(raw, overrides, source=str(path))

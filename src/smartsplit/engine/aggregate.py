@@ -1,0 +1,42 @@
+"""Layer-wise aggregation across heterogeneous cuts (DESIGN 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Contribution:
+    """Trained copies of some units and the number of samples that trained each of them."""
+
+    units: dict[int, dict[str, torch.Tensor]]  # 1-based unit index -> state dict
+    samples: dict[int, int]  # 1-based unit index -> samples that trained this copy
+
+
+def aggregate(global_units: nn.Sequential, contributions: list[Contribution]) -> None:
+    """Replace each unit of ``global_units`` by the sample-weighted mean of the copies that trained it.
+
+    Unit ``l`` averages the device copies (devices with cut >= l) and the edge copies (weighted by the samples
+    of the devices whose cut is below l). A unit nobody trained keeps its weights. With every cut at L this is
+    exactly FedAvg.
+    """
+    for index, unit in enumerate(global_units, start=1):
+        holders = [(c.units[index], c.samples[index]) for c in contributions if c.samples.get(index, 0) > 0]
+        if not holders:
+            continue
+        total = sum(n for _, n in holders)
+        merged = {}
+        for key, value in unit.state_dict().items():
+            if value.is_floating_point():
+                merged[key] = sum(state[key].to(torch.float64) * (n / total) for state, n in holders).to(value.dtype)
+            else:  # integer buffers (counters): take the most-trained copy's
+                merged[key] = max(holders, key=lambda h: h[1])[0][key].clone()
+        unit.load_state_dict(merged)
+
+
+def unit_states(units: nn.Sequential, first: int, last: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Detached copies of the state dicts of units ``first..last`` (1-based) of a chain."""
+    return {i: {k: v.detach().clone() for k, v in units[i - 1].state_dict().items()} for i in range(first, last + 1)}

@@ -1,0 +1,58 @@
+"""Simulated time of a split step: device compute, link transfers and edge compute (DESIGN 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smartsplit.fleet import Device
+from smartsplit.models.profile import ModelProfile
+
+BACKWARD_FLOPS = 2  # backward costs about twice the forward
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    flops_per_s: float
+    latency_s: float  # per message, each way
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of one local step of a device at a cut, without queueing at the edge."""
+
+    forward_s: float
+    uplink_s: float
+    edge_s: float
+    downlink_s: float
+    backward_s: float
+
+    @property
+    def total(self) -> float:
+        return self.forward_s + self.uplink_s + self.edge_s + self.downlink_s + self.backward_s
+
+
+def transfer_s(nbytes: int, bytes_per_s: float, latency_s: float) -> float:
+    return latency_s + nbytes / bytes_per_s if nbytes else 0.0
+
+
+def step_times(profile: ModelProfile, cut: int, device: Device, edge: EdgeSpec, scale: float = 1.0) -> StepTimes:
+    """``scale`` is the fraction of the profiled batch this step carries (a short last batch)."""
+    device_flops = profile.flops(1, cut) * scale
+    edge_flops = profile.flops(cut + 1, profile.num_units) * scale
+    crossing = int(profile.cut_bytes(cut) * scale)
+    return StepTimes(
+        forward_s=device_flops / device.flops_per_s,
+        uplink_s=transfer_s(crossing, device.uplink_bytes_per_s, edge.latency_s),
+        edge_s=(1 + BACKWARD_FLOPS) * edge_flops / edge.flops_per_s,
+        downlink_s=transfer_s(crossing, device.downlink_bytes_per_s, edge.latency_s),
+        backward_s=BACKWARD_FLOPS * device_flops / device.flops_per_s,
+    )
+
+
+def model_transfer_s(profile: ModelProfile, cut: int, device: Device, edge: EdgeSpec) -> tuple[float, float]:
+    """Seconds to download the device's units at round start and upload them at round end."""
+    nbytes = profile.param_bytes(1, cut)
+    return (
+        transfer_s(nbytes, device.downlink_bytes_per_s, edge.latency_s),
+        transfer_s(nbytes, device.uplink_bytes_per_s, edge.latency_s),
+    )

@@ -1,0 +1,207 @@
+"""Memory-budget traces: the bytes a device may use, piecewise constant over simulated time.
+
+CSV form: header ``time_s,budget_mb``; one row per change; ``budget_mb`` is in MiB (1 MB = ``2**20``
+bytes here, the same convention as the device catalog). The budget of the last row stays in force forever.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smartsplit.errors import SmartSplitError
+
+MIB = 2**20
+_HEADER = ("time_s", "budget_mb")
+
+
+@dataclass(frozen=True)
+class BudgetTrace:
+    """Budget ``budgets_bytes[i]`` is in force on ``[times_s[i], times_s[i+1])``; the last one forever."""
+
+    times_s: tuple[float, ...]
+    budgets_bytes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        times = tuple(float(t) for t in self.times_s)
+        budgets = tuple(int(b) for b in self.budgets_bytes)
+        if not times or len(times) != len(budgets):
+            raise SmartSplitError("budget trace needs equally many times and budgets, at least one")
+        if times[0] != 0.0:
+            raise SmartSplitError(f"budget trace must start at time 0.0, starts at {times[0]}")
+        if not all(math.isfinite(t) for t in times) or any(b <= a for a, b in zip(times, times[1:])):
+            raise SmartSplitError("budget trace times must be finite and strictly increasing")
+        if any(b < 0 for b in budgets):
+            raise SmartSplitError("budget trace budgets must be >= 0 bytes")
+        object.__setattr__(self, "times_s", times)
+        object.__setattr__(self, "budgets_bytes", budgets)
+
+    def _index(self, t: float) -> int:
+        return max(bisect.bisect_right(self.times_s, t) - 1, 0)
+
+    def at(self, t: float) -> int:
+        """Budget in force at time ``t`` (times before 0 get the first budget)."""
+        return self.budgets_bytes[self._index(t)]
+
+    def next_change(self, t: float) -> float | None:
+        """Earliest time after ``t`` at which the budget differs from ``at(t)``; ``None`` if never."""
+        i = self._index(t)
+        current = self.budgets_bytes[i]
+        for j in range(max(bisect.bisect_right(self.times_s, t), i + 1), len(self.times_s)):
+            if self.budgets_bytes[j] != current:
+                return self.times_s[j]
+        return None
+
+    def _segments(self, t0: float, t1: float) -> list[tuple[int, float]]:
+        """(budget, duration) pieces covering ``[t0, t1)``; ``[(at(t0), 0.0)]`` when ``t1 == t0``."""
+        if not (math.isfinite(t0) and math.isfinite(t1)) or t1 < t0:
+            raise SmartSplitError(f"time window must satisfy t0 <= t1 (finite), got [{t0}, {t1}]")
+        if t1 == t0:
+            return [(self.at(t0), 0.0)]
+        pieces: list[tuple[int, float]] = []
+        i = self._index(t0)
+        start = t0
+        while start < t1:
+            end = self.times_s[i + 1] if i + 1 < len(self.times_s) else math.inf
+            stop = min(end, t1)
+            pieces.append((self.budgets_bytes[i], stop - start))
+            start, i = stop, i + 1
+        return pieces
+
+    def min_over(self, t0: float, t1: float) -> int:
+        """Smallest budget in force at any time in ``[t0, t1)`` (``at(t0)`` when ``t1 == t0``)."""
+        return min(b for b, _ in self._segments(t0, t1))
+
+    def quantile(self, q: float, t0: float, t1: float) -> int:
+        """Time-weighted ``q``-quantile of the budget over ``[t0, t1)``.
+
+        The smallest budget ``b`` such that the budget is ``<= b`` for at least a fraction ``q`` of the
+        window (``q=0``: the minimum, ``q=1``: the maximum); ``at(t0)`` when ``t1 == t0``.
+        """
+        if not (0.0 <= q <= 1.0):
+            raise SmartSplitError(f"quantile must be in [0, 1], got {q}")
+        pieces = sorted(self._segments(t0, t1))
+        total = sum(d for _, d in pieces)
+        if total == 0.0:
+            return pieces[0][0]
+        target = q * total * (1 - 1e-12)
+        acc = 0.0
+        for budget, duration in pieces:
+            acc += duration
+            if acc > 0 and acc >= target:
+                return budget
+        return pieces[-1][0]
+
+
+def constant_trace(budget_bytes: int) -> BudgetTrace:
+    """A budget that never changes."""
+    return BudgetTrace((0.0,), (int(budget_bytes),))
+
+
+def foreground_app_trace(
+    capacity_bytes: int,
+    seed: int,
+    horizon_s: float,
+    *,
+    mean_gap_s: float = 60.0,
+    mean_hold_s: float = 30.0,
+    max_take: float = 0.8,
+    floor: float = 0.05,
+) -> BudgetTrace:
+    """Seeded model of other apps taking and releasing memory over ``[0, horizon_s)``.
+
+    Apps arrive as a Poisson process (mean gap ``mean_gap_s``); each takes a fraction of capacity drawn
+    uniformly from ``[0, max_take)`` for an exponential hold time (mean ``mean_hold_s``), then releases it.
+    Budget = capacity - memory taken, never below ``floor * capacity``. Only real changes are recorded; the
+    budget at ``horizon_s`` stays in force afterwards. Deterministic for a seed.
+    """
+    if capacity_bytes < 0:
+        raise SmartSplitError(f"trace capacity must be >= 0 bytes, got {capacity_bytes}")
+    if not (math.isfinite(horizon_s) and horizon_s >= 0):
+        raise SmartSplitError(f"trace horizon must be a finite number >= 0, got {horizon_s}")
+    if not (mean_gap_s > 0 and mean_hold_s > 0):
+        raise SmartSplitError("trace mean_gap_s and mean_hold_s must be > 0")
+    if not (0.0 <= max_take <= 1.0 and 0.0 <= floor <= 1.0):
+        raise SmartSplitError("trace max_take and floor must be fractions in [0, 1]")
+    rng = np.random.default_rng(seed)
+    events: list[tuple[float, float]] = []  # (time, change in fraction taken)
+    t = float(rng.exponential(mean_gap_s))
+    while t < horizon_s:
+        take = float(rng.uniform(0.0, max_take))
+        hold = float(rng.exponential(mean_hold_s))
+        events.append((t, take))
+        if t + hold < horizon_s:
+            events.append((t + hold, -take))
+        t += float(rng.exponential(mean_gap_s))
+    events.sort()
+
+    floor_bytes = math.ceil(floor * capacity_bytes)
+    times, budgets = [0.0], [int(capacity_bytes)]
+    taken = 0.0
+    for k, (time, delta) in enumerate(events):
+        taken += delta
+        if k + 1 < len(events) and events[k + 1][0] == time:
+            continue  # apply simultaneous events together
+        budget = max(floor_bytes, int(capacity_bytes) - round(max(taken, 0.0) * capacity_bytes))
+        if budget != budgets[-1]:
+            times.append(time)
+            budgets.append(budget)
+    return BudgetTrace(tuple(times), tuple(budgets))
+
+
+def save_trace_csv(trace: BudgetTrace, path: str | Path) -> None:
+    """Write ``time_s,budget_mb`` (MiB); exact round trip through :func:`load_trace_csv`."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_HEADER)
+        for t, b in zip(trace.times_s, trace.budgets_bytes):
+            writer.writerow([repr(float(t)), repr(b / MIB)])
+
+
+def load_trace_csv(path: str | Path) -> BudgetTrace:
+    """Read a ``time_s,budget_mb`` CSV (MiB, 2**20 bytes); errors name the file and line."""
+    src = str(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError as exc:
+        raise SmartSplitError(f"{src}: trace file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SmartSplitError(f"{src}: trace file cannot be read ({exc})") from exc
+    if not rows:
+        raise SmartSplitError(f"{src}: line 1: empty file, expected header 'time_s,budget_mb'")
+    if tuple(c.strip() for c in rows[0]) != _HEADER:
+        raise SmartSplitError(f"{src}: line 1: expected header 'time_s,budget_mb', got '{','.join(rows[0])}'")
+    times: list[float] = []
+    budgets: list[int] = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise SmartSplitError(
+                f"{src}: line {lineno}: expected 2 columns (time_s,budget_mb), got {len(row)}"
+            )
+        try:
+            t, mb = float(row[0]), float(row[1])
+        except ValueError as exc:
+            raise SmartSplitError(f"{src}: line {lineno}: non-numeric value ({exc})") from exc
+        if not (math.isfinite(t) and math.isfinite(mb)):
+            raise SmartSplitError(f"{src}: line {lineno}: values must be finite numbers")
+        if mb < 0:
+            raise SmartSplitError(f"{src}: line {lineno}: negative budget {mb} MB")
+        if not times and t != 0.0:
+            raise SmartSplitError(f"{src}: line {lineno}: first time must be 0, got {t}")
+        if times and t <= times[-1]:
+            raise SmartSplitError(
+                f"{src}: line {lineno}: time {t} is not after the previous time {times[-1]}"
+            )
+        times.append(t)
+        budgets.append(round(mb * MIB))
+    if not times:
+        raise SmartSplitError(f"{src}: line {len(rows) + 1}: no data rows after the header")
+    return BudgetTrace(tuple(times), tuple(budgets))

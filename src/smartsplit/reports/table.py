@@ -1,0 +1,37 @@
+"""Plain-text tables for the console and markdown."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+COMPARE_HEADERS = ("strategy", "final acc", "participation", "max peak MB", "mean latency s", "OOM", "wall s")
+
+
+def compare_rows(summaries: Sequence[dict]) -> list[list[object]]:
+    return [
+        [
+            s["strategy"],
+            s["final_accuracy"],
+            f"{100 * s['participation_rate']:.0f}%",
+            s["max_peak_measured_mb"],
+            s["mean_round_latency_s"],
+            s["oom_events"],
+            s["wall_s"],
+        ]
+        for s in summaries
+    ]

@@ -1,0 +1,61 @@
+"""The one interface the server loop is built around: a strategy decides who trains and where each cuts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from smartsplit.fleet import Device
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A device that could train this round, with what the memory model and the clock predict for it."""
+
+    device: Device
+    budget: int  # bytes the device may use this round
+    peaks: tuple[int, ...]  # predicted device peak for cuts 1..L
+    step_times: tuple[float, ...]  # simulated seconds of one local step for cuts 1..L, without queueing
+
+    def fits(self, cut: int) -> bool:
+        return self.peaks[cut - 1] <= self.budget
+
+    @property
+    def feasible_cuts(self) -> tuple[int, ...]:
+        return tuple(c for c in range(1, len(self.peaks) + 1) if self.fits(c))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    device_id: int
+    cut: int
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    assignments: tuple[Assignment, ...]
+    excluded: int  # devices that could not take part at all under this strategy's rules
+
+
+class Strategy(ABC):
+    """Chooses each round's participants and cuts; may learn from the rounds it has seen."""
+
+    name: str = "strategy"
+
+    @abstractmethod
+    def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
+        """Pick up to ``k`` of ``candidates`` and a cut for each."""
+
+    def round_finished(self, rnd: int, reports: Sequence[dict]) -> None:
+        """Called with the per-device reports of the round that just ended."""
+
+
+def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
+    """``k`` candidates chosen uniformly without replacement, in a seeded, order-stable way."""
+    if len(eligible) <= k:
+        return list(eligible)
+    chosen = rng.choice(len(eligible), size=k, replace=False)
+    return [eligible[i] for i in sorted(chosen)]
