@@ -11,7 +11,6 @@ setup: $(STAMP)
 # torch is installed first and pinned, so pip takes the CPU build rather than a multi-GB CUDA one.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
