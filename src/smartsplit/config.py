@@ -34,12 +34,36 @@ class ModelConfig(_Section):
     width: float = Field(1.0, gt=0)
 
 
+class BudgetConfig(_Section):
+    """How each device's memory budget moves over simulated time (DESIGN 3, dynamic budgets)."""
+
+    kind: Literal["constant", "foreground", "csv"] = "constant"
+    # foreground: a seeded model of other apps taking and releasing memory (see fleet.traces)
+    mean_gap_s: float = Field(60.0, gt=0)
+    mean_hold_s: float = Field(30.0, gt=0)
+    max_take: float = Field(0.8, ge=0, lt=1)
+    floor: float = Field(0.05, ge=0, le=1)
+    horizon_s: float = Field(1e6, gt=0)
+    # csv: a folder of device-<id>.csv files (time_s,budget_mb); devices without one keep a constant budget
+    csv_dir: str | None = None
+    # the central manager plans with this quantile of the budget seen over the last window
+    forecast_quantile: float = Field(0.1, ge=0, le=1)
+    forecast_window_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _csv_needs_dir(self) -> "BudgetConfig":
+        if self.kind == "csv" and not self.csv_dir:
+            raise ValueError("kind 'csv' needs csv_dir, a folder of device-<id>.csv files")
+        return self
+
+
 class FleetConfig(_Section):
     devices: int = Field(100, ge=1)
     classes: dict[str, float] = Field(default_factory=lambda: {"phone-entry": 1.0})
     catalog: str | None = None  # None: the catalog shipped with SmartSplit
     jitter: float = Field(0.2, ge=0)
     csv: str | None = None  # a fleet saved with fleet_to_csv, instead of sampling one
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
 
 
 class TrainingConfig(_Section):
@@ -52,6 +76,7 @@ class TrainingConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     eval_batch_size: int = Field(1000, ge=1)
+    round_deadline_s: float | None = Field(None, gt=0)  # a device paused past it stops for the round
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainingConfig":

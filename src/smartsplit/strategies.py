@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from smartsplit.baselines.fixed_cut import fedavg, splitfed
+from smartsplit.baselines.fixed_cut import fedavg, fedavg_ckpt, splitfed
 from smartsplit.config import StrategyConfig
 from smartsplit.errors import SmartSplitError
 from smartsplit.managers.central import SmartSplit
 from smartsplit.strategy import Strategy
 
-STRATEGIES = ("fedavg", "splitfed", "smartsplit")
+STRATEGIES = ("fedavg", "fedavg-ckpt", "splitfed", "smartsplit")
 
 
 def make_strategy(config: StrategyConfig, num_units: int) -> Strategy:
@@ -16,6 +16,8 @@ def make_strategy(config: StrategyConfig, num_units: int) -> Strategy:
         raise SmartSplitError(f"strategy.cut: {config.cut} is outside 1..{num_units} for this model")
     if config.name == "fedavg":
         return fedavg(num_units)
+    if config.name == "fedavg-ckpt":
+        return fedavg_ckpt(num_units)
     if config.name == "splitfed":
         return splitfed(num_units, config.cut)
     if config.name == "smartsplit":

@@ -44,6 +44,9 @@ class Strategy(ABC):
     """Chooses each round's participants and cuts; may learn from the rounds it has seen."""
 
     name: str = "strategy"
+    checkpointing: bool = False  # devices plan micro-batches and recomputation (the on-device manager)
+    replan: bool = False  # devices re-plan whenever their budget changes mid-round
+    move_cut: bool = False  # a squeezed device hands units to the edge mid-round instead of pausing
 
     @abstractmethod
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:

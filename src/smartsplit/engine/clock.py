@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smartsplit.fleet import Device
-from smartsplit.models.profile import ModelProfile
-
-BACKWARD_FLOPS = 2  # backward costs about twice the forward
+from smartsplit.models.profile import BACKWARD_FLOPS, ModelProfile
 
 
 @dataclass(frozen=True)
@@ -35,17 +33,30 @@ def transfer_s(nbytes: int, bytes_per_s: float, latency_s: float) -> float:
     return latency_s + nbytes / bytes_per_s if nbytes else 0.0
 
 
-def step_times(profile: ModelProfile, cut: int, device: Device, edge: EdgeSpec, scale: float = 1.0) -> StepTimes:
-    """``scale`` is the fraction of the profiled batch this step carries (a short last batch)."""
+def step_times(
+    profile: ModelProfile,
+    cut: int,
+    device: Device,
+    edge: EdgeSpec,
+    scale: float = 1.0,
+    recompute_flops: float = 0.0,
+    round_trips: int = 1,
+) -> StepTimes:
+    """Times of one step carrying ``scale`` times the profiled batch (a short last batch: less than 1).
+
+    ``recompute_flops`` (for the whole step) lengthens the device's backward; each of ``round_trips``
+    micro-batches pays the link latency both ways.
+    """
     device_flops = profile.flops(1, cut) * scale
     edge_flops = profile.flops(cut + 1, profile.num_units) * scale
     crossing = int(profile.cut_bytes(cut) * scale)
+    latency = edge.latency_s * round_trips
     return StepTimes(
         forward_s=device_flops / device.flops_per_s,
-        uplink_s=transfer_s(crossing, device.uplink_bytes_per_s, edge.latency_s),
+        uplink_s=transfer_s(crossing, device.uplink_bytes_per_s, latency),
         edge_s=(1 + BACKWARD_FLOPS) * edge_flops / edge.flops_per_s,
-        downlink_s=transfer_s(crossing, device.downlink_bytes_per_s, edge.latency_s),
-        backward_s=BACKWARD_FLOPS * device_flops / device.flops_per_s,
+        downlink_s=transfer_s(crossing, device.downlink_bytes_per_s, latency),
+        backward_s=(BACKWARD_FLOPS * device_flops + recompute_flops * scale) / device.flops_per_s,
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -15,11 +16,21 @@ from torch import nn
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_dataset, partition, synthetic
 from smartsplit.engine.aggregate import aggregate
-from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
-from smartsplit.engine.round import MB, OptimizerSpec, Participant, run_round
+from smartsplit.engine.clock import EdgeSpec, step_times
+from smartsplit.engine.round import OptimizerSpec, Participant, run_round
 from smartsplit.errors import SmartSplitError
-from smartsplit.fleet import Device, fleet_from_csv, load_catalog, sample_fleet
-from smartsplit.memory.model import device_memory, optimizer_slots
+from smartsplit.fleet import (
+    BudgetTrace,
+    Device,
+    constant_trace,
+    fleet_from_csv,
+    foreground_app_trace,
+    load_catalog,
+    load_trace_csv,
+    sample_fleet,
+)
+from smartsplit.managers.device import OnDeviceManager
+from smartsplit.memory.model import optimizer_slots
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
 from smartsplit.strategies import make_strategy
@@ -59,11 +70,33 @@ def load_data(config: Config) -> tuple[Dataset, Dataset]:
 def build_fleet(config: Config) -> list[Device]:
     f = config.fleet
     if f.csv is not None:
-        devices = fleet_from_csv(f.csv)
+        devices = sorted(fleet_from_csv(f.csv), key=lambda d: d.id)
         if len(devices) != f.devices:
             raise SmartSplitError(f"fleet.csv: {f.csv} lists {len(devices)} devices but fleet.devices is {f.devices}")
+        if [d.id for d in devices] != list(range(len(devices))):
+            raise SmartSplitError(f"fleet.csv: device ids in {f.csv} must be 0..{len(devices) - 1}")
         return devices
     return sample_fleet(f.devices, f.classes, seed=config.seed, catalog=load_catalog(f.catalog), jitter=f.jitter)
+
+
+def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
+    """One memory-budget trace per device, on the experiment's clock; seeded per device."""
+    b = config.fleet.budgets
+    traces = []
+    for device in devices:
+        if b.kind == "foreground":
+            trace = foreground_app_trace(
+                device.memory_bytes, seed=config.seed * 100_003 + device.id, horizon_s=b.horizon_s,
+                mean_gap_s=b.mean_gap_s, mean_hold_s=b.mean_hold_s, max_take=b.max_take, floor=b.floor,
+            )
+        elif b.kind == "csv" and (Path(b.csv_dir) / f"device-{device.id}.csv").exists():
+            trace = load_trace_csv(Path(b.csv_dir) / f"device-{device.id}.csv")
+        else:
+            trace = constant_trace(device.memory_bytes)
+        traces.append(trace)
+    if b.kind == "csv" and not Path(b.csv_dir).is_dir():
+        raise SmartSplitError(f"fleet.budgets.csv_dir: {b.csv_dir} is not a folder (expected device-<id>.csv files)")
+    return traces
 
 
 def local_batches(indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator) -> list[np.ndarray]:
@@ -107,43 +140,70 @@ class Experiment:
         t = config.training
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
         self.edge = EdgeSpec(config.edge.gflops * 1e9, config.edge.latency_s)
+        self.traces = build_traces(config, self.devices)
         self.profiles = ProfileCache()
+        self.managers = [
+            OnDeviceManager(
+                self.profile_at, t.batch_size, self.optimizer.slots, device.flops_per_s,
+                round_trip_s=2 * self.edge.latency_s, checkpointing=self.strategy.checkpointing,
+            )
+            for device in self.devices
+        ]
         self.rng = np.random.default_rng(config.seed)
+        self.clock_s = 0.0  # simulated time since the experiment started
+
+    def profile_at(self, batch: int) -> ModelProfile:
+        return self.profiles.get(self.config.model.name, self.model, self.train.shape, batch)
 
     @property
     def profile(self) -> ModelProfile:
-        return self.profiles.get(self.config.model.name, self.model, self.train.shape, self.config.training.batch_size)
+        return self.profile_at(self.config.training.batch_size)
+
+    def budget_forecast(self, device: Device) -> int:
+        """A low quantile of the budget the device had over the recent window (DESIGN 4)."""
+        b, trace = self.config.fleet.budgets, self.traces[device.id]
+        if self.clock_s <= 0:
+            return trace.at(0.0)
+        return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        profile = self.profile
-        peaks = tuple(device_memory(profile, c, slots=self.optimizer.slots).total for c in range(1, self.num_units + 1))
-        out = []
+        profile, out = self.profile, []
         for device in self.devices:
-            times = tuple(
-                step_times(profile, c, device, self.edge).total for c in range(1, self.num_units + 1)
-            )
-            out.append(Candidate(device=device, budget=device.memory_bytes, peaks=peaks, step_times=times))
+            budget, manager = self.budget_forecast(device), self.managers[device.id]
+            peaks, times = [], []
+            for cut in range(1, self.num_units + 1):
+                plan = manager.plan(cut, budget) or manager.plan(cut, 2**62)  # unfit: its plain peak, above budget
+                peaks.append(plan.peak_bytes)
+                times.append(step_times(profile, cut, device, self.edge, 1.0, plan.recompute_flops, plan.round_trips).total)
+            out.append(Candidate(device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times)))
         return out
 
     def run_round(self, rnd: int) -> dict:
         started = time.perf_counter()
         t = self.config.training
         plan = self.strategy.configure_round(rnd, self.candidates(), t.devices_per_round, self.rng)
-        by_id = {d.id: d for d in self.devices}
         participants = [
             Participant(
-                device=by_id[a.device_id],
+                device=self.devices[a.device_id],
                 cut=a.cut,
-                budget=by_id[a.device_id].memory_bytes,
                 batches=local_batches(
                     self.shards[a.device_id], t.batch_size, t.local_steps, t.local_epochs,
                     np.random.default_rng([self.config.seed, rnd, a.device_id]),
                 ),
+                trace=self.traces[a.device_id],
+                manager=self.managers[a.device_id],
+                replan=self.strategy.replan,
+                move_cut=self.strategy.move_cut,
             )
             for a in plan.assignments
         ]
-        contributions, reports = run_round(self.model, participants, self.train, self.profile, self.edge, self.optimizer)
+        contributions, reports = run_round(
+            self.model, participants, self.train, self.profile, self.edge, self.optimizer,
+            start_s=self.clock_s, deadline_s=t.round_deadline_s,
+        )
         aggregate(self.model, contributions)
+        latency = max((r["finish_s"] for r in reports), default=0.0)
+        self.clock_s += latency
         self.strategy.round_finished(rnd, reports)
         evaluation = evaluate(self.model, self.test, t.eval_batch_size)
         return {
@@ -158,7 +218,13 @@ class Experiment:
             "peak_measured_mb": [r["peak_measured_mb"] for r in reports],
             "bytes_up": sum(r["bytes_up"] for r in reports),
             "bytes_down": sum(r["bytes_down"] for r in reports),
-            "latency_s": max((r["finish_s"] for r in reports), default=0.0),
+            "replans": sum(r["replans"] for r in reports),
+            "cut_moves": sum(r["cut_moves"] for r in reports),
+            "pauses": sum(r["pauses"] for r in reports),
+            "recompute_s": sum(r["recompute_s"] for r in reports),
+            "recompute_pct": 100 * sum(r["recompute_s"] for r in reports) / max(sum(r["compute_s"] for r in reports), 1e-12),
+            "latency_s": latency,
+            "clock_s": self.clock_s,
             "wall_s": time.perf_counter() - started,
             "devices": reports,
         }

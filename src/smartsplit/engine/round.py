@@ -4,6 +4,10 @@ Each device is a SimPy process. A split step runs for real at the simulated mome
 the shared edge copy sees the devices' steps in order of simulated arrival, never one device's whole round
 after another's (DESIGN 5). Device-side weights are private, so running the device's forward and backward
 at that moment too changes nothing but keeps the whole step in one place.
+
+Before every step the device reads its memory budget and, if its strategy lets it, re-plans (DESIGN 3):
+a cheaper plan at the same cut, else a shallower cut (its deeper units, with their optimizer state, are run
+by the edge for the rest of the round), else a pause until the budget changes.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from smartsplit.data import Dataset
 from smartsplit.engine.aggregate import Contribution, unit_states
 from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.step import make_optimizer, split_step
-from smartsplit.fleet import Device
+from smartsplit.fleet import BudgetTrace, Device
+from smartsplit.managers.device import DevicePlan, OnDeviceManager
 from smartsplit.memory.measure import DeviceOutOfMemory, tensor_bytes
-from smartsplit.memory.model import device_memory
 from smartsplit.models.profile import ModelProfile
 
 MB = 2**20
@@ -40,8 +44,11 @@ class OptimizerSpec:
 class Participant:
     device: Device
     cut: int
-    budget: int
     batches: list[np.ndarray]  # sample indices of each local step
+    trace: BudgetTrace  # memory budget over simulated time (absolute, across rounds)
+    manager: OnDeviceManager
+    replan: bool  # re-plans whenever its budget changes (else keeps its first plan, as the baselines do)
+    move_cut: bool  # when no plan fits at its cut, hands units to the edge instead of pausing
 
 
 @dataclass
@@ -50,20 +57,31 @@ class _Tally:
     samples: int = 0
     losses: list[float] = field(default_factory=list)
     compute_s: float = 0.0
+    recompute_s: float = 0.0
     comm_s: float = 0.0
     wait_s: float = 0.0
+    paused_s: float = 0.0
     finish_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    peak_predicted: int = 0
     peak_measured: int = 0
+    min_budget: int | None = None
     oom_events: int = 0
+    replans: int = 0
+    cut_moves: int = 0
+    pauses: int = 0
+    micro_batches: set[int] = field(default_factory=set)
 
 
 def _static_bytes(units: nn.Sequential, opt: torch.optim.Optimizer | None) -> int:
-    """Weights, gradients and optimizer state, counted from the live tensors."""
+    """Weights, gradients and optimizer state of ``units``, counted from the live tensors."""
     params = list(units.parameters())
+    owned = {id(p) for p in params}
     grads = [p.grad for p in params if p.grad is not None]
-    state = [t for s in (opt.state.values() if opt else []) for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    state = [
+        t for p, s in (opt.state.items() if opt else []) if id(p) in owned for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    ]
     return tensor_bytes(params) + tensor_bytes(grads) + tensor_bytes(state)
 
 
@@ -74,8 +92,14 @@ def run_round(
     profile: ModelProfile,
     edge: EdgeSpec,
     optimizer: OptimizerSpec,
+    start_s: float = 0.0,
+    deadline_s: float | None = None,
 ) -> tuple[list[Contribution], list[dict]]:
-    """Train every participant from ``global_units``; return the trained copies and a report per device."""
+    """Train every participant from ``global_units``; return the trained copies and a report per device.
+
+    ``start_s`` is the round's start on the experiment's clock (budget traces are read at ``start_s + now``);
+    a device still paused at ``deadline_s`` into the round stops there, its finished steps counted.
+    """
     num_units = len(global_units)
     env = simpy.Environment()
     edge_server = simpy.Resource(env, capacity=1)
@@ -86,51 +110,79 @@ def run_round(
     reports: list[dict] = []
 
     def device_process(p: Participant):
-        cut, dev = p.cut, p.device
-        units = copy.deepcopy(global_units[:cut])
+        dev, tally = p.device, _Tally()
+        units = copy.deepcopy(global_units[: p.cut])  # the device's private copy, trained on its data only
         opt = make_optimizer(list(units.parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
-        server_side = edge_units[cut:]
-        predicted = device_memory(profile, cut, slots=optimizer.slots)
-        tally = _Tally()
-        down_s, up_s = model_transfer_s(profile, cut, dev, edge)
+        cut = p.cut
+        down_s, up_s = model_transfer_s(profile, p.cut, dev, edge)
         yield env.timeout(down_s)
         tally.comm_s += down_s
-        tally.bytes_down += profile.param_bytes(1, cut)
+        tally.bytes_down += profile.param_bytes(1, p.cut)
 
-        for indices in p.batches:
+        plan: DevicePlan | None = None
+        planned_for = -1
+        i = 0
+        while i < len(p.batches):
+            indices = p.batches[i]
+            budget = p.trace.at(start_s + env.now)
+            tally.min_budget = budget if tally.min_budget is None else min(tally.min_budget, budget)
+            if plan is None or (p.replan and budget != planned_for):
+                new = p.manager.deepest_fitting_cut(cut, budget) if p.move_cut else p.manager.plan(cut, budget)
+                if new is None and not p.replan:
+                    new = p.manager.plan(cut, 2**62)  # a baseline runs its plain plan whatever the budget says
+                if new is None:  # nothing fits, not even cut 1: wait for memory to come back
+                    resume = p.trace.next_change(start_s + env.now)
+                    if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
+                        break
+                    tally.pauses += 1
+                    tally.paused_s += resume - start_s - env.now
+                    yield env.timeout(resume - start_s - env.now)
+                    continue
+                if plan is not None and new != plan:
+                    tally.replans += 1
+                if new.cut < cut:
+                    tally.cut_moves += 1
+                plan, planned_for, cut = new, budget, new.cut
+            tally.micro_batches.add(plan.micro_batch)
+            tally.peak_predicted = max(tally.peak_predicted, plan.peak_bytes)
+
             scale = len(indices) / profile.batch
-            t = step_times(profile, cut, dev, edge, scale)
+            t = step_times(profile, cut, dev, edge, scale, plan.recompute_flops, -(-len(indices) // plan.micro_batch))
+            # units the device gave up mid-round run on the edge, still as this device's copy
+            device_side, edge_side = units[:cut], nn.Sequential(*units[cut:], *edge_units[p.cut :])
             yield env.timeout(t.forward_s)
-            if cut < num_units:
+            if edge_side:
                 yield env.timeout(t.uplink_s)
                 arrived = env.now
                 with edge_server.request() as turn:
                     yield turn
                     tally.wait_s += env.now - arrived
-                    result = _guarded_step(units, server_side, opt, edge_opt, train, indices, p.budget, predicted, tally)
+                    result = _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan, budget, tally)
                     yield env.timeout(t.edge_s)
                 yield env.timeout(t.downlink_s)
             else:
-                result = _guarded_step(units, server_side, opt, None, train, indices, p.budget, predicted, tally)
-            if result is None:  # out of memory: the step is lost and the device stops for this round
+                result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally)
+            if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
+            i += 1
             yield env.timeout(t.backward_s)
             tally.compute_s += t.forward_s + t.backward_s
+            tally.recompute_s += plan.recompute_flops * scale / dev.flops_per_s
             tally.comm_s += t.uplink_s + t.downlink_s
             tally.bytes_up += result.cut_bytes
             tally.bytes_down += result.cut_bytes
-            for unit in range(cut + 1, num_units + 1):
+            for unit in range(p.cut + 1, num_units + 1):
                 edge_samples[unit] += result.samples
 
         if tally.steps:
             yield env.timeout(up_s)
             tally.comm_s += up_s
-            tally.bytes_up += profile.param_bytes(1, cut)
+            tally.bytes_up += profile.param_bytes(1, p.cut)
             contributions.append(
-                Contribution(units=unit_states(units, 1, cut), samples={i: tally.samples for i in range(1, cut + 1)})
+                Contribution(units=unit_states(units, 1, p.cut), samples={i: tally.samples for i in range(1, p.cut + 1)})
             )
         tally.finish_s = env.now
-        reports.append(_report(p, predicted.total, tally))
+        reports.append(_report(p, cut, tally))
 
     for p in participants:
         env.process(device_process(p))
@@ -145,46 +197,64 @@ def run_round(
     return contributions, reports
 
 
-def _guarded_step(units, server_side, opt, edge_opt, train, indices, budget, predicted, tally):
-    """One split step under the memory guard; updates ``tally``. Returns None on a simulated out-of-memory."""
+def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: DevicePlan, budget, tally):
+    """One split step under the memory guard; updates ``tally``. Returns None on a simulated out-of-memory.
+
+    The guard lets the forward save what the budget leaves after everything else in the plan; the cut
+    activation, which the last unit may save, is in that everything else already, so it is allowed once more.
+    """
     x, y = train.x[indices], train.y[indices]
-    fixed = predicted.total - predicted.activations  # everything but the saved activations
+    mem = plan.memory
+    rest = mem.total - mem.activations
     try:
-        result = split_step(units, server_side, x, y, opt, edge_opt, saved_limit=max(budget - fixed, 0))
+        result = split_step(
+            device_side, edge_side, x, y, opt, edge_opt,
+            micro_batch=plan.micro_batch, segments=plan.segments,
+            saved_limit=max(budget - rest, 0) + mem.cut_io // 2,
+        )
     except DeviceOutOfMemory:
         tally.oom_events += 1
         return None
+    micro = x[: plan.micro_batch]
+    recompute_extra = mem.activations - plan.held_bytes  # checkpointed segments recomputed in backward (profiled)
     measured = (
-        _static_bytes(units, opt)
-        + x.numel() * x.element_size()
-        + result.saved_bytes
-        + predicted.cut_io
-        + predicted.in_flight
-        + predicted.workspace
+        _static_bytes(device_side, opt)  # weights, grads and optimizer state of the units on the device, live
+        + micro.numel() * micro.element_size()
+        + result.saved_bytes + recompute_extra
+        + mem.cut_io + mem.in_flight + mem.workspace
     )
     tally.peak_measured = max(tally.peak_measured, measured)
+    if measured > budget:
+        tally.oom_events += 1
     tally.steps += 1
     tally.samples += result.samples
     tally.losses.append(result.loss)
     return result
 
 
-def _report(p: Participant, predicted: int, tally: _Tally) -> dict:
+def _report(p: Participant, final_cut: int, tally: _Tally) -> dict:
     return {
         "device": p.device.id,
         "class": p.device.device_class,
         "cut": p.cut,
-        "budget_mb": round(p.budget / MB, 3),
-        "peak_predicted_mb": round(predicted / MB, 3),
+        "final_cut": final_cut,
+        "budget_mb": round(p.trace.at(0.0) / MB, 3) if tally.min_budget is None else round(tally.min_budget / MB, 3),
+        "peak_predicted_mb": round(tally.peak_predicted / MB, 3),
         "peak_measured_mb": round(tally.peak_measured / MB, 3),
+        "micro_batches": sorted(tally.micro_batches),
         "oom_events": tally.oom_events,
+        "replans": tally.replans,
+        "cut_moves": tally.cut_moves,
+        "pauses": tally.pauses,
         "steps": tally.steps,
         "samples": tally.samples,
         "loss": float(np.mean(tally.losses)) if tally.losses else None,
         "loss_rms": float(np.sqrt(np.mean(np.square(tally.losses)))) if tally.losses else None,
         "compute_s": tally.compute_s,
+        "recompute_s": tally.recompute_s,
         "comm_s": tally.comm_s,
         "wait_s": tally.wait_s,
+        "paused_s": tally.paused_s,
         "finish_s": tally.finish_s,
         "bytes_up": tally.bytes_up,
         "bytes_down": tally.bytes_down,

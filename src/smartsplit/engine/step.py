@@ -7,16 +7,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from smartsplit.memory.measure import count_saved_bytes
+from smartsplit.memory.measure import SavedBytes, count_saved_bytes
 
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
+    loss: float  # mean over the logical batch
     samples: int
-    saved_bytes: int  # bytes the device side really saved for backward (parameters and input excluded)
-    cut_bytes: int  # bytes of the activation that crossed to the edge (0 when the device ran every unit)
+    saved_bytes: int  # largest, over micro-batches, of what the device side saved for backward
+    cut_bytes: int  # bytes that crossed to the edge, all micro-batches together (0 when the device ran every unit)
 
 
 def split_step(
@@ -26,33 +27,60 @@ def split_step(
     y: torch.Tensor,
     device_opt: torch.optim.Optimizer | None,
     edge_opt: torch.optim.Optimizer | None,
+    *,
+    micro_batch: int | None = None,
+    segments: tuple[tuple[int, int], ...] = (),
     saved_limit: int | None = None,
 ) -> StepResult:
     """Device forward to the cut, edge forward/backward and loss, gradient back, device backward; both step.
 
-    With no edge units (cut = L) the loss is computed on the logits the device produced: exactly the plain
-    FedAvg step, since the chain rule through the detached cut is the identity. ``saved_limit`` guards the
-    device forward: crossing it raises ``DeviceOutOfMemory`` before the edge or any weight is touched.
+    The logical batch runs in micro-batches whose gradients accumulate (each one's cut activation crosses to
+    the edge and its gradient comes back); the device recomputes its ``segments`` in backward instead of
+    keeping their activations. With no edge units (cut = L) the loss is computed on the device's logits:
+    exactly the plain FedAvg step. ``saved_limit`` is the guard: the device forward that saves more crosses
+    it and raises ``DeviceOutOfMemory`` before the edge or any weight is touched.
     """
     for opt in (device_opt, edge_opt):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
+    n = len(y)
+    step = micro_batch or n
+    params = list(device_units.parameters())
+    loss_sum, saved_peak, crossed = 0.0, 0, 0
+    for start in range(0, n, step):
+        xb, yb = x[start : start + step], y[start : start + step]
+        with count_saved_bytes(exclude=[*params, xb], limit=saved_limit) as saved:
+            activation = _forward(device_units, xb, segments, saved)
+        saved.discount(activation)  # the cut activation is counted apart, with its gradient
 
-    with count_saved_bytes(exclude=[*device_units.parameters(), x], limit=saved_limit) as saved:
-        activation = device_units(x)
+        received = activation.detach().requires_grad_(True)  # what the edge gets over the link
+        loss = F.cross_entropy(edge_units(received), yb, reduction="sum") / n
+        loss.backward()
+        activation.backward(received.grad)  # the gradient returned over the link
 
-    received = activation.detach().requires_grad_(True)  # what the edge gets over the link
-    loss = F.cross_entropy(edge_units(received), y)
-    loss.backward()
-    if edge_opt is not None:
-        edge_opt.step()
+        loss_sum += loss.item()
+        saved_peak = max(saved_peak, saved.total)
+        if len(edge_units):
+            crossed += activation.numel() * activation.element_size()
+    for opt in (edge_opt, device_opt):
+        if opt is not None:
+            opt.step()
+    return StepResult(loss=loss_sum, samples=n, saved_bytes=saved_peak, cut_bytes=crossed)
 
-    activation.backward(received.grad)  # the gradient returned over the link
-    if device_opt is not None:
-        device_opt.step()
 
-    crossed = 0 if len(edge_units) == 0 else activation.numel() * activation.element_size()
-    return StepResult(loss=loss.item(), samples=len(y), saved_bytes=saved.total, cut_bytes=crossed)
+def _forward(units: nn.Sequential, x: torch.Tensor, segments: tuple[tuple[int, int], ...], saved: SavedBytes) -> torch.Tensor:
+    """Run ``units``, checkpointing each (first, last) segment: only its input is kept for backward."""
+    ends = dict(segments)
+    h, l = x, 1
+    while l <= len(units):
+        if l in ends:
+            saved.add(h)  # the checkpoint holds its input until the segment's backward
+            h = checkpoint(units[l - 1 : ends[l]], h, use_reentrant=False)
+            l = ends[l] + 1
+        else:
+            h = units[l - 1](h)
+            l += 1
+    return h
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: float) -> torch.optim.Optimizer | None:

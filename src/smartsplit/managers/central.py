@@ -13,6 +13,7 @@ class SmartSplit(Strategy):
     """Every device with a cut that fits its budget can take part; each gets its fastest feasible cut."""
 
     name = "smartsplit"
+    checkpointing = replan = move_cut = True
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         eligible = [c for c in candidates if c.feasible_cuts]

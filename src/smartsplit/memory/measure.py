@@ -26,19 +26,27 @@ class SavedBytes:
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), limit: int | None = None) -> None:
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._seen: set[int] = set()
+        self.seen: set[int] = set()
         self.total = 0
         self.limit = limit
 
     def add(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key in self._excluded or key in self._seen or storage.nbytes() == 0:
+        if key in self._excluded or key in self.seen or storage.nbytes() == 0:
             return
-        self._seen.add(key)
+        self.seen.add(key)
         self.total += storage.nbytes()
         if self.limit is not None and self.total > self.limit:
             raise DeviceOutOfMemory(self.total, self.limit)
+
+
+    def discount(self, tensor: torch.Tensor) -> None:
+        """Stop counting ``tensor`` if it was saved (the cut activation, which the memory model counts apart)."""
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.seen and key not in self._excluded:
+            self.total -= tensor.untyped_storage().nbytes()
+            self._excluded.add(key)
 
 
 @contextmanager

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from smartsplit.memory.measure import SavedBytes, count_saved_bytes
+from smartsplit.memory.measure import count_saved_bytes
+
+
+BACKWARD_FLOPS = 2  # a unit's backward costs about twice its forward FLOPs
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,17 @@ class UnitProfile:
     index: int  # 1-based position in the chain
     name: str
     param_bytes: int
-    saved_bytes: int  # saved for backward, parameters excluded, storages already saved by earlier units excluded
+    internal_bytes: int  # saved for backward other than the unit's input and output (parameters excluded)
+    saves_input: bool  # the unit saves its input tensor for backward
+    saves_output: bool  # the unit saves its output tensor for backward
     output_bytes: int  # what crosses the link when the cut is after this unit
     flops: int
+    input_bytes: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        """Everything this unit alone saves for backward (its input and output included when it saves them)."""
+        return self.internal_bytes + self.saves_input * self.input_bytes + self.saves_output * self.output_bytes
 
 
 @dataclass(frozen=True)
@@ -58,30 +69,35 @@ class ModelProfile:
 def profile_chain(units: nn.Sequential, input_shape: tuple[int, ...], batch: int, dtype: torch.dtype = torch.float32) -> ModelProfile:
     """Run one forward of ``units`` on a random batch and measure every unit.
 
-    Saved bytes are de-duplicated across the whole chain, so summing ``saved_bytes`` over units
-    ``1..c`` gives what the device really keeps. The model's weights are not changed.
+    Each unit's saved storages are split into its input, its output and the rest, so that the memory
+    model can tell which tensors two neighbouring units share and what a checkpointed segment still holds.
+    The model's weights are not changed.
     """
     x = torch.randn((batch, *input_shape), dtype=dtype, generator=torch.Generator().manual_seed(0))
-    # The input batch is counted once by the memory model as the input, not as an activation.
-    meter = SavedBytes(exclude=[*units.parameters(), x])
+    params = list(units.parameters())
     profiles = []
     with torch.enable_grad():
-        h = x.requires_grad_(False)
+        h = x
         for i, unit in enumerate(units, start=1):
-            before = meter.total
             flop_counter = FlopCounterMode(display=False)
-            with count_saved_bytes(meter=meter), flop_counter:
-                h = unit(h)
+            with count_saved_bytes(exclude=params) as meter, flop_counter:
+                out = unit(h)
+            boundary = {_storage(h): _nbytes(h), _storage(out): _nbytes(out)}
+            internal = meter.total - sum(n for key, n in boundary.items() if key in meter.seen)
             profiles.append(
                 UnitProfile(
                     index=i,
                     name=type(unit).__name__ if not isinstance(unit, nn.Sequential) else _describe(unit),
                     param_bytes=sum(p.numel() * p.element_size() for p in unit.parameters()),
-                    saved_bytes=meter.total - before,
-                    output_bytes=h.numel() * h.element_size(),
+                    internal_bytes=internal,
+                    saves_input=_storage(h) in meter.seen,
+                    saves_output=_storage(out) in meter.seen and _storage(out) != _storage(h),
+                    output_bytes=_nbytes(out),
                     flops=int(flop_counter.get_total_flops()),
+                    input_bytes=_nbytes(h),
                 )
             )
+            h = out
     return ModelProfile(
         input_shape=tuple(input_shape),
         batch=batch,
@@ -89,6 +105,14 @@ def profile_chain(units: nn.Sequential, input_shape: tuple[int, ...], batch: int
         input_bytes=x.numel() * x.element_size(),
         units=tuple(profiles),
     )
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
 
 
 def _describe(unit: nn.Sequential) -> str:

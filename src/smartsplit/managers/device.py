@@ -1,0 +1,121 @@
+"""The on-device manager: the cheapest plan that fits the memory the device may use right now (DESIGN 3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from smartsplit.memory.model import MemoryBreakdown, Segments, activation_peaks, device_memory
+from smartsplit.memory.planner import plan_segments
+from smartsplit.models.profile import BACKWARD_FLOPS, ModelProfile
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """How a device runs one local step at a cut."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.total
+
+    cut: int
+    micro_batch: int
+    segments: Segments  # checkpointed segments of units 1..cut
+    memory: MemoryBreakdown  # predicted device peak, by kind (DESIGN 3), at this micro-batch
+    held_bytes: int  # saved activations held at the end of the forward (the rest of the peak is recompute)
+    recompute_flops: int  # per logical batch
+    compute_s: float  # device compute per logical batch, recompute included
+    recompute_s: float
+    round_trips: int  # micro-batches, each one a round trip to the edge
+
+
+def micro_batch_sizes(batch: int) -> list[int]:
+    """Candidate micro-batch sizes: the batch, then halving down to 1."""
+    sizes, m = [], batch
+    while m >= 1:
+        sizes.append(m)
+        m = m // 2 if m > 1 else 0
+    return sizes
+
+
+class OnDeviceManager:
+    """Plans for one model, batch size and optimizer; plans are cached per (cut, budget).
+
+    ``profile_at(m)`` returns the model's measured profile at micro-batch ``m``. ``round_trip_s`` is the time
+    one extra micro-batch adds on the link (two messages' latency). ``checkpointing=False`` allows only the
+    plain plan (whole batch, nothing recomputed), as the baselines run.
+    """
+
+    def __init__(
+        self,
+        profile_at: Callable[[int], ModelProfile],
+        batch: int,
+        slots: int,
+        flops_per_s: float,
+        round_trip_s: float,
+        checkpointing: bool = True,
+    ) -> None:
+        self.profile_at = profile_at
+        self.batch = batch
+        self.slots = slots
+        self.flops_per_s = flops_per_s
+        self.round_trip_s = round_trip_s
+        self.checkpointing = checkpointing
+        self._plans: dict[tuple[int, int], DevicePlan | None] = {}
+
+    def plan(self, cut: int, budget: int) -> DevicePlan | None:
+        """The fastest plan at ``cut`` whose predicted peak is at most ``budget``; None if none fits."""
+        key = (cut, budget)
+        if key not in self._plans:
+            self._plans[key] = self._best(cut, budget)
+        return self._plans[key]
+
+    def deepest_fitting_cut(self, max_cut: int, budget: int) -> DevicePlan | None:
+        """The plan at the deepest cut ``<= max_cut`` that fits ``budget`` (where a device moves when squeezed)."""
+        for cut in range(max_cut, 0, -1):
+            plan = self.plan(cut, budget)
+            if plan is not None:
+                return plan
+        return None
+
+    def _best(self, cut: int, budget: int) -> DevicePlan | None:
+        sizes = micro_batch_sizes(self.batch) if self.checkpointing else [self.batch]
+        best: DevicePlan | None = None
+        for m in sizes:
+            profile = self.profile_at(m)
+            plain = device_memory(profile, cut, slots=self.slots)
+            fixed = plain.total - plain.activations
+            if fixed > budget:
+                continue  # smaller micro-batches shrink only the input and cut tensors; keep trying
+            if self.checkpointing:
+                segmentation = plan_segments(profile, cut, budget - fixed)
+                if segmentation is None:
+                    continue
+                segments, recompute = segmentation.segments, segmentation.recompute_flops
+            else:
+                if plain.total > budget:
+                    continue
+                segments, recompute = (), 0
+            memory = device_memory(profile, cut, slots=self.slots, segments=segments)
+            rounds = math.ceil(self.batch / m)
+            scale = self.batch / m  # FLOPs are profiled per micro-batch
+            compute_s = (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale / self.flops_per_s
+            recompute_s = recompute * scale / self.flops_per_s
+            plan = DevicePlan(
+                cut=cut,
+                micro_batch=m,
+                segments=segments,
+                memory=memory,
+                held_bytes=activation_peaks(profile, cut, segments)[0],
+                recompute_flops=int(recompute * scale),
+                compute_s=compute_s + recompute_s,
+                recompute_s=recompute_s,
+                round_trips=rounds,
+            )
+            if best is None or self._time(plan) < self._time(best):
+                best = plan
+        return best
+
+    def _time(self, plan: DevicePlan) -> float:
+        return plan.compute_s + (plan.round_trips - 1) * self.round_trip_s

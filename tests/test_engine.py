@@ -1,0 +1,407 @@
+"""Split step, layer-wise aggregation, interleaved rounds, the memory guard, strategies, determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import smartsplit.engine.round as round_mod
+from smartsplit.baselines.fixed_cut import FixedCut, fedavg, splitfed
+from smartsplit.config import build_config
+from smartsplit.data import Dataset
+from smartsplit.engine.aggregate import Contribution, aggregate, unit_states
+from smartsplit.engine.clock import EdgeSpec, step_times
+from smartsplit.engine.experiment import Experiment
+from smartsplit.engine.round import OptimizerSpec, Participant, run_round
+from smartsplit.engine.step import split_step
+from smartsplit.fleet import Device
+from smartsplit.managers.central import SmartSplit
+from smartsplit.models.profile import profile_chain
+from smartsplit.strategy import Candidate
+
+SHAPE = (1, 4, 4)
+CLASSES = 3
+BATCH = 8
+
+
+def chain(seed: int = 0) -> nn.Sequential:
+    """Three units; unit 1 saves an activation of its own (its ReLU output)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+        nn.Linear(8, CLASSES),
+    )
+
+
+def dataset(n: int = 64, seed: int = 1) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    return Dataset("toy", torch.randn((n, *SHAPE), generator=g), torch.randint(0, CLASSES, (n,), generator=g), CLASSES)
+
+
+def device(i: int, memory: int = 10**9, flops: float = 1e6) -> Device:
+    return Device(i, "test", memory, flops, 1e5, 1e5)
+
+
+EDGE = EdgeSpec(flops_per_s=1e7, latency_s=0.01)
+SGD = OptimizerSpec("sgd", 0.1, 0.0, 0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is far faster than two fighting over a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer | None) -> float:
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    return loss.item()
+
+
+# --------------------------------------------------------------------------- split step
+
+
+def test_split_step_at_cut_L_is_the_plain_step() -> None:
+    data = dataset()
+    x, y = data.x[:BATCH], data.y[:BATCH]
+    split, plain = chain(), chain()
+    split_opt = torch.optim.SGD(split.parameters(), lr=0.1, momentum=0.5)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(2):
+        r = split_step(split, nn.Sequential(), x, y, split_opt, None)
+        loss = plain_step(plain, x, y, plain_opt)
+        assert r.loss == pytest.approx(loss, rel=1e-6)
+        assert r.cut_bytes == 0 and r.samples == BATCH and r.saved_bytes > 0
+        for (name, a), b in zip(split.named_parameters(), plain.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-7), name
+            assert torch.allclose(a, b, atol=1e-7), name
+    assert not torch.equal(split[0][1].weight, chain()[0][1].weight)  # it did train
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_split_step_grads_equal_whole_model_grads(cut: int) -> None:
+    data = dataset()
+    x, y = data.x[:BATCH], data.y[:BATCH]
+    split, whole = chain(), chain()
+    r = split_step(split[:cut], split[cut:], x, y, None, None)  # no optimizers: grads stay for inspection
+    loss = plain_step(whole, x, y, None)
+    assert r.loss == pytest.approx(loss, rel=1e-6)
+    assert r.cut_bytes == BATCH * 8 * 4  # both cut activations are B x 8 floats
+    for (name, a), b in zip(split.named_parameters(), whole.parameters()):
+        assert a.grad is not None, name
+        assert torch.allclose(a.grad, b.grad, atol=1e-7), name
+
+
+def test_split_step_updates_equal_plain_updates_at_intermediate_cut() -> None:
+    data = dataset()
+    split, whole = chain(), chain()
+    dev_opt = torch.optim.SGD(split[:1].parameters(), lr=0.1)
+    edge_opt = torch.optim.SGD(split[1:].parameters(), lr=0.1)
+    opt = torch.optim.SGD(whole.parameters(), lr=0.1)
+    for s in range(3):
+        x, y = data.x[s * BATCH : (s + 1) * BATCH], data.y[s * BATCH : (s + 1) * BATCH]
+        split_step(split[:1], split[1:], x, y, dev_opt, edge_opt)
+        plain_step(whole, x, y, opt)
+    for a, b in zip(split.parameters(), whole.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_split_step_saved_bytes_match_the_memory_model(cut: int) -> None:
+    """The guard's measured saved bytes equal the predicted activations (raw batch and cut activation apart)."""
+    data = dataset()
+    model = chain()
+    profile = profile_chain(model, SHAPE, BATCH)
+    r = split_step(model[:cut], model[cut:], data.x[:BATCH], data.y[:BATCH], None, None)
+    assert r.saved_bytes == round_mod.device_memory(profile, cut, slots=0).activations
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def filled(unit: nn.Module, value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, value) for k, v in unit.state_dict().items()}
+
+
+def test_aggregate_mixed_cuts_by_hand() -> None:
+    torch.manual_seed(0)
+    g = nn.Sequential(*(nn.Linear(2, 2) for _ in range(4)))
+    untouched = {k: v.clone() for k, v in g[3].state_dict().items()}
+    dev_a = Contribution(units={1: filled(g[0], 1.0)}, samples={1: 10})  # cut 1
+    dev_b = Contribution(units={1: filled(g[0], 3.0), 2: filled(g[1], 5.0)}, samples={1: 30, 2: 30})  # cut 2
+    # the edge trained unit 2 on device a's 10 samples and unit 3 on both (40); nobody trained unit 4
+    edge = Contribution(units={2: filled(g[1], 1.0), 3: filled(g[2], -2.0)}, samples={2: 10, 3: 40})
+    aggregate(g, [dev_a, dev_b, edge])
+    expected = {0: (10 * 1.0 + 30 * 3.0) / 40, 1: (30 * 5.0 + 10 * 1.0) / 40, 2: -2.0}
+    for i, value in expected.items():
+        for k, v in g[i].state_dict().items():
+            assert torch.allclose(v, torch.full_like(v, value)), (i, k)
+    for k, v in g[3].state_dict().items():
+        assert torch.equal(v, untouched[k])
+
+
+def test_aggregate_ignores_zero_sample_copies() -> None:
+    g = nn.Sequential(nn.Linear(2, 2))
+    aggregate(g, [Contribution({1: filled(g[0], 2.0)}, {1: 5}), Contribution({1: filled(g[0], 100.0)}, {1: 0})])
+    assert torch.allclose(g[0].weight, torch.full((2, 2), 2.0))
+
+
+def test_aggregate_all_cuts_at_L_is_fedavg() -> None:
+    base = chain()
+    copies, samples = [chain(s) for s in (1, 2, 3)], [8, 24, 13]
+    contribs = [Contribution(unit_states(c, 1, 3), {i: n for i in (1, 2, 3)}) for c, n in zip(copies, samples)]
+    aggregate(base, contribs)
+    total = sum(samples)
+    for name, merged in base.state_dict().items():
+        want = sum(c.state_dict()[name].double() * n / total for c, n in zip(copies, samples))
+        assert torch.allclose(merged.double(), want, atol=1e-6), name
+
+
+def test_unit_states_are_detached_copies() -> None:
+    c = chain()
+    states = unit_states(c, 2, 3)
+    assert sorted(states) == [2, 3]
+    with torch.no_grad():
+        c[2].weight.add_(1.0)
+    assert not torch.equal(states[3]["weight"], c[2].weight)
+
+
+# --------------------------------------------------------------------------- run_round
+
+
+def batches(*sizes: int, start: int = 0) -> list[np.ndarray]:
+    out, pos = [], start
+    for s in sizes:
+        out.append(np.arange(pos, pos + s))
+        pos += s
+    return out
+
+
+def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    cut, steps = 1, 3
+    order: list[int] = []
+    real_step = round_mod.split_step
+
+    def recording_step(device_units, *args, **kwargs):
+        order.append(id(device_units))
+        return real_step(device_units, *args, **kwargs)
+
+    monkeypatch.setattr(round_mod, "split_step", recording_step)
+    parts = [
+        Participant(device(0), cut, 10**9, batches(*[BATCH] * steps, start=0)),
+        Participant(device(1), cut, 10**9, batches(*[BATCH] * steps, start=32)),
+    ]
+    before = copy.deepcopy(model.state_dict())
+    contributions, reports = run_round(model, parts, data, profile, EDGE, SGD)
+
+    # the global model is not touched by the round itself
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # steps reach the edge in order of simulated arrival: a, b, a, b, ... never a's whole round first
+    assert len(order) == 2 * steps and len(set(order)) == 2
+    assert order == [order[0], order[1]] * steps
+
+    t = step_times(profile, cut, device(0), EDGE)
+    assert [r["device"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["steps"] == steps and r["samples"] == steps * BATCH and r["oom_events"] == 0 and r["cut"] == cut
+        # the device's time is its own compute and transfers, its queueing, and the edge serving it
+        assert r["finish_s"] == pytest.approx(r["compute_s"] + r["comm_s"] + r["wait_s"] + steps * t.edge_s)
+        assert r["bytes_up"] == steps * profile.cut_bytes(cut) + profile.param_bytes(1, cut)
+        assert r["bytes_down"] == steps * profile.cut_bytes(cut) + profile.param_bytes(1, cut)
+        assert 0 < r["peak_measured_mb"] and 0 < r["peak_predicted_mb"]
+    # identical devices arrive together: the second one queues behind the first for one edge step
+    a, b = reports
+    assert a["wait_s"] == pytest.approx(0.0, abs=1e-12)
+    assert b["wait_s"] == pytest.approx(t.edge_s)
+    assert b["finish_s"] - a["finish_s"] == pytest.approx(t.edge_s)
+
+    # the shared edge copy trained units 2..3 on both devices' samples
+    edge = [c for c in contributions if 3 in c.units]
+    assert len(edge) == 1 and edge[0].samples == {2: 2 * steps * BATCH, 3: 2 * steps * BATCH}
+    devs = [c for c in contributions if 3 not in c.units]
+    assert sorted(c.samples[1] for c in devs) == [steps * BATCH] * 2
+    assert not torch.equal(edge[0].units[3]["weight"], model[2].weight)
+
+
+def test_run_round_at_cut_L_is_fedavg_by_hand() -> None:
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    opt = OptimizerSpec("sgd", 0.1, 0.5, 1)
+    plan = [batches(BATCH, BATCH, start=0), batches(BATCH, BATCH, 5, start=20)]
+    parts = [Participant(device(i), 3, 10**9, b) for i, b in enumerate(plan)]
+
+    by_hand, weights = [], []
+    for b in plan:
+        local = copy.deepcopy(model)
+        sgd = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.5)
+        for idx in b:
+            plain_step(local, data.x[idx], data.y[idx], sgd)
+        by_hand.append(local.state_dict())
+        weights.append(sum(len(idx) for idx in b))
+    assert weights == [16, 21]
+
+    contributions, reports = run_round(model, parts, data, profile, EDGE, opt)
+    assert [r["samples"] for r in reports] == weights
+    assert all(r["bytes_up"] == profile.param_bytes(1, 3) for r in reports)  # only the model travels
+    assert all(r["wait_s"] == 0 for r in reports)  # the edge is not used at cut = L
+    assert len(contributions) == 2  # no edge copy
+    aggregate(model, contributions)
+    total = sum(weights)
+    for name, v in model.state_dict().items():
+        want = sum(s[name].double() * n / total for s, n in zip(by_hand, weights))
+        assert torch.allclose(v.double(), want, atol=1e-6), name
+
+
+def test_memory_guard_reports_oom_and_no_steps() -> None:
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    need = round_mod.device_memory(profile, 2, slots=0)
+    assert need.activations > 0
+    tight = need.total - need.activations // 2  # the weights fit, the activations don't
+    parts = [
+        Participant(device(0), 2, tight, batches(BATCH, BATCH, start=0)),
+        Participant(device(1), 2, 10**9, batches(BATCH, BATCH, start=16)),
+        Participant(device(2), 1, 1, batches(BATCH, start=32)),  # far below anything
+    ]
+    before = copy.deepcopy(model.state_dict())
+    contributions, reports = run_round(model, parts, data, profile, EDGE, SGD)
+    starved, ok, tiny = reports
+    for r in (starved, tiny):
+        assert r["oom_events"] > 0 and r["steps"] == 0 and r["samples"] == 0 and r["loss"] is None
+    assert ok["oom_events"] == 0 and ok["steps"] == 2
+    # only the healthy device contributes device copies; the edge trained only on its samples
+    device_copies = [c for c in contributions if 1 in c.units]
+    assert len(device_copies) == 1 and device_copies[0].samples[1] == 2 * BATCH
+    edge = [c for c in contributions if 3 in c.units]
+    assert edge[0].samples == {3: 2 * BATCH}
+    aggregate(model, contributions)
+    assert torch.equal(model[0][1].weight, device_copies[0].units[1]["1.weight"])
+    assert not torch.equal(model[0][1].weight, before["0.1.weight"])
+
+
+@pytest.mark.xfail(
+    reason="engine/round.py _guarded_step: the guard only limits saved activations (limit = max(budget - fixed, 0)); "
+    "when the device units save nothing of their own (a Linear on the raw batch) a budget below the weights "
+    "never trips it and the device trains with oom_events == 0",
+    strict=True,
+)
+def test_memory_guard_catches_budget_below_weights_without_activations() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)), nn.ReLU(), nn.Linear(8, CLASSES))
+    data = dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    assert profile.unit(1).saved_bytes == 0
+    need = round_mod.device_memory(profile, 1, slots=0).total
+    contributions, (r,) = run_round(model, [Participant(device(0), 1, need // 4, batches(BATCH))], data, profile, EDGE, SGD)
+    assert r["peak_measured_mb"] * 2**20 > need // 4 or r["steps"] == 0
+    assert r["oom_events"] > 0 and r["steps"] == 0
+
+
+@pytest.mark.xfail(
+    reason="engine/round.py device_process: after _guarded_step returns None (simulated OOM in the device "
+    "forward) the process still yields edge_s while holding the shared edge (and downlink_s) before breaking, "
+    "so a step that never reached the edge delays other devices",
+    strict=True,
+)
+def test_oom_device_does_not_occupy_the_edge() -> None:
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    parts = [
+        Participant(device(0), 1, 1, batches(BATCH)),  # out of memory in its first forward
+        Participant(device(1), 1, 10**9, batches(BATCH, start=8)),  # identical, arrives at the same moment
+    ]
+    _, (starved, ok) = run_round(model, parts, data, profile, EDGE, SGD)
+    assert starved["oom_events"] == 1 and ok["steps"] == 1
+    assert ok["wait_s"] == 0.0
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def candidates(budgets: list[int], peaks=(10, 20, 30), times=(3.0, 1.0, 2.0)) -> list[Candidate]:
+    return [Candidate(device(i, memory=b), b, tuple(peaks), tuple(times)) for i, b in enumerate(budgets)]
+
+
+def test_fixed_cut_excludes_devices_that_do_not_fit() -> None:
+    cands = candidates([5, 25, 35, 40, 30])
+    plan = fedavg(3).configure_round(0, cands, 10, np.random.default_rng(0))
+    assert plan.excluded == 2  # budgets 5 and 25 cannot hold the whole model (peak 30)
+    assert sorted(a.device_id for a in plan.assignments) == [2, 3, 4]
+    assert all(a.cut == 3 for a in plan.assignments)
+
+    plan = splitfed(3).configure_round(0, cands, 10, np.random.default_rng(0))
+    assert plan.excluded == 1 and all(a.cut == 1 for a in plan.assignments)  # middle of 3 units: 3 // 2
+    assert FixedCut("splitfed", 2).configure_round(0, cands, 2, np.random.default_rng(0)).excluded == 1
+    assert len(FixedCut("splitfed", 2).configure_round(0, cands, 2, np.random.default_rng(0)).assignments) == 2
+
+
+def test_smartsplit_cuts_fit_budgets() -> None:
+    cands = candidates([5, 15, 25, 35])
+    plan = SmartSplit().configure_round(0, cands, 10, np.random.default_rng(0))
+    assert plan.excluded == 1  # budget 5 fits no cut
+    cuts = {a.device_id: a.cut for a in plan.assignments}
+    assert cuts == {1: 1, 2: 2, 3: 2}  # fastest feasible: cut 2 (1.0 s) where it fits, else cut 1
+    for a in plan.assignments:
+        c = cands[a.device_id]
+        assert c.peaks[a.cut - 1] <= c.budget
+
+
+def test_selection_is_seeded() -> None:
+    cands = candidates([100] * 12)
+    for strategy in (SmartSplit(), fedavg(3)):
+        a = strategy.configure_round(0, cands, 4, np.random.default_rng(42))
+        b = strategy.configure_round(0, cands, 4, np.random.default_rng(42))
+        assert a == b and len(a.assignments) == 4 and a.excluded == 0
+        others = {strategy.configure_round(0, cands, 4, np.random.default_rng(s)).assignments for s in range(5)}
+        assert len(others) > 1  # the choice does depend on the rng
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def tiny_config(seed: int = 3):
+    return build_config(
+        {
+            "name": "tiny",
+            "seed": seed,
+            "data": {"dataset": "synthetic", "synthetic_train": 120, "synthetic_test": 40},
+            "model": {"name": "cnn", "width": 0.25},
+            "fleet": {"devices": 6, "classes": {"phone-entry": 0.5, "wearable": 0.5}},
+            "training": {"rounds": 2, "devices_per_round": 2, "local_steps": 2, "batch_size": 8, "eval_batch_size": 64},
+        }
+    )
+
+
+def run_all(config) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    exp = Experiment(config)
+    records = list(exp.rounds())
+    for r in records:
+        r.pop("wall_s")
+    return records, exp.model.state_dict()
+
+
+def test_experiment_is_deterministic() -> None:
+    a, wa = run_all(tiny_config())
+    b, wb = run_all(tiny_config())
+    assert len(a) == 2 and [r["round"] for r in a] == [1, 2]
+    assert all(r["participants"] == 2 and len(r["cuts"]) == 2 and r["oom_events"] == 0 for r in a)
+    assert [(r["accuracy"], r["loss"], r["cuts"]) for r in a] == [(r["accuracy"], r["loss"], r["cuts"]) for r in b]
+    assert a == b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c, _ = run_all(tiny_config(seed=4))
+    assert [r["loss"] for r in c] != [r["loss"] for r in a]

@@ -1,0 +1,205 @@
+"""Profiler and memory model against figures worked out by hand (DESIGN 2, 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from smartsplit.errors import SmartSplitError
+from smartsplit.memory.measure import DeviceOutOfMemory, SavedBytes, count_saved_bytes, tensor_bytes
+from smartsplit.memory.model import device_memory, in_flight_bytes, optimizer_slots
+from smartsplit.models.profile import ProfileCache, profile_chain
+
+F32 = 4  # bytes per float32
+B = 5  # batch used throughout
+
+
+def mlp() -> nn.Sequential:
+    """u1 = Linear(4,3), u2 = ReLU, u3 = Linear(3,2)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+# --------------------------------------------------------------------------- per-unit figures
+
+
+def test_linear_relu_linear_by_hand() -> None:
+    p = profile_chain(mlp(), (4,), B)
+    assert p.num_units == 3 and p.batch == B and p.dtype == "float32" and p.input_shape == (4,)
+    assert p.input_bytes == B * 4 * F32
+
+    # parameters: weight + bias
+    assert [u.param_bytes for u in p.units] == [(4 * 3 + 3) * F32, 0, (3 * 2 + 2) * F32]
+    # outputs: B x 3, B x 3, B x 2
+    assert [u.output_bytes for u in p.units] == [B * 3 * F32, B * 3 * F32, B * 2 * F32]
+    assert [u.input_bytes for u in p.units] == [B * 4 * F32, B * 3 * F32, B * 3 * F32]
+    # forward FLOPs: 2*M*N*K per matmul, ReLU free
+    assert [u.flops for u in p.units] == [2 * B * 4 * 3, 0, 2 * B * 3 * 2]
+    # saved for backward (the weight, a parameter, never counts):
+    #  Linear saves its input; ReLU saves its output; nothing else of their own
+    assert [(u.saves_input, u.saves_output, u.internal_bytes) for u in p.units] == [
+        (True, False, 0), (False, True, 0), (True, False, 0)
+    ]
+    assert [u.saved_bytes for u in p.units] == [B * 4 * F32, B * 3 * F32, B * 3 * F32]
+    assert [u.name for u in p.units] == ["Linear", "ReLU", "Linear"]
+    assert [u.index for u in p.units] == [1, 2, 3]
+
+
+def activations(p, cut: int) -> int:
+    return device_memory(p, cut, slots=0).activations
+
+
+def test_device_activations_count_shared_storages_once() -> None:
+    """Activations held on the device: the raw batch (`input`) and the cut activation (`cut_io`) apart,
+    a storage that two neighbouring units save counted once."""
+    p = profile_chain(mlp(), (4,), B)
+    # cut 1: Linear saved only the raw batch -> 0. cut 2: ReLU's saved output *is* the cut activation -> 0.
+    assert [activations(p, c) for c in (1, 2)] == [0, 0]
+    # cut 3: ReLU's output, saved by ReLU and by the last Linear, once (not 2x); the logits are not saved
+    assert activations(p, 3) == B * 3 * F32
+
+
+def test_linear_saves_its_input_activation() -> None:
+    """Without a ReLU in between, the second Linear's saved input is the first Linear's output."""
+    torch.manual_seed(0)
+    p = profile_chain(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), (4,), B)
+    assert [(u.saves_input, u.saves_output, u.internal_bytes) for u in p.units] == [(True, False, 0)] * 2
+    assert [u.flops for u in p.units] == [2 * B * 4 * 3, 2 * B * 3 * 2]
+    assert [activations(p, c) for c in (1, 2)] == [0, B * 3 * F32]
+
+
+def test_internal_saves_of_a_composite_unit() -> None:
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3)), nn.Linear(3, 2))
+    p = profile_chain(chain, (4,), B)
+    u1 = p.unit(1)
+    # inside unit 1 the ReLU output (saved by ReLU and by the inner Linear: one storage) is internal
+    assert (u1.saves_input, u1.saves_output, u1.internal_bytes) == (True, False, B * 3 * F32)
+    assert u1.param_bytes == (15 + 12) * F32 and u1.flops == 2 * B * 4 * 3 + 2 * B * 3 * 3
+    assert u1.name == "Linear+ReLU+Linear"
+    # cut 1: the internal ReLU output; cut 2: plus unit 1's output, which unit 2 saves as its input
+    assert [activations(p, c) for c in (1, 2)] == [B * 3 * F32, 2 * B * 3 * F32]
+
+
+def test_tiny_conv_by_hand() -> None:
+    torch.manual_seed(0)
+    chain = nn.Sequential(
+        nn.Conv2d(1, 2, 3, bias=False),  # 1x5x5 -> 2x3x3
+        nn.ReLU(),
+        nn.Sequential(nn.Flatten(), nn.Linear(18, 4)),
+    )
+    p = profile_chain(chain, (1, 5, 5), B)
+    assert p.input_bytes == B * 25 * F32
+    assert [u.param_bytes for u in p.units] == [2 * 1 * 3 * 3 * F32, 0, (18 * 4 + 4) * F32]
+    assert [u.output_bytes for u in p.units] == [B * 18 * F32, B * 18 * F32, B * 4 * F32]
+    # conv: 2 * N * Cout * Hout * Wout * (Cin * kh * kw)
+    assert [u.flops for u in p.units] == [2 * B * 2 * 3 * 3 * 9, 0, 2 * B * 18 * 4]
+    # conv saves its input (+ weight, excluded); ReLU its output; Flatten is a view, so the Linear's saved
+    # input is unit 3's input storage
+    assert [(u.saves_input, u.saves_output, u.internal_bytes) for u in p.units] == [
+        (True, False, 0), (False, True, 0), (True, False, 0)
+    ]
+    assert p.units[2].name == "Flatten+Linear"
+    assert [activations(p, c) for c in (1, 2, 3)] == [0, 0, B * 18 * F32]
+
+
+def test_profile_helpers_and_weights_untouched() -> None:
+    chain = mlp()
+    before = [t.clone() for t in chain.state_dict().values()]
+    p = profile_chain(chain, (4,), B)
+    assert all(torch.equal(a, b) for a, b in zip(before, chain.state_dict().values()))
+    assert all(p.grad is None for p in chain.parameters())
+    assert p.param_bytes(1, 3) == (15 + 8) * F32 and p.param_bytes(2, 2) == 0
+    assert p.flops(1, 2) == 2 * B * 4 * 3 and p.flops(3, 3) == 2 * B * 3 * 2
+    assert p.cut_bytes(1) == B * 3 * F32 and p.cut_bytes(3) == 0  # at cut = L nothing crosses
+    assert [u.index for u in p.device_units(2)] == [1, 2] and [u.index for u in p.edge_units(2)] == [3]
+
+
+def test_profile_cache_keys() -> None:
+    cache, chain = ProfileCache(), mlp()
+    a = cache.get("mlp", chain, (4,), B)
+    assert cache.get("mlp", chain, (4,), B) is a
+    b = cache.get("mlp", chain, (4,), 2 * B)
+    assert b is not a and b.batch == 2 * B and b.unit(2).output_bytes == 2 * B * 3 * F32
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+def test_device_memory_breakdown_by_hand() -> None:
+    p = profile_chain(mlp(), (4,), B)
+    O1, O2, O3 = B * 3 * F32, B * 3 * F32, B * 2 * F32
+    P1, P3 = 15 * F32, 8 * F32
+    X = B * 4 * F32
+
+    m = device_memory(p, 2, slots=1, workspace=7)
+    assert m.weights == P1 and m.grads == P1 and m.optimizer == P1
+    assert m.input == X
+    assert m.activations == 0  # ReLU saved only its output, which is the cut activation
+    assert m.cut_io == 2 * O2  # cut activation and its returned gradient
+    # backward through u2 yields grad of O1; through u1 holds grad of O1 only (the raw batch needs none)
+    assert m.in_flight == O1
+    assert m.workspace == 7
+    assert m.total == 3 * P1 + X + 0 + 2 * O2 + O1 + 7
+
+    # cut = L: all weights, the logits and their gradient; u2's backward holds grad(O2) + grad(O1)
+    m = device_memory(p, 3, slots=2)
+    assert m.weights == P1 + P3 and m.optimizer == 2 * (P1 + P3)
+    assert m.activations == O2 and m.cut_io == 2 * O3 and m.in_flight == O2 + O1
+    assert m.total == 4 * (P1 + P3) + X + O2 + 2 * O3 + O1 + O2
+
+    # cut = 1: only the returned gradient (in cut_io); nothing else in flight
+    m = device_memory(p, 1, slots=0)
+    assert (m.weights, m.grads, m.optimizer, m.activations, m.cut_io, m.in_flight) == (P1, P1, 0, 0, 2 * O1, 0)
+    assert in_flight_bytes(p, 1) == 0
+
+
+def test_device_memory_rejects_bad_cut() -> None:
+    p = profile_chain(mlp(), (4,), B)
+    for cut in (0, 4):
+        with pytest.raises(SmartSplitError, match="outside 1..3"):
+            device_memory(p, cut, slots=0)
+
+
+def test_optimizer_slots() -> None:
+    assert optimizer_slots("sgd") == 0 and optimizer_slots("sgd", 0.9) == 1 and optimizer_slots("adam") == 2
+    with pytest.raises(SmartSplitError, match="rmsprop"):
+        optimizer_slots("rmsprop")
+
+
+# --------------------------------------------------------------------------- saved-tensor accounting
+
+
+def test_count_saved_bytes_counts_each_storage_once_and_excludes() -> None:
+    w = torch.randn(6, requires_grad=True)
+    x = torch.randn(6, requires_grad=True)
+    with count_saved_bytes(exclude=[w]) as meter:
+        y = torch.relu(x)  # saves y
+        z = y * w  # saves y (again) and w (excluded)
+    assert meter.total == 6 * F32
+    z.sum().backward()  # the hooks hand the tensors back unchanged
+    assert torch.allclose(x.grad, (x > 0).float() * w.detach())
+
+
+def test_count_saved_bytes_limit_raises() -> None:
+    x = torch.randn(10, requires_grad=True)
+    with pytest.raises(DeviceOutOfMemory) as info:
+        with count_saved_bytes(limit=10 * F32 + 3):
+            a = torch.relu(x)  # 40 bytes: fits
+            torch.relu(a + 1)  # 40 more: crosses
+    assert info.value.saved == 20 * F32 and info.value.limit == 10 * F32 + 3
+    # within the limit nothing is raised
+    with count_saved_bytes(limit=10 * F32) as meter:
+        torch.relu(x)
+    assert meter.total == 10 * F32
+
+
+def test_saved_bytes_meter_and_tensor_bytes() -> None:
+    meter = SavedBytes(limit=5)
+    meter.add(torch.empty(0))  # empty storages are free
+    assert meter.total == 0
+    with pytest.raises(DeviceOutOfMemory):
+        meter.add(torch.zeros(2))
+    t = torch.zeros(4, 4)
+    assert tensor_bytes([t, t[0], t.view(16), torch.zeros(3)]) == 16 * F32 + 3 * F32
