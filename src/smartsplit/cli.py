@@ -23,6 +23,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
+    from smartsplit.reports.report import write_report
     from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
     from smartsplit.runtime.embedded import run_experiment
 
@@ -33,7 +34,15 @@ def _compare(args: argparse.Namespace) -> None:
         config = load_config(args.config, [*args.set, f"strategy.name={name}", f"name={base.name}-{name}"])
         summaries.append(run_experiment(config, progress=not args.quiet))
     print(format_table(COMPARE_HEADERS, compare_rows(summaries)))
-    print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>")
+    report = write_report([s["run_dir"] for s in summaries], Path(base.output_dir) / f"{base.name}-report")
+    print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {report}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from smartsplit.reports.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
+    print(f"report: {write_report(args.runs, out)}")
 
 
 def _profile(args: argparse.Namespace) -> None:
@@ -78,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
+
+    report = sub.add_parser("report", help="write report.md and figures for one or more run folders")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="report folder (default: <parent of the first run>/report)")
+    report.set_defaults(func=_report)
 
     profile = sub.add_parser("profile", help="per-unit profile and per-cut device memory of a zoo model")
     profile.add_argument("--model", required=True)

@@ -1,19 +1,31 @@
-"""The on-device manager's plan: micro-batch size and the optimal checkpoint segmentation (DESIGN 3).
+"""The on-device manager's segmentation: which of units ``1..cut`` to recompute (DESIGN 3).
 
-For one micro-batch size the segmentation problem is exact dynamic programming over the chain: walking the
-units left to right, every partial plan is summarised by the bytes it holds and the FLOPs it will recompute;
-only Pareto-optimal pairs survive. A checkpointed segment must fit while it is recomputed, on top of what the
-units before it hold; the finished plan must fit its forward. ``activation_bytes`` is the reference the plan
-is checked against.
+Dynamic programming over the chain and over memory. ``best[i, held, m]`` is the least recompute cost of a
+plan for units ``1..i`` that holds exactly ``m`` memory quanta, ``held`` saying whether the output of unit
+``i`` is among them. A unit is either kept (its saved tensors add to what is held) or part of a checkpointed
+segment ``i+1..j`` (only the segment's input is held; while it is recomputed in backward, its own saved
+tensors come on top of what the units before it hold, and that must fit too). Every transition out of one
+state is a single numpy operation over all ``m`` and all segment ends ``j``.
+
+Memory is counted in quanta: the largest common divisor of every size when the budget spans at most
+``MAX_LEVELS`` of them, which makes the plan exactly optimal; otherwise ``budget / MAX_LEVELS``, every size
+rounded up, so the plan still fits and is optimal for the rounded sizes (``Segmentation.exact`` says which).
+``activation_bytes`` in ``memory.model`` is the reference every plan is checked against.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import reduce
 from typing import Callable
 
-from smartsplit.memory.model import Segments
+import numpy as np
+
+from smartsplit.memory.model import Segments, activation_bytes
 from smartsplit.models.profile import ModelProfile
+
+MAX_LEVELS = 1024
 
 
 @dataclass(frozen=True)
@@ -21,78 +33,108 @@ class Segmentation:
     segments: Segments  # checkpointed segments, (first, last) 1-based inclusive
     recompute_flops: int  # extra forward FLOPs per micro-batch
     activation_bytes: int  # predicted peak of saved activations
+    exact: bool  # optimal for the exact sizes (else for sizes rounded up to the quantum)
 
 
 def plan_segments(profile: ModelProfile, cut: int, budget: int, cost: Callable[[int], float] | None = None) -> Segmentation | None:
     """Segmentation of units ``1..cut`` with the least recompute whose activation peak is at most ``budget``.
 
     ``cost(l)`` is the recompute cost of unit ``l`` (default: its forward FLOPs; measured unit times work too).
-    Returns None when even checkpointing everything does not fit.
+    Returns None when even the best plan does not fit.
     """
+    if budget < 0:
+        return None
     units = profile.device_units(cut)
+    if activation_bytes(profile, cut) <= budget:
+        return Segmentation((), 0, activation_bytes(profile, cut), True)
     cost = cost or (lambda l: units[l - 1].flops)
-    out = [0] + [u.output_bytes if i < cut else 0 for i, u in enumerate(units, start=1)]  # boundary cut is counted apart
+    unit_cost = np.array([0.0] + [float(cost(l)) for l in range(1, cut + 1)])
+    prefix_cost = np.cumsum(unit_cost)
+    out = [0] + [u.output_bytes if i < cut else 0 for i, u in enumerate(units, start=1)]  # the cut tensor is apart
 
-    # recompute[i][j]: bytes segment i..j holds while it is recomputed (its input is held already)
-    seg_bytes = {}
+    # seg[i][j]: bytes segment i..j holds while recomputed, on top of its input
+    seg = np.zeros((cut + 2, cut + 1), dtype=np.int64)
     for i in range(1, cut + 1):
         total = 0
         for j in range(i, cut + 1):
             u = units[j - 1]
             total += u.internal_bytes
-            # boundary j-1 (inside the segment) is saved during recompute if unit j-1 saves its output or j its input
             if j > i and (units[j - 2].saves_output or u.saves_input):
                 total += out[j - 1]
-            seg_bytes[i, j] = total + (out[j] if u.saves_output else 0)
+            seg[i, j] = total + (out[j] if u.saves_output else 0)
 
-    # frontier[i][held]: list of (held bytes, cost, back-pointer) for plans of units 1..i;
-    # held = whether boundary i is already counted in the held bytes
-    frontier: list[dict[bool, list]] = [dict() for _ in range(cut + 1)]
-    frontier[0][True] = [(0, 0.0, None)]  # the raw batch is counted apart, so boundary 0 is "held"
+    sizes = [u.internal_bytes for u in units] + out + [int(v) for v in seg[seg > 0]]
+    quantum = reduce(math.gcd, [s for s in sizes if s > 0], 0) or 1
+    exact = budget // quantum <= MAX_LEVELS
+    if not exact:
+        quantum = math.ceil(budget / MAX_LEVELS)
+    q = lambda b: -(-int(b) // quantum)  # noqa: E731 - round up to quanta
+    levels = budget // quantum
+    width = levels + 1
+    internal = [q(u.internal_bytes) for u in units]
+    outq = [q(b) for b in out]
+    segq = np.vectorize(q)(seg) if cut else seg
+
+    inf = np.inf
+    best = np.full((cut + 1, 2, width), inf)
+    # where each state came from: previous i, previous held, previous m, segment start (0: a kept unit)
+    from_i, from_held, from_m, from_start = (np.full((cut + 1, 2, width), -1, dtype=np.int64) for _ in range(4))
+    best[0, 1, 0] = 0.0  # the raw batch is counted apart: boundary 0 is "held"
+    m_index = np.arange(width)
+
+    def relax(rows: slice, held: int, cand: np.ndarray, i: int, held_i: int, shift: int, start: int) -> None:
+        view = best[rows, held]
+        better = cand < view
+        if not better.any():
+            return
+        view[better] = cand[better]
+        from_i[rows, held][better] = i
+        from_held[rows, held][better] = held_i
+        from_m[rows, held][better] = np.broadcast_to(m_index - shift, cand.shape)[better]
+        from_start[rows, held][better] = start
+
     for i in range(cut):
-        for held_i, entries in frontier[i].items():
-            for entry in entries:
-                held, spent, _ = entry
-                # keep unit i+1
-                u = units[i]
-                h = held + u.internal_bytes + (out[i] if u.saves_input and not held_i else 0) + (out[i + 1] if u.saves_output else 0)
-                if h <= budget:
-                    _push(frontier[i + 1], u.saves_output, (h, spent, (entry, i, held_i, None)))
-                # checkpoint units i+1..j
-                start = held + (0 if held_i else out[i])
-                extra = 0.0
-                for j in range(i + 1, cut + 1):
-                    extra += cost(j)
-                    if start + seg_bytes[i + 1, j] > budget:
-                        break
-                    _push(frontier[j], False, (start, spent + extra, (entry, i, held_i, j)))
-    finals = [e for entries in frontier[cut].values() for e in entries if e[0] <= budget]
-    if not finals:
-        return None
-    best = min(finals, key=lambda e: (e[1], e[0]))
-    segments = []
-    node = best
-    while node[2] is not None:
-        parent, i, _, j = node[2]
-        if j is not None:
-            segments.append((i + 1, j))
-        node = parent
-    segments.reverse()
-    from smartsplit.memory.model import activation_bytes
+        for held_i in (0, 1):
+            src = best[i, held_i]
+            if not np.isfinite(src).any():
+                continue
+            u = units[i]
+            # keep unit i+1
+            add = internal[i] + (outq[i] if u.saves_input and not held_i else 0) + (outq[i + 1] if u.saves_output else 0)
+            if add <= levels:
+                cand = np.full((1, width), inf)
+                cand[0, add:] = src[: width - add]
+                relax(slice(i + 1, i + 2), int(u.saves_output), cand, i, held_i, add, 0)
+            # checkpoint units i+1..j for every j at once; segments only grow with j, so the ends that fit
+            # at all are a prefix
+            shift = 0 if held_i else outq[i]
+            room = levels - shift - segq[i + 1, i + 1 : cut + 1]
+            last = i + int(np.count_nonzero(np.maximum.accumulate(room < 0) == 0))
+            if last <= i:
+                continue
+            ends = np.arange(i + 1, last + 1)
+            cand = np.full((len(ends), width), inf)
+            cand[:, shift:] = src[None, : width - shift] + (prefix_cost[ends] - prefix_cost[i])[:, None]
+            cand[(m_index[None, :] - shift) > room[: len(ends), None]] = inf
+            relax(slice(i + 1, last + 1), 0, cand, i, held_i, shift, i + 1)
 
+    finals = best[cut]
+    flat = int(np.argmin(finals))
+    held_f, m_f = divmod(flat, width)
+    if not np.isfinite(finals[held_f, m_f]):
+        return None
+    segments = []
+    i, h, m = cut, held_f, m_f
+    while i > 0:
+        pi, ph, pm, start = from_i[i, h, m], from_held[i, h, m], from_m[i, h, m], from_start[i, h, m]
+        if start > 0:
+            segments.append((int(start), int(i)))
+        i, h, m = int(pi), int(ph), int(pm)
+    segments = tuple(reversed(segments))
     return Segmentation(
-        segments=tuple(segments),
+        segments=segments,
         recompute_flops=sum(profile.flops(a, b) for a, b in segments),
-        activation_bytes=activation_bytes(profile, cut, tuple(segments)),
+        activation_bytes=activation_bytes(profile, cut, segments),
+        exact=exact,
     )
 
-
-def _push(slot: dict[bool, list], held: bool, entry: tuple) -> None:
-    """Add ``entry`` to the Pareto set (fewer held bytes, less cost) of ``slot[held]``."""
-    entries = slot.setdefault(held, [])
-    h, c = entry[0], entry[1]
-    for other in entries:
-        if other[0] <= h and other[1] <= c:
-            return
-    entries[:] = [o for o in entries if not (h <= o[0] and c <= o[1])]
-    entries.append(entry)

@@ -51,5 +51,6 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
             bar.update()
     bar.close()
     summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started)
+    summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
