@@ -162,7 +162,6 @@ def measure_split(
     micro_batch: int | None = None,
     segments=(),
     steps: int = 1,
-    timed: bool = False,
 ) -> tuple[Measured, list[float]]:
     """Train ``steps`` real split steps of ``model`` cut at ``cut`` and measure the device side's peak.
 

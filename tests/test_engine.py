@@ -411,7 +411,7 @@ def tiny_config(seed: int = 3, budgets: str = "constant"):
             "data": {"dataset": "synthetic", "synthetic_train": 120, "synthetic_test": 40},
             "model": {"name": "cnn", "width": 0.25},
             "fleet": {"devices": 6, "classes": {"phone-entry": 0.5, "wearable": 0.5},
-                      "budgets": {"kind": budgets, "mean_gap_s": 1.0, "mean_hold_s": 1.0}},
+                      "budgets": {"kind": budgets, "mean_gap_s": 0.5, "mean_hold_s": 1.0, "horizon_s": 200.0}},
             "training": {"rounds": 2, "devices_per_round": 2, "local_steps": 2, "batch_size": 8, "eval_batch_size": 64},
         }
     )

@@ -13,12 +13,16 @@ MB = 2**20
 
 def _run(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
-    from smartsplit.runtime.embedded import run_experiment
+    from smartsplit.runtime.embedded import resume_config, run_experiment
 
-    config = load_config(args.config, args.set)
-    summary = run_experiment(config, args.out, progress=not args.quiet)
-    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; "
-          f"results in {Path(args.out) if args.out else Path(config.output_dir) / config.name}")
+    if args.resume:
+        config, out = resume_config(args.resume), args.resume
+    elif args.config:
+        config, out = load_config(args.config, args.set), args.out
+    else:
+        raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
+    summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume))
+    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; results in {summary['run_dir']}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one experiment from a YAML config")
-    run.add_argument("config")
+    run.add_argument("config", nargs="?")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished round")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +38,7 @@ class Assignment:
 class RoundPlan:
     assignments: tuple[Assignment, ...]
     excluded: int  # devices that could not take part at all under this strategy's rules
+    notes: dict = field(default_factory=dict)  # the inputs of the decision, logged to decisions.jsonl
 
 
 class Strategy(ABC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,27 @@ class Experiment:
     def run_round(self, rnd: int) -> dict:
         started = time.perf_counter()
         t = self.config.training
-        plan = self.strategy.configure_round(rnd, self.candidates(), t.devices_per_round, self.rng)
+        candidates = self.candidates()
+        plan = self.strategy.configure_round(rnd, candidates, t.devices_per_round, self.rng)
+        by_id = {c.device.id: c for c in candidates}
+        decision = {
+            "round": rnd + 1,
+            "strategy": self.strategy.name,
+            "candidates": len(candidates),
+            "excluded": plan.excluded,
+            "assignments": [
+                {
+                    "device": a.device_id,
+                    "class": self.devices[a.device_id].device_class,
+                    "cut": a.cut,
+                    "budget_forecast_mb": round(by_id[a.device_id].budget / 2**20, 3),
+                    "feasible_cuts": list(by_id[a.device_id].feasible_cuts),
+                    "predicted_step_s": by_id[a.device_id].step_times[a.cut - 1],
+                }
+                for a in plan.assignments
+            ],
+            **plan.notes,
+        }
         participants = [
             Participant(
                 device=self.devices[a.device_id],
@@ -227,8 +248,26 @@ class Experiment:
             "clock_s": self.clock_s,
             "wall_s": time.perf_counter() - started,
             "devices": reports,
+            "decision": decision,
         }
 
-    def rounds(self) -> Iterator[dict]:
-        for rnd in range(self.config.training.rounds):
+    def state_dict(self, rounds_done: int) -> dict:
+        """Everything a resumed run needs to continue exactly as this one would have."""
+        return {
+            "rounds_done": rounds_done,
+            "model": self.model.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "clock_s": self.clock_s,
+            "strategy": pickle.dumps(self.strategy),
+        }
+
+    def load_state_dict(self, state: dict) -> int:
+        self.model.load_state_dict(state["model"])
+        self.rng.bit_generator.state = state["rng"]
+        self.clock_s = state["clock_s"]
+        self.strategy = pickle.loads(state["strategy"])
+        return state["rounds_done"]
+
+    def rounds(self, start: int = 0) -> Iterator[dict]:
+        for rnd in range(start, self.config.training.rounds):
             yield self.run_round(rnd)

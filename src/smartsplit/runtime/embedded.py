@@ -1,20 +1,30 @@
-"""The embedded runtime: one process, deterministic for a seed; results written as they are produced."""
+"""The embedded runtime: one process, deterministic for a seed; results written as they are produced.
+
+A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per round), ``decisions.jsonl``
+(who trained, where each cut, and why), ``state.pt`` (everything needed to resume after the last finished
+round) and, at the end, ``summary.json``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import torch
+import yaml
 from tqdm import tqdm
 
-from smartsplit.config import Config
+from smartsplit.config import Config, build_config
 from smartsplit.engine.experiment import Experiment
+from smartsplit.errors import SmartSplitError
 
 
 def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float) -> dict:
     peaks = [p for r in records for p in r["peak_measured_mb"]]
     latencies = [r["latency_s"] for r in records]
+    n = max(len(records), 1)
     return {
         "name": config.name,
         "strategy": config.strategy.name,
@@ -22,32 +32,70 @@ def summarise(config: Config, records: list[dict], num_devices: int, wall_s: flo
         "rounds": len(records),
         "final_accuracy": records[-1]["accuracy"] if records else None,
         "best_accuracy": max((r["accuracy"] for r in records), default=None),
-        "participation_rate": sum(1 - r["excluded"] / num_devices for r in records) / max(len(records), 1),
-        "mean_participants": sum(r["participants"] for r in records) / max(len(records), 1),
+        "participation_rate": sum(1 - r["excluded"] / num_devices for r in records) / n,
+        "mean_participants": sum(r["participants"] for r in records) / n,
         "max_peak_measured_mb": max(peaks, default=0.0),
         "mean_round_latency_s": sum(latencies) / max(len(latencies), 1),
         "peak_round_latency_s": max(latencies, default=0.0),
         "simulated_time_s": sum(latencies),
         "oom_events": sum(r["oom_events"] for r in records),
+        "pauses": sum(r.get("pauses", 0) for r in records),
+        "cut_moves": sum(r.get("cut_moves", 0) for r in records),
+        "replans": sum(r.get("replans", 0) for r in records),
+        "recompute_pct": sum(r.get("recompute_pct", 0.0) for r in records) / n,
         "wall_s": wall_s,
     }
 
 
-def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run every round of ``config``; write ``config.yaml``, ``metrics.jsonl`` (per round) and ``summary.json``."""
+def _read_records(path: Path, limit: int) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()[:limit] if line.strip()]
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def resume_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise SmartSplitError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
+    return build_config(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False) -> dict:
+    """Run ``config`` round by round, writing every result as soon as it exists.
+
+    With ``resume``, continue the run in ``run_dir`` after its last saved round: the metrics then match
+    those of a run that was never interrupted.
+    """
     run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
     started = time.perf_counter()
     experiment = Experiment(config)
-    records: list[dict] = []
-    bar = tqdm(total=config.training.rounds, desc=config.name, unit="round", disable=not progress, leave=True)
-    with open(run_dir / "metrics.jsonl", "w") as metrics:
-        for record in experiment.rounds():
+    metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
+    start = 0
+    if resume and state_path.exists():
+        start = experiment.load_state_dict(torch.load(state_path, weights_only=False))
+    records = _read_records(metrics_path, start)
+    # rounds after the saved state (if the run died between writing them and saving) are run again
+    _rewrite(metrics_path, records)
+    _rewrite(decisions_path, _read_records(decisions_path, start))
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+
+    bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
+    with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
+        for record in experiment.rounds(start):
+            decisions.write(json.dumps(record.pop("decision")) + "\n")
+            decisions.flush()
             records.append(record)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{sum(r['latency_s'] for r in records):.0f}s")
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(experiment.state_dict(record["round"]), tmp)
+            os.replace(tmp, state_path)
+            bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{record['clock_s']:.0f}s")
             bar.update()
     bar.close()
     summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started)
