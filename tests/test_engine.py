@@ -322,12 +322,6 @@ def test_on_device_manager_keeps_a_squeezed_device_within_budget() -> None:
     assert all(c.samples.get(1, 0) in (0, 2 * BATCH) for c in contributions)
 
 
-@pytest.mark.xfail(
-    reason="engine/round.py _guarded_step: when the forward guard does not trip (budget below the weights "
-    "themselves, the device units saving no more than the cut activation), `measured > budget` only adds to "
-    "oom_events: the step still counts, the device's weights are updated and aggregated, and it keeps training",
-    strict=True,
-)
 def test_memory_guard_budget_below_the_weights_trains_nothing() -> None:
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
@@ -340,12 +334,6 @@ def test_memory_guard_budget_below_the_weights_trains_nothing() -> None:
     assert r["steps"] == 0 and not contributions  # ... and nothing trained over budget
 
 
-@pytest.mark.xfail(
-    reason="engine/round.py device_process: after _guarded_step returns None (simulated OOM in the device "
-    "forward) the process still yields edge_s while holding the shared edge (and downlink_s) before breaking, "
-    "so a step that never reached the edge delays other devices",
-    strict=True,
-)
 def test_oom_device_does_not_occupy_the_edge() -> None:
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)

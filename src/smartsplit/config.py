@@ -43,7 +43,7 @@ class BudgetConfig(_Section):
     mean_hold_s: float = Field(30.0, gt=0)
     max_take: float = Field(0.8, ge=0, lt=1)
     floor: float = Field(0.05, ge=0, le=1)
-    horizon_s: float = Field(1e6, gt=0)
+    horizon_s: float = Field(2e5, gt=0)  # generated this far ahead; the last budget holds after it
     # csv: a folder of device-<id>.csv files (time_s,budget_mb); devices without one keep a constant budget
     csv_dir: str | None = None
     # the central manager plans with this quantile of the budget seen over the last window

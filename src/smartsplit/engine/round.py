@@ -158,8 +158,10 @@ def run_round(
                     yield turn
                     tally.wait_s += env.now - arrived
                     result = _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan, budget, tally)
-                    yield env.timeout(t.edge_s)
-                yield env.timeout(t.downlink_s)
+                    if result is not None:  # a step that ran out of memory on the device never reached the edge
+                        yield env.timeout(t.edge_s)
+                if result is not None:
+                    yield env.timeout(t.downlink_s)
             else:
                 result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally)
             if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
@@ -206,6 +208,9 @@ def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: D
     x, y = train.x[indices], train.y[indices]
     mem = plan.memory
     rest = mem.total - mem.activations
+    if rest > budget:  # weights, gradients and optimizer state alone do not fit: the step cannot start
+        tally.oom_events += 1
+        return None
     try:
         result = split_step(
             device_side, edge_side, x, y, opt, edge_opt,
