@@ -67,6 +67,28 @@ def fmt_segs(segments) -> str:
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in segments) or "-"
 
 
+def all_segmentations(n: int, first: int = 1):
+    """Every segmentation of units ``first..n``: each unit kept, or inside one checkpointed segment."""
+    if first > n:
+        yield ()
+        return
+    for rest in all_segmentations(n, first + 1):  # unit ``first`` kept
+        yield rest
+    for last in range(first, n + 1):  # a segment first..last
+        for rest in all_segmentations(n, last + 1):
+            yield ((first, last), *rest)
+
+
+def brute_force(profile: ModelProfile, cut: int, budget: int) -> int | None:
+    """Least recompute FLOPs over every segmentation that fits (None: none fits)."""
+    best = None
+    for segments in all_segmentations(cut):
+        cost = recompute_flops(profile, segments)
+        if (best is None or cost < best) and activation_bytes(profile, cut, segments) <= budget:
+            best = cost
+    return best
+
+
 def random_chain(rng: np.random.Generator, n: int) -> ModelProfile:
     """A synthetic chain with unit sizes and costs spread over an order of magnitude or more."""
     units = []
@@ -92,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 8, fewer model/cut cases, fewer timing runs")
     ap.add_argument("--timing-chains", type=int, default=10, help="synthetic 100-unit chains to time plan_segments on")
     ap.add_argument("--units", type=int, default=100, help="units of the synthetic chain")
+    ap.add_argument("--brute-force-max", type=int, default=10, help="check dp against every segmentation when cut <= this")
     args = ap.parse_args(argv)
     batch = 8 if args.quick else args.batch
     fractions = [float(f) for f in args.budgets.split(",")]
@@ -105,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     print("sqrt = round(sqrt(cut)) near-equal segments, all but the last checkpointed (fixed plan)")
     print()
     head = (f"{'model':<12}{'cut':>4}{'budget':>7}{'MB':>8} | {'dp overhead':>11} {'peak MB':>8}  {'dp segments':<22}| "
-            f"{'seq k':>5} {'overhead':>9} {'peak MB':>8} | {'sqrt k':>6} {'overhead':>9} {'peak MB':>8}")
+            f"{'seq k':>5} {'overhead':>9} {'peak MB':>8} | {'sqrt k':>6} {'overhead':>9} {'peak MB':>8}  | "
+            f"{'dp quanta':<9} brute force (cut <= {args.brute_force_max})")
     print(head)
     print("-" * len(head))
     dp_never_worse = True
     gains = []
+    bf_same = bf_differs = 0
     for name, cut_arg in cases:
         model = build_model(name)
         profile = profile_chain(model, default_input_shape(name), batch)
@@ -122,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             dp = plan_segments(profile, cut, budget)
             dp_txt = (f"{overhead(profile, cut, dp.segments):>10.2f}% {dp.activation_bytes / MB:>8.2f}  {fmt_segs(dp.segments):<22}"
                       if dp else f"{'does not fit':>11} {'':>8}  {'':<22}")
+            if cut <= args.brute_force_max:
+                bf = brute_force(profile, cut, budget)
+                dp_cost = recompute_flops(profile, dp.segments) if dp else None
+                if bf == dp_cost:
+                    bf_txt = "= optimum"
+                    bf_same += 1
+                else:
+                    bf_txt = "optimum " + ("does not fit" if bf is None else f"{100 * bf / ((1 + BACKWARD_FLOPS) * profile.flops(1, cut)):.2f}%")
+                    bf_differs += 1
+            else:
+                bf_txt = "(cut too long to enumerate)"
+            exact_txt = "exact" if getattr(dp, "exact", True) else "rounded"
             seq_k = next((k for k in range(1, cut + 1) if activation_bytes(profile, cut, sequential_segments(cut, k)) <= budget), None)
             if seq_k is None:
                 seq_txt = f"{'-':>5} {'does not fit':>9} {'':>8}"
@@ -132,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             sqrt_fits = sqrt_peak <= budget
             sqrt_txt = (f"{k_sqrt:>6} {overhead(profile, cut, segs_sqrt):>8.2f}% {sqrt_peak / MB:>8.2f}" if sqrt_fits
                         else f"{k_sqrt:>6} {'does not fit':>9} ({sqrt_peak / MB:.2f})")
-            print(f"{name:<12}{cut:>4}{frac:>7.2f}{budget / MB:>8.2f} | {dp_txt}| {seq_txt} | {sqrt_txt}")
+            print(f"{name:<12}{cut:>4}{frac:>7.2f}{budget / MB:>8.2f} | {dp_txt}| {seq_txt} | {sqrt_txt:<24} | "
+                  f"{exact_txt if dp else '':<8}{bf_txt}")
             # sanity: the optimum is never worse than a fitting alternative
             dp_cost = recompute_flops(profile, dp.segments) if dp else None
             for alt_fits, alt_segs in ((seq_k is not None, sequential_segments(cut, seq_k or 1)), (sqrt_fits, segs_sqrt)):
@@ -144,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         gains.append(1 - dp_cost / alt_cost)
     print()
     print(f"dp never worse than a fitting alternative: {'yes' if dp_never_worse else 'NO'}")
+    if bf_same + bf_differs:
+        print(f"dp equals the brute-force optimum in {bf_same} of {bf_same + bf_differs} cases with cut <= {args.brute_force_max}")
     if gains:
         print(f"dp recompute saved against fitting alternatives: mean {100 * statistics.mean(gains):.1f}%, "
               f"max {100 * max(gains):.1f}% (n={len(gains)})")
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     chains = 3 if args.quick else args.timing_chains
     n = args.units
-    times, fitted = [], 0
+    times, fitted, rounded = [], 0, 0
     for _ in range(chains):
         chain = random_chain(rng, n)
         full = activation_bytes(chain, n)
@@ -161,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_segments(chain, n, int(full * frac))
             times.append(time.perf_counter() - t0)
             fitted += plan is not None
+            rounded += plan is not None and not getattr(plan, "exact", True)
     ms = [1e3 * t for t in times]
     print()
     print(f"plan_segments on synthetic {n}-unit chains: {len(ms)} plans ({chains} chains x budgets {args.budgets}), "
-          f"{fitted} fitted")
+          f"{fitted} fitted, {rounded} of them planned on rounded memory quanta")
     print(f"plan_segments time: mean {statistics.mean(ms):.1f} ms, median {statistics.median(ms):.1f} ms, "
           f"max {max(ms):.1f} ms (target < 50 ms: {'met' if statistics.mean(ms) < 50 else 'NOT met'})")
     return 0 if dp_never_worse else 1

@@ -19,6 +19,11 @@ class Candidate:
     budget: int  # bytes the device may use this round
     peaks: tuple[int, ...]  # predicted device peak for cuts 1..L
     step_times: tuple[float, ...]  # simulated seconds of one local step for cuts 1..L, without queueing
+    round_times: tuple[float, ...] = ()  # simulated seconds of the device's whole round per cut (model transfers too)
+    edge_times: tuple[float, ...] = ()  # seconds of edge compute the device's round needs per cut
+    samples: int = 0  # training examples the device holds
+    label_counts: tuple[int, ...] = ()  # of which, per class
+    edge: int = 0  # the edge server the device is attached to
 
     def fits(self, cut: int) -> bool:
         return self.peaks[cut - 1] <= self.budget

@@ -17,7 +17,7 @@ from torch import nn
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_dataset, partition, synthetic
 from smartsplit.engine.aggregate import aggregate
-from smartsplit.engine.clock import EdgeSpec, step_times
+from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.round import OptimizerSpec, Participant, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import (
@@ -100,14 +100,16 @@ def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
     return traces
 
 
-def local_batches(indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator) -> list[np.ndarray]:
-    """Sample indices of each local step: reshuffled passes over the device's data."""
+def local_batches(
+    indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator | None
+) -> list[np.ndarray]:
+    """Sample indices of each local step: reshuffled passes over the device's data (in order without ``rng``)."""
     total = steps if steps is not None else max(1, math.ceil(epochs * len(indices) / batch_size))
     batches: list[np.ndarray] = []
     order = np.empty(0, dtype=np.int64)
     while len(batches) < total:
         if len(order) == 0:
-            order = rng.permutation(indices)
+            order = rng.permutation(indices) if rng is not None else np.asarray(indices)
         batches.append(order[:batch_size])
         order = order[batch_size:]
     return batches
@@ -168,15 +170,26 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        profile, out = self.profile, []
+        profile, out, t = self.profile, [], self.config.training
         for device in self.devices:
             budget, manager = self.budget_forecast(device), self.managers[device.id]
-            peaks, times = [], []
+            steps = len(local_batches(self.shards[device.id], t.batch_size, t.local_steps, t.local_epochs, None))
+            peaks, times, rounds, edge = [], [], [], []
             for cut in range(1, self.num_units + 1):
                 plan = manager.plan(cut, budget) or manager.plan(cut, 2**62)  # unfit: its plain peak, above budget
+                step = step_times(profile, cut, device, self.edge, 1.0, plan.recompute_flops, plan.round_trips)
                 peaks.append(plan.peak_bytes)
-                times.append(step_times(profile, cut, device, self.edge, 1.0, plan.recompute_flops, plan.round_trips).total)
-            out.append(Candidate(device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times)))
+                times.append(step.total)
+                rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, self.edge)))
+                edge.append(steps * step.edge_s)
+            labels = np.bincount(self.train.y.numpy()[self.shards[device.id]], minlength=self.train.num_classes)
+            out.append(
+                Candidate(
+                    device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
+                    round_times=tuple(rounds), edge_times=tuple(edge), samples=len(self.shards[device.id]),
+                    label_counts=tuple(int(n) for n in labels),
+                )
+            )
         return out
 
     def run_round(self, rnd: int) -> dict:
