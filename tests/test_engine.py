@@ -204,6 +204,12 @@ def part(model: nn.Sequential, dev: Device, cut: int, budget: int, steps: list[n
     return Participant(dev, cut, steps, constant_trace(budget), manager, replan=smart, move_cut=smart)
 
 
+
+def round_on_one_edge(model, parts, data, profile, edge, opt, **kwargs):
+    """run_round with a single edge server: its contributions and the device reports."""
+    groups, reports, _ = run_round(model, parts, data, profile, [edge], opt, **kwargs)
+    return groups[0], reports
+
 def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.MonkeyPatch) -> None:
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
@@ -221,7 +227,7 @@ def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.Mo
         part(model, device(1), cut, 10**9, batches(*[BATCH] * steps, start=32)),
     ]
     before = copy.deepcopy(model.state_dict())
-    contributions, reports = run_round(model, parts, data, profile, EDGE, SGD)
+    contributions, reports = round_on_one_edge(model, parts, data, profile, EDGE, SGD)
 
     # the global model is not touched by the round itself
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -269,7 +275,7 @@ def test_run_round_at_cut_L_is_fedavg_by_hand() -> None:
         weights.append(sum(len(idx) for idx in b))
     assert weights == [16, 21]
 
-    contributions, reports = run_round(model, parts, data, profile, EDGE, opt)
+    contributions, reports = round_on_one_edge(model, parts, data, profile, EDGE, opt)
     assert [r["samples"] for r in reports] == weights
     assert all(r["bytes_up"] == profile.param_bytes(1, 3) for r in reports)  # only the model travels
     assert all(r["wait_s"] == 0 for r in reports)  # the edge is not used at cut = L
@@ -292,7 +298,7 @@ def test_memory_guard_reports_oom_and_no_steps() -> None:
         part(model, device(1), 2, 10**9, batches(BATCH, BATCH, start=16)),
     ]
     before = copy.deepcopy(model.state_dict())
-    contributions, (starved, ok) = run_round(model, parts, data, profile, EDGE, SGD)
+    contributions, (starved, ok) = round_on_one_edge(model, parts, data, profile, EDGE, SGD)
     assert starved["oom_events"] > 0 and starved["steps"] == 0 and starved["samples"] == 0
     assert starved["loss"] is None
     assert ok["oom_events"] == 0 and ok["steps"] == 2
@@ -313,7 +319,7 @@ def test_on_device_manager_keeps_a_squeezed_device_within_budget() -> None:
     need = device_memory(profile, 2, slots=0)
     tight = need.total - need.activations // 2
     hopeless = part(model, device(1), 1, 1, batches(BATCH, start=16), smart=True)  # no plan fits anywhere
-    contributions, (r, h) = run_round(
+    contributions, (r, h) = round_on_one_edge(
         model, [part(model, device(0), 2, tight, batches(BATCH, BATCH), smart=True), hopeless], data, profile, EDGE, SGD
     )
     assert r["oom_events"] == 0 and r["steps"] == 2
@@ -327,7 +333,7 @@ def test_memory_guard_budget_below_the_weights_trains_nothing() -> None:
     profile = profile_chain(model, SHAPE, BATCH)
     need = device_memory(profile, 1, slots=0)
     budget = need.weights // 2
-    contributions, (r,) = run_round(
+    contributions, (r,) = round_on_one_edge(
         model, [part(model, device(0), 1, budget, batches(BATCH, BATCH))], data, profile, EDGE, SGD
     )
     assert r["oom_events"] > 0  # reported ...
@@ -342,7 +348,7 @@ def test_oom_device_does_not_occupy_the_edge() -> None:
         part(model, device(0), 2, need.total - need.activations // 2, batches(BATCH)),  # OOM in its first forward
         part(model, device(1), 2, 10**9, batches(BATCH, start=8)),  # identical, arrives at the same moment
     ]
-    _, (starved, ok) = run_round(model, parts, data, profile, EDGE, SGD)
+    _, (starved, ok) = round_on_one_edge(model, parts, data, profile, EDGE, SGD)
     assert starved["oom_events"] == 1 and starved["steps"] == 0 and ok["steps"] == 1
     assert ok["wait_s"] == 0.0
 

@@ -93,8 +93,21 @@ class StrategyConfig(_Section):
 
 
 class EdgeConfig(_Section):
-    gflops: float = Field(2000.0, gt=0)  # sustained training throughput of the edge server
+    servers: int = Field(1, ge=1)  # edge servers; device i attaches to server i % servers
+    gflops: float | list[float] = 2000.0  # sustained training throughput, one figure or one per server
     latency_s: float = Field(0.01, ge=0)  # per message, each way
+
+    @model_validator(mode="after")
+    def _one_speed_per_server(self) -> "EdgeConfig":
+        speeds = self.gflops if isinstance(self.gflops, list) else [self.gflops]
+        if isinstance(self.gflops, list) and len(speeds) != self.servers:
+            raise ValueError(f"gflops lists {len(speeds)} speeds for {self.servers} servers")
+        if any(g <= 0 for g in speeds):
+            raise ValueError("gflops must be positive")
+        return self
+
+    def speeds(self) -> list[float]:
+        return list(self.gflops) if isinstance(self.gflops, list) else [self.gflops] * self.servers
 
 
 class Config(_Section):

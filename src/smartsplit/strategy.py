@@ -53,13 +53,17 @@ class Strategy(ABC):
     checkpointing: bool = False  # devices plan micro-batches and recomputation (the on-device manager)
     replan: bool = False  # devices re-plan whenever their budget changes mid-round
     move_cut: bool = False  # a squeezed device hands units to the edge mid-round instead of pausing
+    edge_copies: str = "shared"  # one server-side copy per edge server, or "per-device"
+    edge_order: str = "interleaved"  # devices' steps reach the edge in simulated arrival order, or "sequential"
+    wants_updates: bool = False  # round_finished receives per-device gradient sketches per unit
 
     @abstractmethod
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         """Pick up to ``k`` of ``candidates`` and a cut for each."""
 
-    def round_finished(self, rnd: int, reports: Sequence[dict]) -> None:
-        """Called with the per-device reports of the round that just ended."""
+    def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
+        """Called with the per-device reports of the round that just ended (and, if ``wants_updates``, each
+        device's summed gradient sketch per unit: ``updates[device_id][unit]``)."""
 
 
 def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:

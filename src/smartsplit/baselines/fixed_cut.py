@@ -1,4 +1,8 @@
-"""Baselines with one cut for every device: FedAvg (cut = L) and SplitFed (a fixed middle cut)."""
+"""Baselines with one cut for every device: FedAvg (cut = L) and SplitFed (a fixed middle cut).
+
+SplitFed-v1 gives every device its own server-side copy (aggregated with the rest at round end);
+SplitFed-v2 trains one shared server-side copy on the devices one after another.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,14 @@ from smartsplit.strategy import Assignment, Candidate, RoundPlan, Strategy, samp
 class FixedCut(Strategy):
     """Every participant cuts at ``cut``; a device whose predicted peak there exceeds its budget cannot take part."""
 
-    def __init__(self, name: str, cut: int, checkpointing: bool = False) -> None:
+    def __init__(
+        self, name: str, cut: int, checkpointing: bool = False, edge_copies: str = "shared", edge_order: str = "interleaved"
+    ) -> None:
         self.name = name
         self.cut = cut
         self.checkpointing = self.replan = checkpointing
+        self.edge_copies = edge_copies
+        self.edge_order = edge_order
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         eligible = [c for c in candidates if c.fits(self.cut)]
@@ -35,5 +43,9 @@ def fedavg_ckpt(num_units: int) -> FixedCut:
     return FixedCut("fedavg-ckpt", num_units, checkpointing=True)
 
 
-def splitfed(num_units: int, cut: int | None = None) -> FixedCut:
-    return FixedCut("splitfed", cut if cut is not None else max(1, num_units // 2))
+def splitfed(num_units: int, cut: int | None = None, version: int = 1) -> FixedCut:
+    """SplitFed at ``cut`` (default: the middle unit); ``version`` 1 or 2 (see the module docstring)."""
+    cut = cut if cut is not None else max(1, num_units // 2)
+    if version == 1:
+        return FixedCut("splitfed-v1", cut, edge_copies="per-device")
+    return FixedCut("splitfed-v2", cut, edge_order="sequential")

@@ -16,25 +16,39 @@ class Contribution:
     samples: dict[int, int]  # 1-based unit index -> samples that trained this copy
 
 
-def aggregate(global_units: nn.Sequential, contributions: list[Contribution]) -> None:
-    """Replace each unit of ``global_units`` by the sample-weighted mean of the copies that trained it.
+def merge(contributions: list[Contribution]) -> Contribution:
+    """One contribution standing for several: per unit, the sample-weighted mean of the copies holding it.
 
-    Unit ``l`` averages the device copies (devices with cut >= l) and the edge copies (weighted by the samples
-    of the devices whose cut is below l). A unit nobody trained keeps its weights. With every cut at L this is
-    exactly FedAvg.
+    This is one level of the hierarchy (an edge server merging its devices and its own copy); a unit's
+    samples add up, so merging merged contributions weighs every sample alike.
     """
-    for index, unit in enumerate(global_units, start=1):
+    units: dict[int, dict[str, torch.Tensor]] = {}
+    samples: dict[int, int] = {}
+    for index in sorted({i for c in contributions for i in c.samples}):
         holders = [(c.units[index], c.samples[index]) for c in contributions if c.samples.get(index, 0) > 0]
         if not holders:
             continue
         total = sum(n for _, n in holders)
         merged = {}
-        for key, value in unit.state_dict().items():
+        for key, value in holders[0][0].items():
             if value.is_floating_point():
                 merged[key] = sum(state[key].to(torch.float64) * (n / total) for state, n in holders).to(value.dtype)
             else:  # integer buffers (counters): take the most-trained copy's
                 merged[key] = max(holders, key=lambda h: h[1])[0][key].clone()
-        unit.load_state_dict(merged)
+        units[index], samples[index] = merged, total
+    return Contribution(units=units, samples=samples)
+
+
+def aggregate(global_units: nn.Sequential, contributions: list[Contribution]) -> None:
+    """Replace each unit of ``global_units`` by the sample-weighted mean of the copies that trained it.
+
+    Unit ``l`` averages the device copies (devices with cut >= l) and the edge copies (weighted by the samples
+    of the devices whose cut is below l). A unit nobody trained keeps its weights. With every cut at L this is
+    exactly FedAvg. For a hierarchy, pass one ``merge`` per edge server.
+    """
+    merged = merge(contributions)
+    for index, state in merged.units.items():
+        global_units[index - 1].load_state_dict(state)
 
 
 def unit_states(units: nn.Sequential, first: int, last: int) -> dict[int, dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_dataset, partition, synthetic
-from smartsplit.engine.aggregate import aggregate
+from smartsplit.engine.aggregate import aggregate, merge
 from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.round import OptimizerSpec, Participant, run_round
 from smartsplit.errors import SmartSplitError
@@ -142,16 +142,21 @@ class Experiment:
         )
         t = config.training
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
-        self.edge = EdgeSpec(config.edge.gflops * 1e9, config.edge.latency_s)
+        self.edges = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]
         self.traces = build_traces(config, self.devices)
         self.profiles = ProfileCache()
         self.managers = [
             OnDeviceManager(
                 self.profile_at, t.batch_size, self.optimizer.slots, device.flops_per_s,
-                round_trip_s=2 * self.edge.latency_s, checkpointing=self.strategy.checkpointing,
+                round_trip_s=2 * config.edge.latency_s, checkpointing=self.strategy.checkpointing,
             )
             for device in self.devices
         ]
+        self.sketcher = None
+        if self.strategy.wants_updates:
+            from smartsplit.managers.mec import UpdateSketcher
+
+            self.sketcher = UpdateSketcher(self.model, seed=config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.clock_s = 0.0  # simulated time since the experiment started
 
@@ -161,6 +166,9 @@ class Experiment:
     @property
     def profile(self) -> ModelProfile:
         return self.profile_at(self.config.training.batch_size)
+
+    def edge_of(self, device: Device) -> int:
+        return device.id % len(self.edges)
 
     def budget_forecast(self, device: Device) -> int:
         """A low quantile of the budget the device had over the recent window (DESIGN 4)."""
@@ -172,22 +180,23 @@ class Experiment:
     def candidates(self) -> list[Candidate]:
         profile, out, t = self.profile, [], self.config.training
         for device in self.devices:
+            edge = self.edges[self.edge_of(device)]
             budget, manager = self.budget_forecast(device), self.managers[device.id]
             steps = len(local_batches(self.shards[device.id], t.batch_size, t.local_steps, t.local_epochs, None))
-            peaks, times, rounds, edge = [], [], [], []
+            peaks, times, rounds, edge_load = [], [], [], []
             for cut in range(1, self.num_units + 1):
                 plan = manager.plan(cut, budget) or manager.plan(cut, 2**62)  # unfit: its plain peak, above budget
-                step = step_times(profile, cut, device, self.edge, 1.0, plan.recompute_flops, plan.round_trips)
+                step = step_times(profile, cut, device, edge, 1.0, plan.recompute_flops, plan.round_trips)
                 peaks.append(plan.peak_bytes)
                 times.append(step.total)
-                rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, self.edge)))
-                edge.append(steps * step.edge_s)
+                rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, edge)))
+                edge_load.append(steps * step.edge_s)
             labels = np.bincount(self.train.y.numpy()[self.shards[device.id]], minlength=self.train.num_classes)
             out.append(
                 Candidate(
                     device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
-                    round_times=tuple(rounds), edge_times=tuple(edge), samples=len(self.shards[device.id]),
-                    label_counts=tuple(int(n) for n in labels),
+                    round_times=tuple(rounds), edge_times=tuple(edge_load), samples=len(self.shards[device.id]),
+                    label_counts=tuple(int(n) for n in labels), edge=self.edge_of(device),
                 )
             )
         return out
@@ -226,19 +235,22 @@ class Experiment:
                 ),
                 trace=self.traces[a.device_id],
                 manager=self.managers[a.device_id],
+                edge=self.edge_of(self.devices[a.device_id]),
                 replan=self.strategy.replan,
                 move_cut=self.strategy.move_cut,
             )
             for a in plan.assignments
         ]
-        contributions, reports = run_round(
-            self.model, participants, self.train, self.profile, self.edge, self.optimizer,
+        contributions, reports, updates = run_round(
+            self.model, participants, self.train, self.profile, self.edges, self.optimizer,
             start_s=self.clock_s, deadline_s=t.round_deadline_s,
+            edge_copies=self.strategy.edge_copies, edge_order=self.strategy.edge_order,
+            sketcher=self.sketcher if self.strategy.wants_updates else None,
         )
-        aggregate(self.model, contributions)
+        aggregate(self.model, [merge(group) for group in contributions if group])  # devices -> edges -> cloud
         latency = max((r["finish_s"] for r in reports), default=0.0)
         self.clock_s += latency
-        self.strategy.round_finished(rnd, reports)
+        self.strategy.round_finished(rnd, reports, updates if self.strategy.wants_updates else None)
         evaluation = evaluate(self.model, self.test, t.eval_batch_size)
         return {
             "round": rnd + 1,

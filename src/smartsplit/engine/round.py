@@ -49,6 +49,7 @@ class Participant:
     manager: OnDeviceManager
     replan: bool  # re-plans whenever its budget changes (else keeps its first plan, as the baselines do)
     move_cut: bool  # when no plan fits at its cut, hands units to the edge instead of pausing
+    edge: int = 0  # index of the edge server the device is attached to
 
 
 @dataclass
@@ -85,34 +86,66 @@ def _static_bytes(units: nn.Sequential, opt: torch.optim.Optimizer | None) -> in
     return tensor_bytes(params) + tensor_bytes(grads) + tensor_bytes(state)
 
 
+@dataclass
+class EdgeServer:
+    """An edge server: its throughput, its queue, and the server-side copy its devices train."""
+
+    spec: EdgeSpec
+    queue: simpy.Resource
+    units: nn.Sequential | None  # the shared copy; None when every device gets its own
+    opt: torch.optim.Optimizer | None
+    samples: dict[int, int]  # samples that trained each unit of the shared copy
+
+
 def run_round(
     global_units: nn.Sequential,
     participants: list[Participant],
     train: Dataset,
     profile: ModelProfile,
-    edge: EdgeSpec,
+    edges: list[EdgeSpec],
     optimizer: OptimizerSpec,
     start_s: float = 0.0,
     deadline_s: float | None = None,
-) -> tuple[list[Contribution], list[dict]]:
-    """Train every participant from ``global_units``; return the trained copies and a report per device.
+    edge_copies: str = "shared",
+    edge_order: str = "interleaved",
+    sketcher=None,
+) -> tuple[list[list[Contribution]], list[dict], dict[int, dict[int, np.ndarray]]]:
+    """Train every participant from ``global_units``.
 
+    Returns the trained copies grouped by edge server (for hierarchical aggregation), one report per device,
+    and, with a ``sketcher``, each device's summed gradient sketch per unit (for the MEC manager).
     ``start_s`` is the round's start on the experiment's clock (budget traces are read at ``start_s + now``);
     a device still paused at ``deadline_s`` into the round stops there, its finished steps counted.
+    ``edge_copies``: "shared" (one server-side copy per edge, fed by all its devices) or "per-device".
+    ``edge_order``: "interleaved" (steps in simulated arrival order) or "sequential" (one device's whole
+    round after another's, as SplitFed-v2 does).
     """
     num_units = len(global_units)
     env = simpy.Environment()
-    edge_server = simpy.Resource(env, capacity=1)
-    edge_units = copy.deepcopy(global_units)
-    edge_opt = make_optimizer(list(edge_units.parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
-    edge_samples = {i: 0 for i in range(1, num_units + 1)}
-    contributions: list[Contribution] = []
+    servers = []
+    for spec in edges:
+        shared = copy.deepcopy(global_units) if edge_copies == "shared" else None
+        opt = make_optimizer(list(shared.parameters()), optimizer.name, optimizer.lr, optimizer.momentum) if shared else None
+        servers.append(EdgeServer(spec, simpy.Resource(env, capacity=1), shared, opt, {i: 0 for i in range(1, num_units + 1)}))
+    contributions: list[list[Contribution]] = [[] for _ in servers]
     reports: list[dict] = []
+    updates: dict[int, dict[int, np.ndarray]] = {}
 
-    def device_process(p: Participant):
+    def device_process(p: Participant, after: simpy.Process | None):
+        if after is not None:
+            yield after  # sequential order: wait for the previous device's whole round
+        server = servers[p.edge]
+        edge = server.spec
         dev, tally = p.device, _Tally()
         units = copy.deepcopy(global_units[: p.cut])  # the device's private copy, trained on its data only
         opt = make_optimizer(list(units.parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
+        if server.units is not None:
+            server_units, server_opt, server_samples = server.units, server.opt, server.samples
+        else:  # this device's own server-side copy
+            server_units = copy.deepcopy(global_units)
+            server_opt = make_optimizer(list(server_units[p.cut :].parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
+            server_samples = {i: 0 for i in range(1, num_units + 1)}
+        sketch: dict[int, np.ndarray] = {}
         cut = p.cut
         down_s, up_s = model_transfer_s(profile, p.cut, dev, edge)
         yield env.timeout(down_s)
@@ -149,15 +182,15 @@ def run_round(
             scale = len(indices) / profile.batch
             t = step_times(profile, cut, dev, edge, scale, plan.recompute_flops, -(-len(indices) // plan.micro_batch))
             # units the device gave up mid-round run on the edge, still as this device's copy
-            device_side, edge_side = units[:cut], nn.Sequential(*units[cut:], *edge_units[p.cut :])
+            device_side, edge_side = units[:cut], nn.Sequential(*units[cut:], *server_units[p.cut :])
             yield env.timeout(t.forward_s)
             if edge_side:
                 yield env.timeout(t.uplink_s)
                 arrived = env.now
-                with edge_server.request() as turn:
+                with server.queue.request() as turn:
                     yield turn
                     tally.wait_s += env.now - arrived
-                    result = _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan, budget, tally)
+                    result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally)
                     if result is not None:  # a step that ran out of memory on the device never reached the edge
                         yield env.timeout(t.edge_s)
                 if result is not None:
@@ -167,6 +200,9 @@ def run_round(
             if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
             i += 1
+            if sketcher is not None:
+                for index, unit in enumerate([*device_side, *edge_side], start=1):
+                    sketch[index] = sketch.get(index, 0.0) + sketcher.grad_sketch(index, unit)
             yield env.timeout(t.backward_s)
             tally.compute_s += t.forward_s + t.backward_s
             tally.recompute_s += plan.recompute_flops * scale / dev.flops_per_s
@@ -174,29 +210,42 @@ def run_round(
             tally.bytes_up += result.cut_bytes
             tally.bytes_down += result.cut_bytes
             for unit in range(p.cut + 1, num_units + 1):
-                edge_samples[unit] += result.samples
+                server_samples[unit] += result.samples
 
         if tally.steps:
             yield env.timeout(up_s)
             tally.comm_s += up_s
             tally.bytes_up += profile.param_bytes(1, p.cut)
-            contributions.append(
+            contributions[p.edge].append(
                 Contribution(units=unit_states(units, 1, p.cut), samples={i: tally.samples for i in range(1, p.cut + 1)})
             )
+            if server.units is None and p.cut < num_units:
+                contributions[p.edge].append(_edge_contribution(server_units, server_samples))
+            if sketch:
+                updates[p.device.id] = sketch
         tally.finish_s = env.now
         reports.append(_report(p, cut, tally))
 
+    previous = None
     for p in participants:
-        env.process(device_process(p))
+        process = env.process(device_process(p, previous if edge_order == "sequential" else None))
+        previous = process
     env.run()
 
-    trained_on_edge = {i: n for i, n in edge_samples.items() if n > 0}
-    if trained_on_edge:
-        contributions.append(
-            Contribution(units=unit_states(edge_units, min(trained_on_edge), num_units), samples=trained_on_edge)
-        )
+    for server, group in zip(servers, contributions):
+        if server.units is not None:
+            contribution = _edge_contribution(server.units, server.samples)
+            if contribution is not None:
+                group.append(contribution)
     reports.sort(key=lambda r: r["device"])
-    return contributions, reports
+    return contributions, reports, updates
+
+
+def _edge_contribution(units: nn.Sequential, samples: dict[int, int]) -> Contribution | None:
+    trained = {i: n for i, n in samples.items() if n > 0}
+    if not trained:
+        return None
+    return Contribution(units=unit_states(units, min(trained), len(units)), samples=trained)
 
 
 def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: DevicePlan, budget, tally):
