@@ -26,20 +26,51 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    import shlex
+
     from smartsplit.config import load_config
     from smartsplit.reports.report import write_report
-    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
-    from smartsplit.runtime.embedded import run_experiment
+    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table, markdown_table
+    from smartsplit.runtime.parallel import run_many
 
     base = load_config(args.config, args.set)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    summaries = []
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    configs = []
     for name in strategies:
-        config = load_config(args.config, [*args.set, f"strategy.name={name}", f"name={base.name}-{name}"])
-        summaries.append(run_experiment(config, progress=not args.quiet))
-    print(format_table(COMPARE_HEADERS, compare_rows(summaries)))
+        for seed in seeds:
+            suffix = f"-s{seed}" if len(seeds) > 1 else ""
+            configs.append(load_config(args.config, [*args.set, f"strategy.name={name}", f"seed={seed}", f"name={base.name}-{name}{suffix}"]))
+    _make_strategies_check(configs)
+
+    def done(summary: dict) -> None:
+        if not args.quiet:
+            print(f"done: {summary['name']}: final accuracy {summary['final_accuracy']:.4f} ({summary['wall_s']:.0f} s)", flush=True)
+
+    if not args.quiet:
+        print(f"running {len(configs)} runs ({len(strategies)} strategies x {len(seeds)} seeds)...", flush=True)
+    summaries = run_many(configs, args.workers, on_done=done)
+    target = base.target_accuracy
+    rows = compare_rows(summaries, target)
+    print(format_table(COMPARE_HEADERS, rows))
+    if target is None:
+        print("(set target_accuracy in the config for rounds and simulated time to a target)")
     report = write_report([s["run_dir"] for s in summaries], Path(base.output_dir) / f"{base.name}-report")
     print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {report}")
+    if args.markdown:
+        command = "smartsplit " + " ".join(shlex.quote(a) for a in args.argv)
+        Path(args.markdown).write_text(
+            f"Command: `{command}`\n\nTarget accuracy: {target}\n\n{markdown_table(COMPARE_HEADERS, rows)}\n"
+        )
+        print(f"table written to {args.markdown}")
+
+
+def _make_strategies_check(configs) -> None:
+    """Fail before any run starts if a strategy name is unknown."""
+    from smartsplit.strategies import make_strategy
+
+    for config in configs:
+        make_strategy(config.strategy, 10**6)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -90,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config")
     compare.add_argument("--strategies", default="fedavg,splitfed,smartsplit")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
+    compare.add_argument("--workers", type=int, help="parallel processes (default: one per core)")
+    compare.add_argument("--markdown", metavar="PATH", help="also write the table, with this command, to a markdown file")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
 
@@ -110,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except SmartSplitError as exc:

@@ -120,6 +120,7 @@ class Config(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     output_dir: str = "runs"
+    target_accuracy: float | None = Field(None, gt=0, le=1)  # reports rounds and simulated time to reach it
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -21,7 +21,8 @@ from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
 
 
-def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float) -> dict:
+def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float, target: float | None = None) -> dict:
+    reached = next((r for r in records if target is not None and r["accuracy"] >= target), None)
     peaks = [p for r in records for p in r["peak_measured_mb"]]
     latencies = [r["latency_s"] for r in records]
     n = max(len(records), 1)
@@ -43,6 +44,8 @@ def summarise(config: Config, records: list[dict], num_devices: int, wall_s: flo
         "cut_moves": sum(r.get("cut_moves", 0) for r in records),
         "replans": sum(r.get("replans", 0) for r in records),
         "recompute_pct": sum(r.get("recompute_pct", 0.0) for r in records) / n,
+        "target_accuracy": target,
+        "to_target": {"round": reached["round"], "clock_s": reached["clock_s"]} if reached else None,
         "wall_s": wall_s,
     }
 
@@ -98,7 +101,7 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
             bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{record['clock_s']:.0f}s")
             bar.update()
     bar.close()
-    summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started)
+    summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started, config.target_accuracy)
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
