@@ -43,13 +43,12 @@ def _compare(args: argparse.Namespace) -> None:
             configs.append(load_config(args.config, [*args.set, f"strategy.name={name}", f"seed={seed}", f"name={base.name}-{name}{suffix}"]))
     _make_strategies_check(configs)
 
-    def done(summary: dict) -> None:
-        if not args.quiet:
-            print(f"done: {summary['name']}: final accuracy {summary['final_accuracy']:.4f} ({summary['wall_s']:.0f} s)", flush=True)
+    def done(summary: dict) -> str:
+        return f"done: {summary['name']}: final accuracy {summary['final_accuracy']:.4f} ({summary['wall_s']:.0f} s)"
 
     if not args.quiet:
         print(f"running {len(configs)} runs ({len(strategies)} strategies x {len(seeds)} seeds)...", flush=True)
-    summaries = run_many(configs, args.workers, on_done=done)
+    summaries = run_many(configs, args.workers, on_done=None if args.quiet else done, progress=not args.quiet)
     target = base.target_accuracy
     rows = compare_rows(summaries, target)
     print(format_table(COMPARE_HEADERS, rows))

@@ -90,6 +90,15 @@ class TrainingConfig(_Section):
 class StrategyConfig(_Section):
     name: str = "smartsplit"
     cut: int | None = Field(None, ge=1)  # splitfed's fixed cut; None: the middle unit
+    # the central manager (smartsplit and its ablations)
+    deadline_s: float | None = Field(None, gt=0)  # drop devices predicted to finish their round later
+    exploration: float = Field(1.0, ge=0)  # how strongly devices never seen are explored
+    coverage: float = Field(0.5, ge=0)  # weight of the label-coverage bonus
+    # the MEC manager's cut fine-tuning: move a cut shallower above `mec_high`, deeper below `mec_low`
+    mec_high: float = Field(0.6, ge=0, le=1)
+    mec_low: float = Field(0.3, ge=0, le=1)
+    mec_smoothing: float = Field(0.5, ge=0, lt=1)
+    mec_cooldown: int = Field(1, ge=0)
 
 
 class EdgeConfig(_Section):

@@ -1,24 +1,311 @@
-"""The central manager: who trains this round and where each one cuts (DESIGN 4)."""
+"""The central manager: who trains this round and where each one cuts (DESIGN 4).
+
+Each round:
+1. feasible cuts are those whose best plan fits the budget forecast (``Candidate.feasible_cuts``); a device
+   with none cannot take part;
+2. a cut's round time is the engine's prediction with the device-side part (its compute and its link)
+   scaled by the device's measured speed factor (``DeviceHistory``);
+3. utility = statistical utility (samples x RMS of its last training loss; an optimistic guess for devices
+   never seen) x (1 + label-coverage bonus for the round) x system penalty; with a hard deadline, devices
+   that cannot meet it are dropped instead of penalised. The ``K`` best are picked greedily, because the
+   coverage bonus depends on who is already in;
+4. cuts are assigned jointly: each device starts at its fastest feasible cut; while an edge server's load
+   exceeds the slowest device's round time, the device on that edge whose next deeper feasible cut sheds
+   the most edge work (without becoming the round's new bottleneck) moves there;
+5. the MEC manager may then nudge each cut one unit (DESIGN 5).
+
+Every decision's inputs go to ``RoundPlan.notes`` (decisions.jsonl). The helpers here (statistical utility,
+system penalty, coverage bonus, speed history) are shared with the Oort baseline.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from smartsplit.strategy import Assignment, Candidate, RoundPlan, Strategy, sample_eligible
 
+if TYPE_CHECKING:
+    from smartsplit.managers.mec import MecManager
+
+
+# --------------------------------------------------------------------------- utility helpers
+
+
+def statistical_utility(samples: int, loss_rms: float) -> float:
+    """How much a device's data would still teach (Oort's |B| * sqrt(mean loss^2))."""
+    return float(samples) * float(loss_rms)
+
+
+def system_penalty(time_s: float, preferred_s: float, alpha: float = 2.0) -> float:
+    """1 for a round within the preferred duration, ``(preferred / time) ** alpha`` beyond it."""
+    if time_s <= preferred_s or time_s <= 0:
+        return 1.0
+    return float((preferred_s / time_s) ** alpha)
+
+
+def present_classes(label_counts: Sequence[int], min_share: float = 0.05) -> frozenset[int]:
+    """Classes that make up at least ``min_share`` of a device's samples (a stray example is not coverage)."""
+    total = sum(label_counts)
+    return frozenset(j for j, n in enumerate(label_counts) if n > 0 and n >= min_share * total)
+
+
+def coverage_bonus(
+    label_counts: Sequence[int],
+    covered: set[int] | frozenset[int],
+    weight: float,
+    present: frozenset[int] | None = None,  # present_classes(label_counts), if already computed
+) -> float:
+    """``weight`` x the share of the device's samples in classes it holds and the chosen devices lack."""
+    total = sum(label_counts)
+    if total <= 0 or weight == 0:
+        return 0.0
+    new = (present_classes(label_counts) if present is None else present) - covered
+    return weight * sum(label_counts[j] for j in new) / total
+
+
+def predicted_times(c: Candidate) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The engine's predicted round time and edge time per cut (step times and no edge work if not given)."""
+    rounds = c.round_times or c.step_times
+    return tuple(rounds), tuple(c.edge_times) if c.edge_times else (0.0,) * len(rounds)
+
+
+class DeviceHistory:
+    """What the server learned from past rounds: each device's last loss and its measured speed.
+
+    Speed factor: an EMA of (observed device-side seconds) / (predicted device-side seconds) for the cut the
+    device was given, where device-side = round time minus edge compute, and observed = the report's
+    ``compute_s + comm_s`` (the same components: its forward/backward, its link, its model transfers; queueing
+    at the edge and memory pauses are left out, they are not the device's speed). Only rounds a device ran
+    cleanly at its planned cut count (no out-of-memory, no pause, no cut move), since a cut-short round says
+    nothing about speed. Factor 1 until measured.
+    """
+
+    def __init__(self, smoothing: float = 0.5) -> None:
+        self.smoothing = smoothing
+        self.loss_rms: dict[int, float] = {}  # device id -> RMS of its last round's training loss
+        self.speed: dict[int, float] = {}  # device id -> measured / predicted device-side time
+        self.planned: dict[int, tuple[int, float]] = {}  # device id -> (cut, predicted device-side s) this round
+        self.latest_loss: float | None = None  # the highest loss_rms reported in the latest round
+
+    def times(self, c: Candidate) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Round time (device side scaled by the speed factor) and edge time, per cut."""
+        rounds, edge = predicted_times(c)
+        f = self.speed.get(c.device.id, 1.0)
+        return tuple(f * (r - e) + e for r, e in zip(rounds, edge)), edge
+
+    def plan(self, c: Candidate, cut: int) -> None:
+        rounds, edge = predicted_times(c)
+        self.planned[c.device.id] = (cut, rounds[cut - 1] - edge[cut - 1])
+
+    def observe(self, reports: Sequence[dict]) -> None:
+        losses = []
+        for r in reports:
+            device = r["device"]
+            if r.get("loss_rms") is not None:
+                self.loss_rms[device] = float(r["loss_rms"])
+                losses.append(float(r["loss_rms"]))
+            cut, predicted = self.planned.get(device, (None, 0.0))
+            clean = (
+                r.get("steps") and not r.get("oom_events") and not r.get("pauses")
+                and r.get("cut") == cut and r.get("final_cut", cut) == cut
+            )
+            if clean and predicted > 0:
+                ratio = float(np.clip((r.get("compute_s", 0.0) + r.get("comm_s", 0.0)) / predicted, 0.1, 10.0))
+                old = self.speed.get(device)
+                self.speed[device] = ratio if old is None else self.smoothing * old + (1 - self.smoothing) * ratio
+        if losses:
+            self.latest_loss = max(losses)
+        self.planned.clear()
+
+
+# --------------------------------------------------------------------------- the central manager
+
 
 class SmartSplit(Strategy):
-    """Every device with a cut that fits its budget can take part; each gets its fastest feasible cut."""
+    """SmartSplit's central manager, each part switchable off for ablations.
 
-    name = "smartsplit"
-    checkpointing = replan = move_cut = True
+    ``selection=False``: random ``K`` among memory-feasible devices (no utility, coverage or deadline);
+    ``cut_finetuning=False`` or no ``mec``: cuts stay where the joint assignment put them;
+    ``checkpointing=False``: devices run plain plans (no on-device manager, no re-planning, no mid-round cut moves).
+    ``deadline_s``: drop devices whose fastest feasible round would exceed it; without it, rounds longer than
+    the median fastest round time of the eligible devices get the soft penalty ``(median / t) ** alpha``.
+    ``exploration``: an unseen device's loss is guessed as ``exploration`` x the highest loss of the latest
+    round (1.0 before any round), so it competes with the most promising devices seen; 0 turns it off.
+    ``coverage``: weight of the label-coverage bonus.
+    """
+
+    def __init__(
+        self,
+        num_units: int | None = None,  # unused (cuts come with the candidates); kept for a uniform constructor
+        *,
+        selection: bool = True,
+        cut_finetuning: bool = True,
+        checkpointing: bool = True,
+        deadline_s: float | None = None,
+        mec: MecManager | None = None,
+        exploration: float = 1.0,
+        coverage: float = 0.5,
+        alpha: float = 2.0,
+        speed_smoothing: float = 0.5,
+        name: str | None = None,
+    ) -> None:
+        self.selection, self.cut_finetuning, self.deadline_s, self.mec = selection, cut_finetuning, deadline_s, mec
+        self.checkpointing = self.replan = self.move_cut = checkpointing
+        self.wants_updates = cut_finetuning and mec is not None
+        self.exploration, self.coverage, self.alpha = exploration, coverage, alpha
+        self.history = DeviceHistory(speed_smoothing)
+        self.importance: dict[int, float] = {}  # the MEC manager's latest unit scores
+        switches = (("selection", selection), ("finetuning", cut_finetuning), ("ckpt", checkpointing))
+        self.name = name or "-".join(["smartsplit", *(f"no-{s}" for s, on in switches if not on)])
+
+    # ---- selection
+
+    def _scores(self, pool: Sequence[Candidate], fastest: dict[int, float], preferred: float) -> dict[int, dict]:
+        """Per device: statistical utility and system penalty (the parts that do not depend on who else is in)."""
+        guess = self.exploration * (self.history.latest_loss if self.history.latest_loss is not None else 1.0)
+        out = {}
+        for c in pool:
+            loss = self.history.loss_rms.get(c.device.id)
+            penalty = system_penalty(fastest[c.device.id], preferred, self.alpha) if self.deadline_s is None else 1.0
+            out[c.device.id] = {
+                "seen": loss is not None,
+                "statistical": statistical_utility(c.samples, guess if loss is None else loss),
+                "penalty": penalty,
+            }
+        return out
+
+    def _select(
+        self, pool: list[Candidate], k: int, scores: dict[int, dict], rng: np.random.Generator
+    ) -> list[Candidate]:
+        """Greedy: repeatedly take the highest utility, the coverage bonus recomputed against those taken."""
+        remaining = [pool[i] for i in rng.permutation(len(pool))]  # ties go to the earlier in a seeded order
+        present = {c.device.id: present_classes(c.label_counts) for c in pool}
+        chosen: list[Candidate] = []
+        covered: set[int] = set()
+        while remaining and len(chosen) < k:
+            bonus = {
+                c.device.id: coverage_bonus(c.label_counts, covered, self.coverage, present[c.device.id])
+                for c in remaining
+            }
+            best = max(remaining, key=lambda c: self._utility(scores[c.device.id], bonus[c.device.id]))
+            scores[best.device.id].update(coverage_bonus=bonus[best.device.id], rank=len(chosen))
+            remaining.remove(best)
+            chosen.append(best)
+            covered |= present[best.device.id]
+        return chosen
+
+    @staticmethod
+    def _utility(score: dict, bonus: float) -> float:
+        return score["statistical"] * (1.0 + bonus) * score["penalty"]
+
+    # ---- cuts
+
+    def _assign(self, chosen: list[Candidate], times: dict[int, tuple]) -> tuple[dict[int, int], int]:
+        """Fastest feasible cut each, then deeper cuts while a shared edge is the bottleneck. Returns cuts and moves."""
+        feasible = {c.device.id: c.feasible_cuts for c in chosen}
+        cuts = {i: min(f, key=lambda x: (times[i][0][x - 1], -x)) for i, f in feasible.items()}
+        cap = self.deadline_s if self.deadline_s is not None else float("inf")
+        moves = 0
+        while chosen:
+            slowest = max(times[i][0][cut - 1] for i, cut in cuts.items())
+            load = edge_loads(chosen, cuts, times)
+            bound = max(slowest, *load.values())
+            best = None  # (edge work shed, -device id, candidate, new cut)
+            for edge in sorted((e for e in load if load[e] > slowest), key=lambda e: (-load[e], e)):
+                for c in chosen:
+                    i, cut = c.device.id, cuts[c.device.id]
+                    deeper = [x for x in feasible[i] if x > cut]
+                    if c.edge != edge or not deeper:
+                        continue
+                    rounds, edge_s = times[i]
+                    shed = edge_s[cut - 1] - edge_s[deeper[0] - 1]
+                    fast_enough = rounds[deeper[0] - 1] <= min(bound, cap)  # not the round's new bottleneck
+                    if shed > 0 and fast_enough and (best is None or (shed, -i) > best[:2]):
+                        best = (shed, -i, c, deeper[0])
+                if best is not None:
+                    break  # relieve the most loaded edge that can be relieved
+            if best is None:
+                return cuts, moves
+            cuts[best[2].device.id] = best[3]
+            moves += 1
+        return cuts, moves
+
+    # ---- the round
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
-        eligible = [c for c in candidates if c.feasible_cuts]
-        chosen = sample_eligible(eligible, k, rng)
-        assignments = tuple(
-            Assignment(c.device.id, min(c.feasible_cuts, key=lambda cut: (c.step_times[cut - 1], -cut))) for c in chosen
+        feasible = [c for c in candidates if c.feasible_cuts]
+        times = {c.device.id: self.history.times(c) for c in feasible}
+        fastest = {c.device.id: min(times[c.device.id][0][x - 1] for x in c.feasible_cuts) for c in feasible}
+        pool = feasible
+        if self.deadline_s is not None:
+            pool = [c for c in feasible if fastest[c.device.id] <= self.deadline_s]
+        median = float(np.median(list(fastest.values()) or [0.0]))
+        preferred = self.deadline_s if self.deadline_s is not None else median
+        scores = self._scores(feasible, fastest, preferred)
+        if self.selection:
+            chosen = self._select(pool, k, scores, rng)
+        else:
+            chosen = sample_eligible(feasible, k, rng)
+        chosen.sort(key=lambda c: c.device.id)
+
+        cuts, rebalance_moves = self._assign(chosen, times)
+        mec_moves = 0
+        if self.cut_finetuning and self.mec is not None:
+            for c in chosen:
+                i = c.device.id
+                new = self.mec.adjust(i, cuts[i], c.feasible_cuts)
+                if new == cuts[i] or new not in c.feasible_cuts:
+                    continue
+                if self.deadline_s is None or times[i][0][new - 1] <= self.deadline_s:
+                    cuts[i], mec_moves = new, mec_moves + 1
+        for c in chosen:
+            self.history.plan(c, cuts[c.device.id])
+
+        load = edge_loads(chosen, cuts, times)
+        selected = []
+        for c in chosen:
+            s, i = scores[c.device.id], c.device.id
+            bonus = s.get("coverage_bonus")
+            selected.append({
+                "device": i,
+                "rank": s.get("rank"),
+                "seen": s["seen"],
+                "statistical": s["statistical"],
+                "coverage_bonus": bonus,
+                "penalty": s["penalty"],
+                "utility": self._utility(s, bonus) if bonus is not None else None,
+                "speed_factor": self.history.speed.get(i, 1.0),
+                "cut": cuts[i],
+                "predicted_round_s": float(times[i][0][cuts[i] - 1]),
+            })
+        slowest = max((x["predicted_round_s"] for x in selected), default=0.0)
+        notes = {
+            "selected": selected,
+            "preferred_round_s": preferred,
+            "dropped_by_deadline": len(feasible) - len(pool),
+            "edge_load_s": {str(e): v for e, v in sorted(load.items())},
+            "predicted_latency_s": max(slowest, *load.values(), 0.0),
+            "rebalance_moves": rebalance_moves,
+            "mec_moves": mec_moves,
+            "unit_importance": {str(u): float(v) for u, v in sorted(self.importance.items())},
+        }
+        return RoundPlan(
+            assignments=tuple(Assignment(c.device.id, cuts[c.device.id]) for c in chosen),
+            excluded=len(candidates) - len(feasible),
+            notes=notes,
         )
-        return RoundPlan(assignments=assignments, excluded=len(candidates) - len(eligible))
+
+    def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
+        self.history.observe(reports)
+        if self.mec is not None and updates:
+            self.importance = dict(self.mec.update(updates))
+
+
+def edge_loads(chosen: Sequence[Candidate], cuts: dict[int, int], times: dict[int, tuple]) -> dict[int, float]:
+    """Seconds of edge compute each edge server owes this round at the given cuts."""
+    load: dict[int, float] = {}
+    for c in chosen:
+        load[c.edge] = load.get(c.edge, 0.0) + float(times[c.device.id][1][cuts[c.device.id] - 1])
+    return load

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Callable
+
+from tqdm import tqdm
 
 from smartsplit.config import Config
 
@@ -20,21 +23,49 @@ def _run_one(config_json: str, threads: int) -> dict:
     return run_experiment(Config.model_validate_json(config_json), progress=False)
 
 
-def run_many(configs: list[Config], workers: int | None = None, on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``configs`` in ``workers`` processes (default: one per core); summaries in the order given."""
+def _rounds_written(configs: list[Config]) -> int:
+    total = 0
+    for c in configs:
+        path = Path(c.output_dir) / c.name / "metrics.jsonl"
+        if path.exists():
+            total += path.read_bytes().count(b"\n")
+    return total
+
+
+def run_many(
+    configs: list[Config], workers: int | None = None, on_done: Callable[[dict], None] | None = None, progress: bool = False
+) -> list[dict]:
+    """Run ``configs`` in ``workers`` processes (default: one per core); summaries in the order given.
+
+    With ``progress``, one bar counts the rounds all runs have written so far (read from their metrics files).
+    """
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(configs)))
     threads = max(1, cores // workers)
     if workers == 1:
-        results = [_run_one(c.model_dump_json(), threads) for c in configs]
-        for r in results if on_done else []:
-            on_done(r)
+        results = []
+        for config in configs:
+            import torch
+
+            from smartsplit.runtime.embedded import run_experiment
+
+            torch.set_num_threads(threads)
+            results.append(run_experiment(config, progress=progress))
+            if on_done:
+                print(on_done(results[-1]) or "", flush=True)
         return results
     results: list[dict | None] = [None] * len(configs)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    total = sum(c.training.rounds for c in configs)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool, tqdm(
+        total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress
+    ) as bar:
         futures = {pool.submit(_run_one, c.model_dump_json(), threads): i for i, c in enumerate(configs)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(results[futures[future]])
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            bar.update(min(total, _rounds_written(configs)) - bar.n)
+            for future in finished:
+                results[futures[future]] = future.result()
+                if on_done:
+                    bar.write(on_done(results[futures[future]]) or "")
     return results  # type: ignore[return-value]
