@@ -11,6 +11,7 @@ import torch
 from smartsplit.engine.step import split_step
 from smartsplit.managers.device import OnDeviceManager, micro_batch_sizes
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
+from smartsplit.memory import planner
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models import build_model, profile_chain
 from smartsplit.models.profile import ModelProfile, ProfileCache, UnitProfile
@@ -79,13 +80,29 @@ def test_plan_is_optimal_against_brute_force(seed):
             assert plan.activation_bytes == activation_bytes(profile, n, plan.segments) <= budget
 
 
-def test_rounded_plan_still_fits_and_is_no_better_than_optimal():
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_is_exact_with_odd_sizes(seed):
+    """Sizes with no common divisor: the Pareto search still finds the optimum."""
+    profile = random_chain(np.random.default_rng(100 + seed), 10, unit=1)
+    full = activation_bytes(profile, 10)
+    for budget in np.linspace(full * 0.3, full, 6).astype(int):
+        expected = brute_force(profile, 10, int(budget))
+        plan = plan_segments(profile, 10, int(budget))
+        assert (plan is None) == (expected is None)
+        if plan is not None:
+            assert plan.exact and plan.recompute_flops == expected
+
+
+def test_rounded_plan_still_fits_and_is_no_better_than_optimal(monkeypatch):
+    monkeypatch.setattr(planner, "PARETO_UNITS", 0)  # force the bounded search over memory quanta
+    monkeypatch.setattr(planner, "MAX_LEVELS", 16)  # and coarse quanta
     profile = random_chain(np.random.default_rng(5), 10, unit=1)  # odd sizes: memory is counted in rounded quanta
     full = activation_bytes(profile, 10)
     for budget in np.linspace(full * 0.3, full * 0.95, 5).astype(int):
         expected = brute_force(profile, 10, int(budget))
         plan = plan_segments(profile, 10, int(budget))
         if plan is not None:
+            assert not plan.exact
             assert activation_bytes(profile, 10, plan.segments) <= budget
             assert expected is not None and plan.recompute_flops >= expected
 

@@ -62,6 +62,7 @@ def split_step(
         saved_peak = max(saved_peak, saved.total)
         if len(edge_units):
             crossed += activation.numel() * activation.element_size()
+        del activation, received, loss  # only one micro-batch's cut tensors alive at a time
     for opt in (edge_opt, device_opt):
         if opt is not None:
             opt.step()

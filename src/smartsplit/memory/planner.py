@@ -1,15 +1,20 @@
 """The on-device manager's segmentation: which of units ``1..cut`` to recompute (DESIGN 3).
 
-Dynamic programming over the chain and over memory. ``best[i, held, m]`` is the least recompute cost of a
-plan for units ``1..i`` that holds exactly ``m`` memory quanta, ``held`` saying whether the output of unit
-``i`` is among them. A unit is either kept (its saved tensors add to what is held) or part of a checkpointed
-segment ``i+1..j`` (only the segment's input is held; while it is recomputed in backward, its own saved
-tensors come on top of what the units before it hold, and that must fit too). Every transition out of one
-state is a single numpy operation over all ``m`` and all segment ends ``j``.
+A unit is either kept (its saved tensors add to what is held) or part of a checkpointed segment ``i+1..j``
+(only the segment's input is held; while it is recomputed in backward, its own saved tensors come on top of
+what the units before it hold, and that must fit too). Walking the chain left to right, a partial plan for
+units ``1..i`` is summarised by the bytes it holds, whether the output of unit ``i`` is among them, and its
+recompute cost. Minimising cost under a byte budget is a knapsack on a chain, so two searches share it:
 
-Memory is counted in quanta: the largest common divisor of every size when the budget spans at most
-``MAX_LEVELS`` of them, which makes the plan exactly optimal; otherwise ``budget / MAX_LEVELS``, every size
-rounded up, so the plan still fits and is optimal for the rounded sizes (``Segmentation.exact`` says which).
+- exact: dynamic programming that keeps, per state, every Pareto-optimal (bytes, cost) pair. Chains like the
+  zoo's keep a few dozen; the answer is the optimum.
+- bounded: for chains longer than ``PARETO_UNITS`` units, or when the exact search has weighed
+  ``PARETO_WORK`` partial plans without finishing (long chains of varied units), dynamic
+  programming over memory quanta, vectorised with numpy over all quanta and all segment ends. The quantum is
+  the common divisor of every size when that spans at most ``MAX_LEVELS`` quanta (still exact); otherwise
+  ``budget / MAX_LEVELS`` with every size rounded up, so the plan still fits and is optimal for the rounded
+  sizes. ``Segmentation.exact`` says which.
+
 ``activation_bytes`` in ``memory.model`` is the reference every plan is checked against.
 """
 
@@ -26,6 +31,8 @@ from smartsplit.memory.model import Segments, activation_bytes
 from smartsplit.models.profile import ModelProfile
 
 MAX_LEVELS = 1024
+PARETO_UNITS = 40  # longer chains go straight to the bounded search
+PARETO_WORK = 20_000  # the exact search hands over to the bounded one after this many candidate plans
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,71 @@ def plan_segments(profile: ModelProfile, cut: int, budget: int, cost: Callable[[
                 total += out[j - 1]
             seg[i, j] = total + (out[j] if u.saves_output else 0)
 
+    try:
+        if cut > PARETO_UNITS:
+            raise _FrontierTooLarge
+        segments = _pareto_search(units, cut, budget, out, seg, prefix_cost)
+        exact = True
+    except _FrontierTooLarge:
+        segments, exact = _quantised_search(units, cut, budget, out, seg, prefix_cost)
+    if segments is None:
+        return None
+    return Segmentation(
+        segments=segments,
+        recompute_flops=sum(profile.flops(a, b) for a, b in segments),
+        activation_bytes=activation_bytes(profile, cut, segments),
+        exact=exact,
+    )
+
+
+class _FrontierTooLarge(Exception):
+    pass
+
+
+def _pareto_search(units, cut: int, budget: int, out: list[int], seg: np.ndarray, prefix_cost: np.ndarray) -> Segments | None:
+    """Exact: every partial plan summarised by (bytes held, cost); only Pareto-optimal ones survive."""
+    # frontier[i][held]: (bytes held, cost, back-pointer) of plans for units 1..i
+    frontier: list[dict[int, list]] = [dict() for _ in range(cut + 1)]
+    frontier[0][1] = [(0, 0.0, None)]
+    work = [0]
+    for i in range(cut):
+        u = units[i]
+        for held_i, entries in frontier[i].items():
+            for entry in entries:
+                held, spent = entry[0], entry[1]
+                keep = held + u.internal_bytes + (out[i] if u.saves_input and not held_i else 0) + (out[i + 1] if u.saves_output else 0)
+                if keep <= budget:
+                    _push(frontier[i + 1], int(u.saves_output), (keep, spent, (entry, 0, i)), work)
+                start = held + (0 if held_i else out[i])
+                for j in range(i + 1, cut + 1):
+                    if start + seg[i + 1, j] > budget:
+                        break
+                    _push(frontier[j], 0, (start, spent + prefix_cost[j] - prefix_cost[i], (entry, i + 1, j)), work)
+    finals = [e for entries in frontier[cut].values() for e in entries]
+    if not finals:
+        return None
+    node, segments = min(finals, key=lambda e: (e[1], e[0])), []
+    while node[2] is not None:
+        node, first, last = node[2]
+        if first:
+            segments.append((first, last))
+    return tuple(reversed(segments))
+
+
+def _push(slot: dict[int, list], held: int, entry: tuple, work: list[int]) -> None:
+    work[0] += 1
+    if work[0] > PARETO_WORK:
+        raise _FrontierTooLarge
+    entries = slot.setdefault(held, [])
+    h, c = entry[0], entry[1]
+    if any(o[0] <= h and o[1] <= c for o in entries):
+        return
+    entries[:] = [o for o in entries if not (h <= o[0] and c <= o[1])]
+    entries.append(entry)
+
+
+def _quantised_search(units, cut: int, budget: int, out: list[int], seg: np.ndarray, prefix_cost: np.ndarray) -> tuple[Segments | None, bool]:
+    """Bounded time: DP over memory quanta, vectorised over memory and segment ends."""
     sizes = [u.internal_bytes for u in units] + out + [int(v) for v in seg[seg > 0]]
     quantum = reduce(math.gcd, [s for s in sizes if s > 0], 0) or 1
     exact = budget // quantum <= MAX_LEVELS
@@ -122,7 +194,7 @@ def plan_segments(profile: ModelProfile, cut: int, budget: int, cost: Callable[[
     flat = int(np.argmin(finals))
     held_f, m_f = divmod(flat, width)
     if not np.isfinite(finals[held_f, m_f]):
-        return None
+        return None, exact
     segments = []
     i, h, m = cut, held_f, m_f
     while i > 0:
@@ -130,11 +202,5 @@ def plan_segments(profile: ModelProfile, cut: int, budget: int, cost: Callable[[
         if start > 0:
             segments.append((int(start), int(i)))
         i, h, m = int(pi), int(ph), int(pm)
-    segments = tuple(reversed(segments))
-    return Segmentation(
-        segments=segments,
-        recompute_flops=sum(profile.flops(a, b) for a, b in segments),
-        activation_bytes=activation_bytes(profile, cut, segments),
-        exact=exact,
-    )
+    return tuple(reversed(segments)), exact
 
