@@ -430,3 +430,62 @@ def test_experiment_is_deterministic(budgets: str) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     c, _ = run_all(tiny_config(seed=4, budgets=budgets))
     assert [r["loss"] for r in c] != [r["loss"] for r in a]
+
+
+# --------------------------------------------------------------------------- budgets that change mid-round
+
+
+def squeezed(model, dev, cut, trace, steps):
+    cache = ProfileCache()
+    manager = OnDeviceManager(
+        lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, dev.flops_per_s, round_trip_s=2 * EDGE.latency_s
+    )
+    return Participant(dev, cut, steps, trace, manager, replan=True, move_cut=True)
+
+
+def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_samples() -> None:
+    from smartsplit.fleet import BudgetTrace
+
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    cache = ProfileCache()
+    probe = OnDeviceManager(lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, 1e6, 0.02)
+    at_3 = probe.plan(3, 10**12).peak_bytes
+    low, high = 0, at_3  # the least memory any plan at cut 3 needs (micro-batches and recompute included)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if probe.plan(3, mid) else (mid + 1, high)
+    squeeze = low - 1  # just below it, after the first step: no plan fits at cut 3 any more
+    assert probe.plan(3, squeeze) is None and probe.deepest_fitting_cut(3, squeeze) is not None
+    dev = device(0)
+    first_step = step_times(profile, 3, dev, EDGE).total
+    trace = BudgetTrace((0.0, first_step * 1.5), (at_3, squeeze))
+    steps = batches(BATCH, BATCH, BATCH, BATCH)
+    contributions, (r,) = round_on_one_edge(model, [squeezed(model, dev, 3, trace, steps)], data, profile, EDGE, SGD)
+    assert r["cut_moves"] >= 1 and r["final_cut"] < 3
+    assert r["steps"] == 4 and r["samples"] == 4 * BATCH and r["oom_events"] == 0
+    device_copy = [c for c in contributions if 1 in c.samples]
+    assert len(device_copy) == 1 and device_copy[0].samples == {1: 4 * BATCH, 2: 4 * BATCH, 3: 4 * BATCH}
+    # the units it gave up ran on the edge as its own copy: the shared edge copy trained none of them
+    assert all(1 not in c.samples and 2 not in c.samples and 3 not in c.samples for c in contributions if c is not device_copy[0])
+
+
+def test_device_pauses_while_nothing_fits_and_resumes() -> None:
+    from smartsplit.fleet import BudgetTrace
+
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    cache = ProfileCache()
+    probe = OnDeviceManager(lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, 1e6, 0.02)
+    ample = probe.plan(2, 10**12).peak_bytes
+    trace = BudgetTrace((0.0, 0.001, 50.0), (ample, 10, ample))  # nothing fits between 1 ms and 50 s
+    contributions, (r,) = round_on_one_edge(
+        model, [squeezed(model, device(0), 2, trace, batches(BATCH, BATCH))], data, profile, EDGE, SGD
+    )
+    assert r["pauses"] == 1 and r["paused_s"] > 40
+    assert r["steps"] == 2 and r["oom_events"] == 0 and r["finish_s"] > 50
+    # with a deadline before the budget returns, the device stops: its finished steps still count
+    contributions, (r,) = round_on_one_edge(
+        model, [squeezed(model, device(0), 2, trace, batches(BATCH, BATCH))], data, profile, EDGE, SGD, deadline_s=20.0
+    )
+    assert r["steps"] <= 1 and r["oom_events"] == 0 and r["finish_s"] < 20
