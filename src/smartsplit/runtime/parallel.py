@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -56,16 +57,30 @@ def run_many(
         return results
     results: list[dict | None] = [None] * len(configs)
     total = sum(c.training.rounds for c in configs)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool, tqdm(
-        total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress
-    ) as bar:
-        futures = {pool.submit(_run_one, c.model_dump_json(), threads): i for i, c in enumerate(configs)}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            bar.update(min(total, _rounds_written(configs)) - bar.n)
-            for future in finished:
-                results[futures[future]] = future.result()
-                if on_done:
-                    bar.write(on_done(results[futures[future]]) or "")
+    # A terminated or interrupted compare takes its workers with it: none may go on writing into run folders.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        with tqdm(total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress) as bar:
+            futures = {pool.submit(_run_one, c.model_dump_json(), threads): i for i, c in enumerate(configs)}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                bar.update(min(total, _rounds_written(configs)) - bar.n)
+                for future in finished:
+                    results[futures[future]] = future.result()
+                    if on_done:
+                        bar.write(on_done(results[futures[future]]) or "")
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    pool.shutdown()
     return results  # type: ignore[return-value]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
