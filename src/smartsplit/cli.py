@@ -50,7 +50,7 @@ def _compare(args: argparse.Namespace) -> None:
         print(f"running {len(configs)} runs ({len(strategies)} strategies x {len(seeds)} seeds)...", flush=True)
     summaries = run_many(configs, args.workers, on_done=None if args.quiet else done, progress=not args.quiet)
     target = base.target_accuracy
-    rows = compare_rows(summaries, target)
+    rows = compare_rows(summaries)
     print(format_table(COMPARE_HEADERS, rows))
     if target is None:
         print("(set target_accuracy in the config for rounds and simulated time to a target)")
@@ -73,10 +73,17 @@ def _make_strategies_check(configs) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    import json
+
     from smartsplit.reports.report import write_report
+    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
-    print(f"report: {write_report(args.runs, out)}")
+    report = write_report(args.runs, out)
+    summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in args.runs if (Path(r) / "summary.json").is_file()]
+    if summaries:
+        print(format_table(COMPARE_HEADERS, compare_rows(summaries)))
+    print(f"report: {report}")
 
 
 def _profile(args: argparse.Namespace) -> None:

@@ -25,8 +25,8 @@ COMPARE_HEADERS = (
 )
 
 
-def compare_rows(summaries: Sequence[dict], target: float) -> list[list[object]]:
-    """One row per strategy, over its seeds: mean ± spread, and time to ``target`` accuracy where reached."""
+def compare_rows(summaries: Sequence[dict]) -> list[list[object]]:
+    """One row per strategy, over its seeds: mean ± spread, and time to the target accuracy where reached."""
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(s["strategy"], []).append(s)
