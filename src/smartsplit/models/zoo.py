@@ -244,10 +244,15 @@ def build_model(
 ) -> nn.Sequential:
     """Build zoo model ``name`` as an ``nn.Sequential`` of units, weights drawn from ``seed``.
 
+    ``name`` may also be ``"package.module:factory"``: your own model, built by calling ``factory`` (with
+    ``in_channels`` and ``num_classes`` if it takes them) and cut into units with :func:`as_chain`.
+
     ``in_channels`` and ``input_size`` default to :func:`default_input_shape`; ``width`` scales
     every hidden channel count (the CNN's 128-unit hidden layer excepted). ``input_size`` sizes
     the classifier where it depends on the spatial size (cnn, VGG); ResNet/MobileNet pool globally.
     """
+    if ":" in name:
+        return _user_model(name, in_channels, num_classes, input_size, seed)
     _check_name(name)
     c0, s0, _ = _DEFAULT_SHAPE[name]
     cin = c0 if in_channels is None else int(in_channels)
@@ -263,3 +268,28 @@ def build_model(
     model = model.to_empty(device="cpu")
     init_weights(model, torch.Generator().manual_seed(int(seed)))
     return model
+
+
+def _user_model(spec: str, in_channels: int | None, num_classes: int, input_size: int | None, seed: int) -> nn.Sequential:
+    """A model from ``"package.module:factory"``, built under a seeded RNG (the global one is restored)."""
+    import importlib
+    import inspect
+
+    from smartsplit.models.chain import as_chain
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SmartSplitError(f"model.name {spec!r}: cannot import {attr!r} from {module_name!r} ({exc})") from None
+    offered = {"in_channels": in_channels, "num_classes": num_classes}
+    accepted = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise SmartSplitError(f"model.name {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    if input_size is None or in_channels is None:
+        raise SmartSplitError(f"model.name {spec!r}: the input shape must be known (it comes from the data set)")
+    return as_chain(model, torch.zeros(2, in_channels, input_size, input_size))
