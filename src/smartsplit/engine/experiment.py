@@ -77,7 +77,8 @@ def build_fleet(config: Config) -> list[Device]:
         if [d.id for d in devices] != list(range(len(devices))):
             raise SmartSplitError(f"fleet.csv: device ids in {f.csv} must be 0..{len(devices) - 1}")
         return devices
-    return sample_fleet(f.devices, f.classes, seed=config.seed, catalog=load_catalog(f.catalog), jitter=f.jitter)
+    catalog = load_catalog(f.catalog)
+    return _named("fleet.classes", sample_fleet)(f.devices, f.classes, seed=config.seed, catalog=catalog, jitter=f.jitter)
 
 
 def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
@@ -115,13 +116,26 @@ def local_batches(
     return batches
 
 
+def _named(field: str, build):
+    """``build``, its user errors prefixed with the config field they come from."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except SmartSplitError as exc:
+            message = str(exc)
+            raise SmartSplitError(message if message.startswith(field) else f"{field}: {message}") from None
+
+    return wrapped
+
+
 class Experiment:
     """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round."""
 
     def __init__(self, config: Config, strategy: Strategy | None = None) -> None:
         self.config = config
         self.train, self.test = load_data(config)
-        self.model = build_model(
+        self.model = _named("model.name", build_model)(
             config.model.name,
             in_channels=self.train.shape[0],
             num_classes=self.train.num_classes,
