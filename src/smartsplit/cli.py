@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except SmartSplitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 141
     except KeyboardInterrupt:
         print("interrupted: rounds finished so far are in metrics.jsonl", file=sys.stderr)
         return 130

@@ -130,6 +130,9 @@ class Config(_Section):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     output_dir: str = "runs"
     target_accuracy: float | None = Field(None, gt=0, le=1)  # reports rounds and simulated time to reach it
+    # torch threads per run: results depend on it (reduction order), so it is part of the config; the
+    # simulation's many small tensors run fastest on one, and `compare` runs in parallel processes instead
+    threads: int = Field(1, ge=1)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

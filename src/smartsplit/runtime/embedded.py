@@ -73,7 +73,15 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
     With ``resume``, continue the run in ``run_dir`` after its last saved round: the metrics then match
     those of a run that was never interrupted.
     """
-    run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name, progress, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: Config, run_dir: Path, progress: bool, resume: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     experiment = Experiment(config)

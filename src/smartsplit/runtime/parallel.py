@@ -14,13 +14,10 @@ from tqdm import tqdm
 from smartsplit.config import Config
 
 
-def _run_one(config_json: str, threads: int) -> dict:
-    import torch
-
+def _run_one(config_json: str) -> dict:
     from smartsplit.config import Config
     from smartsplit.runtime.embedded import run_experiment
 
-    torch.set_num_threads(threads)
     return run_experiment(Config.model_validate_json(config_json), progress=False)
 
 
@@ -40,17 +37,12 @@ def run_many(
 
     With ``progress``, one bar counts the rounds all runs have written so far (read from their metrics files).
     """
-    cores = os.cpu_count() or 1
-    workers = max(1, min(workers or cores, len(configs)))
-    threads = max(1, cores // workers)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(configs)))
     if workers == 1:
+        from smartsplit.runtime.embedded import run_experiment
+
         results = []
         for config in configs:
-            import torch
-
-            from smartsplit.runtime.embedded import run_experiment
-
-            torch.set_num_threads(threads)
             results.append(run_experiment(config, progress=progress))
             if on_done:
                 print(on_done(results[-1]) or "", flush=True)
@@ -62,7 +54,7 @@ def run_many(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     try:
         with tqdm(total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress) as bar:
-            futures = {pool.submit(_run_one, c.model_dump_json(), threads): i for i, c in enumerate(configs)}
+            futures = {pool.submit(_run_one, c.model_dump_json()): i for i, c in enumerate(configs)}
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
