@@ -193,16 +193,21 @@ def fleet_to_csv(devices: Iterable[Device], path: str | Path) -> None:
             )
 
 
+def read_csv_rows(path: str | Path, what: str) -> list[list[str]]:
+    """All rows of a CSV file; a missing or unreadable file is a clear error naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.reader(fh))
+    except FileNotFoundError as exc:
+        raise SmartSplitError(f"{path}: {what} file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SmartSplitError(f"{path}: {what} file cannot be read ({exc})") from exc
+
+
 def fleet_from_csv(path: str | Path) -> list[Device]:
     """Read a fleet written by :func:`fleet_to_csv`; errors name the file and line."""
     src = str(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError as exc:
-        raise SmartSplitError(f"{src}: fleet file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SmartSplitError(f"{src}: fleet file cannot be read ({exc})") from exc
+    rows = read_csv_rows(path, "fleet")
     if not rows or tuple(c.strip() for c in rows[0]) != _FLEET_HEADER:
         raise SmartSplitError(f"{src}: line 1: expected header '{','.join(_FLEET_HEADER)}'")
     devices: list[Device] = []

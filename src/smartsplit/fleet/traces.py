@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.fleet.catalog import read_csv_rows
 
 MIB = 2**20
 _HEADER = ("time_s", "budget_mb")
@@ -166,13 +167,7 @@ def save_trace_csv(trace: BudgetTrace, path: str | Path) -> None:
 def load_trace_csv(path: str | Path) -> BudgetTrace:
     """Read a ``time_s,budget_mb`` CSV (MiB, 2**20 bytes); errors name the file and line."""
     src = str(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError as exc:
-        raise SmartSplitError(f"{src}: trace file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SmartSplitError(f"{src}: trace file cannot be read ({exc})") from exc
+    rows = read_csv_rows(path, "trace")
     if not rows:
         raise SmartSplitError(f"{src}: line 1: empty file, expected header 'time_s,budget_mb'")
     if tuple(c.strip() for c in rows[0]) != _HEADER:
