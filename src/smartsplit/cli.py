@@ -21,7 +21,11 @@ def _run(args: argparse.Namespace) -> None:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
+    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
+
     summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume))
+    if not args.quiet:
+        print(format_table(COMPARE_HEADERS, compare_rows([summary])))
     print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; results in {summary['run_dir']}")
 
 
