@@ -54,13 +54,6 @@ EDGE = EdgeSpec(flops_per_s=1e7, latency_s=0.01)
 SGD = OptimizerSpec("sgd", 0.1, 0.0, 0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is far faster than two fighting over a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer | None) -> float:

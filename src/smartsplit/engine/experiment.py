@@ -155,6 +155,11 @@ class Experiment:
             seed=config.seed,
         )
         t = config.training
+        labels = self.train.y.numpy()
+        self.label_counts = [
+            tuple(int(n) for n in np.bincount(labels[shard], minlength=self.train.num_classes)) for shard in self.shards
+        ]
+        self.local_steps = [len(local_batches(shard, t.batch_size, t.local_steps, t.local_epochs, None)) for shard in self.shards]
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
         self.edges = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]
         self.traces = build_traces(config, self.devices)
@@ -192,11 +197,11 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        profile, out, t = self.profile, [], self.config.training
+        profile, out = self.profile, []
         for device in self.devices:
             edge = self.edges[self.edge_of(device)]
             budget, manager = self.budget_forecast(device), self.managers[device.id]
-            steps = len(local_batches(self.shards[device.id], t.batch_size, t.local_steps, t.local_epochs, None))
+            steps = self.local_steps[device.id]
             peaks, times, rounds, edge_load = [], [], [], []
             for cut in range(1, self.num_units + 1):
                 plan = manager.plan(cut, budget) or manager.plan(cut, 2**62)  # unfit: its plain peak, above budget
@@ -205,12 +210,11 @@ class Experiment:
                 times.append(step.total)
                 rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, edge)))
                 edge_load.append(steps * step.edge_s)
-            labels = np.bincount(self.train.y.numpy()[self.shards[device.id]], minlength=self.train.num_classes)
             out.append(
                 Candidate(
                     device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
                     round_times=tuple(rounds), edge_times=tuple(edge_load), samples=len(self.shards[device.id]),
-                    label_counts=tuple(int(n) for n in labels), edge=self.edge_of(device),
+                    label_counts=self.label_counts[device.id], edge=self.edge_of(device),
                 )
             )
         return out
