@@ -222,3 +222,21 @@ def test_sketches_feed_the_manager() -> None:
         per_device[k] = {1: s.grad_sketch(1, unit)}
     m = MecManager(3)
     assert m.update(per_device)[1] == pytest.approx(1.0)
+
+
+def test_noise_alone_scores_low_with_split_halves():
+    """Devices sampling one distribution disagree only by noise; even/odd halves let the score discount it."""
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=200)
+    same, opposite = {}, {}
+    for k in range(6):
+        steps = [0.1 * signal + rng.normal(size=200) for _ in range(10)]  # weak signal, strong noise
+        halves = np.stack([sum(steps[0::2]), sum(steps[1::2])])
+        same[k] = {1: halves}
+        flipped = [(-1) ** k * 1.0 * signal + rng.normal(size=200) for _ in range(10)]
+        opposite[k] = {1: np.stack([sum(flipped[0::2]), sum(flipped[1::2])])}
+    naive = disagreement([same[k][1].sum(axis=0) for k in same])
+    calibrated = MecManager(1).update(same)[1]
+    assert naive > 0.6  # the raw normalised variance calls pure noise "disagreement"
+    assert calibrated < 0.15
+    assert MecManager(1).update(opposite)[1] > 0.6  # real disagreement survives the correction

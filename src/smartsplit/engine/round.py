@@ -113,7 +113,8 @@ def run_round(
     """Train every participant from ``global_units``.
 
     Returns the trained copies grouped by edge server (for hierarchical aggregation), one report per device,
-    and, with a ``sketcher``, each device's summed gradient sketch per unit (for the MEC manager).
+    and, with a ``sketcher``, each device's gradient sketch per unit summed over its even and its odd steps
+    (two rows, for the MEC manager).
     ``start_s`` is the round's start on the experiment's clock (budget traces are read at ``start_s + now``);
     a device still paused at ``deadline_s`` into the round stops there, its finished steps counted.
     ``edge_copies``: "shared" (one server-side copy per edge, fed by all its devices) or "per-device".
@@ -200,9 +201,11 @@ def run_round(
             if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
             i += 1
-            if sketcher is not None:
+            if sketcher is not None:  # summed over even and odd steps apart: their difference measures the noise
                 for index, unit in enumerate([*device_side, *edge_side], start=1):
-                    sketch[index] = sketch.get(index, 0.0) + sketcher.grad_sketch(index, unit)
+                    grad = sketcher.grad_sketch(index, unit)
+                    halves = sketch.setdefault(index, np.zeros((2, len(grad))))
+                    halves[tally.steps % 2] += grad
             yield env.timeout(t.backward_s)
             tally.compute_s += t.forward_s + t.backward_s
             tally.recompute_s += plan.recompute_flops * scale / dev.flops_per_s

@@ -12,7 +12,7 @@ Each round:
 4. cuts are assigned jointly: each device starts at its fastest feasible cut; while an edge server's load
    exceeds the slowest device's round time, the device on that edge whose next deeper feasible cut sheds
    the most edge work (without becoming the round's new bottleneck) moves there;
-5. the MEC manager may then nudge each cut one unit (DESIGN 5).
+5. the MEC manager may then nudge each cut one unit (DESIGN 5), where that does not lengthen the round.
 
 Every decision's inputs go to ``RoundPlan.notes`` (decisions.jsonl). The helpers here (statistical utility,
 system penalty, coverage bonus, speed history) are shared with the Oort baseline.
@@ -253,12 +253,17 @@ class SmartSplit(Strategy):
         cuts, rebalance_moves = self._assign(chosen, times)
         mec_moves = 0
         if self.cut_finetuning and self.mec is not None:
+            # the MEC manager's nudges may not make the round longer: a device takes one only if its round
+            # still ends before the slowest participant's (and the deadline)
+            bound = max((times[c.device.id][0][cuts[c.device.id] - 1] for c in chosen), default=0.0)
+            if self.deadline_s is not None:
+                bound = min(bound, self.deadline_s)
             for c in chosen:
                 i = c.device.id
                 new = self.mec.adjust(i, cuts[i], c.feasible_cuts)
                 if new == cuts[i] or new not in c.feasible_cuts:
                     continue
-                if self.deadline_s is None or times[i][0][new - 1] <= self.deadline_s:
+                if times[i][0][new - 1] <= bound:
                     cuts[i], mec_moves = new, mec_moves + 1
         for c in chosen:
             self.history.plan(c, cuts[c.device.id])

@@ -58,9 +58,15 @@ class UpdateSketcher:
         return self._read(index, unit, grad=False)
 
 
-def disagreement(updates: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> float | None:
+def disagreement(
+    updates: Sequence[np.ndarray], weights: Sequence[float] | None = None, noise: Sequence[float] | None = None
+) -> float | None:
     """Normalised variance of per-device updates of one unit, in [0, 1]: weighted mean of ||u_k - mean||^2
     divided by the weighted mean of ||u_k||^2 (0: all devices agree; 1: they cancel out).
+
+    ``noise[k]`` estimates E||n_k||^2, the part of device k's update that is sampling noise. Devices drawing
+    from one distribution still disagree by that much (the weighted spread of independent noise is
+    sum_k w_k (1 - w_k) noise_k), so it is subtracted: what is left is disagreement from their data.
     None with fewer than 2 updates or all zero."""
     if len(updates) < 2:
         return None
@@ -74,7 +80,19 @@ def disagreement(updates: Sequence[np.ndarray], weights: Sequence[float] | None 
         return None
     mean = w @ u
     spread = float(w @ np.einsum("kd,kd->k", u - mean, u - mean))
+    if noise is not None:
+        spread -= float(np.sum(w * (1 - w) * np.asarray(noise, dtype=np.float64)))
     return min(max(spread / power, 0.0), 1.0)
+
+
+def split_halves(update: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """A device's update and its noise estimate from ``update``: either one vector (no estimate) or two rows,
+    the sums over its even and its odd local steps. Their difference has the noise of the whole sum and
+    none of its signal, so ||even - odd||^2 estimates E||noise||^2."""
+    update = np.asarray(update, dtype=np.float64)
+    if update.ndim == 2 and update.shape[0] == 2:
+        return update[0] + update[1], float(np.sum((update[0] - update[1]) ** 2))
+    return update.reshape(-1), None
 
 
 class MecManager:
@@ -104,11 +122,15 @@ class MecManager:
         self.last_move: dict[int, tuple[int, int]] = {}  # device id -> (round of its last move, direction -1/+1)
 
     def update(self, per_device: dict[int, dict[int, np.ndarray]]) -> dict[int, float]:
-        """Score each unit with the disagreement of the devices that updated it this round; smooth (EMA) over rounds."""
+        """Score each unit with the disagreement of the devices that updated it this round; smooth (EMA) over rounds.
+
+        ``per_device[device][unit]`` is a device's update of a unit: one vector, or two rows (sums over even and
+        odd local steps), in which case the disagreement that sampling noise alone would cause is discounted."""
         self.rounds += 1
         for unit in range(1, self.num_units + 1):
-            updates = [units[unit] for _, units in sorted(per_device.items()) if unit in units]
-            score = disagreement(updates)
+            halves = [split_halves(units[unit]) for _, units in sorted(per_device.items()) if unit in units]
+            noise = [n for _, n in halves]
+            score = disagreement([u for u, _ in halves], noise=None if None in noise else noise)
             if score is None:
                 continue
             old = self.scores.get(unit)
