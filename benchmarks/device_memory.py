@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from memory_model import SLOTS, MB, batch_for, measure_split, measured_on, pick_device  # noqa: E402
+from memory_model import SLOTS, MB, add_device_options, batch_for, device_from, measure_split, measured_on  # noqa: E402
 
 from smartsplit.engine.step import split_step  # noqa: E402
 from smartsplit.managers.device import OnDeviceManager  # noqa: E402
@@ -86,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="real steps per configuration (with more than one, the first "
                     "is a warm-up for the timings and the fastest of the rest is reported; memory is the largest over all)")
     ap.add_argument("--quick", action="store_true", help="vgg16 and resnet18 only, one step each")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    add_device_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = pick_device(args.device)
+    dev = device_from(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     steps = args.steps
     if args.quick:

@@ -57,6 +57,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_device_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+
+
+def device_from(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and resolve ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
 def measured_on(dev: torch.device) -> str:
     return "cuda (allocator)" if dev.type == "cuda" else "cpu (saved-tensor hooks + live tensor bytes)"
 
@@ -250,12 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     ap.add_argument("--quick", action="store_true", help="batch 8 only, cuts 1, L/2 and L")
     ap.add_argument("--tolerance", type=float, default=0.10, help="largest relative error allowed")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    add_device_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = pick_device(args.device)
+    dev = device_from(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
     t_start = time.perf_counter()

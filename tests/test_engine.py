@@ -428,12 +428,13 @@ def test_experiment_is_deterministic(budgets: str) -> None:
 # --------------------------------------------------------------------------- budgets that change mid-round
 
 
-def squeezed(model, dev, cut, trace, steps):
+def manager_for(model, flops_per_s: float = 1e6) -> OnDeviceManager:
     cache = ProfileCache()
-    manager = OnDeviceManager(
-        lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, dev.flops_per_s, round_trip_s=2 * EDGE.latency_s
-    )
-    return Participant(dev, cut, steps, trace, manager, replan=True, move_cut=True)
+    return OnDeviceManager(lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, flops_per_s, 2 * EDGE.latency_s)
+
+
+def squeezed(model, dev, cut, trace, steps):
+    return Participant(dev, cut, steps, trace, manager_for(model, dev.flops_per_s), replan=True, move_cut=True)
 
 
 def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_samples() -> None:
@@ -441,8 +442,7 @@ def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_sam
 
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
-    cache = ProfileCache()
-    probe = OnDeviceManager(lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, 1e6, 0.02)
+    probe = manager_for(model)
     at_3 = probe.plan(3, 10**12).peak_bytes
     low, high = 0, at_3  # the least memory any plan at cut 3 needs (micro-batches and recompute included)
     while low < high:
@@ -468,8 +468,7 @@ def test_device_pauses_while_nothing_fits_and_resumes() -> None:
 
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
-    cache = ProfileCache()
-    probe = OnDeviceManager(lambda m: cache.get("toy", model, SHAPE, m), BATCH, 0, 1e6, 0.02)
+    probe = manager_for(model)
     ample = probe.plan(2, 10**12).peak_bytes
     trace = BudgetTrace((0.0, 0.001, 50.0), (ample, 10, ample))  # nothing fits between 1 ms and 50 s
     contributions, (r,) = round_on_one_edge(
