@@ -22,7 +22,7 @@ from smartsplit.engine.step import split_step
 from smartsplit.fleet import Device, constant_trace
 from smartsplit.managers.central import SmartSplit
 from smartsplit.managers.device import OnDeviceManager
-from smartsplit.memory.model import device_memory
+from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.models.profile import ProfileCache, profile_chain
 from smartsplit.strategy import Candidate
 
@@ -121,7 +121,7 @@ def test_split_step_saved_bytes_match_the_memory_model(cut: int) -> None:
     model = chain()
     profile = profile_chain(model, SHAPE, BATCH)
     r = split_step(model[:cut], model[cut:], data.x[:BATCH], data.y[:BATCH], None, None)
-    assert r.saved_bytes == device_memory(profile, cut, slots=0).activations
+    assert r.saved_bytes == activation_bytes(profile, cut)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -186,10 +186,10 @@ def batches(*sizes: int, start: int = 0) -> list[np.ndarray]:
 
 
 def part(model: nn.Sequential, dev: Device, cut: int, budget: int, steps: list[np.ndarray], *,
-         smart: bool = False, slots: int = 0) -> Participant:
+         smart: bool = False, slots: int = 0, meter=None) -> Participant:
     """A participant with a constant budget; ``smart``: the on-device manager plans, re-plans and moves cuts
-    (as under SmartSplit), else the plain plan of the baselines."""
-    cache = ProfileCache()
+    (as under SmartSplit), else the plain plan of the baselines. With a ``meter``, plans rest on its figures."""
+    cache = ProfileCache(meter, (SGD.name, SGD.lr, SGD.momentum))
     manager = OnDeviceManager(
         lambda m: cache.get("toy", model, SHAPE, m), BATCH, slots, dev.flops_per_s,
         round_trip_s=2 * EDGE.latency_s, checkpointing=smart,
@@ -236,7 +236,7 @@ def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.Mo
         assert r["finish_s"] == pytest.approx(r["compute_s"] + r["comm_s"] + r["wait_s"] + steps * t.edge_s)
         assert r["bytes_up"] == steps * profile.cut_bytes(cut) + profile.param_bytes(1, cut)
         assert r["bytes_down"] == steps * profile.cut_bytes(cut) + profile.param_bytes(1, cut)
-        assert 0 < r["peak_measured_mb"] and 0 < r["peak_predicted_mb"]
+        assert r["peak_measured_mb"] is None and 0 < r["peak_predicted_mb"]  # no meter in this round
     # identical devices arrive together: the second one queues behind the first for one edge step
     a, b = reports
     assert a["wait_s"] == pytest.approx(0.0, abs=1e-12)
@@ -305,18 +305,24 @@ def test_memory_guard_reports_oom_and_no_steps() -> None:
     assert not torch.equal(model[0][1].weight, before["0.1.weight"])
 
 
-def test_on_device_manager_keeps_a_squeezed_device_within_budget() -> None:
-    """The same tight budget under the on-device manager: a plan that fits, no OOM, measured peak <= budget."""
+def test_on_device_manager_keeps_a_squeezed_device_within_budget(meter) -> None:
+    """The same tight budget under the on-device manager: a plan that fits, no OOM, the meter's peak <= budget."""
     model, data = chain(), dataset()
-    profile = profile_chain(model, SHAPE, BATCH)
+    profile = profile_chain(model, SHAPE, BATCH, meter=meter, optimizer=(SGD.name, SGD.lr, SGD.momentum))
     need = device_memory(profile, 2, slots=0)
     tight = need.total - need.activations // 2
-    hopeless = part(model, device(1), 1, 1, batches(BATCH, start=16), smart=True)  # no plan fits anywhere
+    hopeless = part(model, device(1), 1, 1, batches(BATCH, start=16), smart=True, meter=meter)  # nothing fits anywhere
+
+    def measure(plan):
+        return meter.step_peak(model[: plan.cut], SHAPE, BATCH, micro_batch=plan.micro_batch, segments=plan.segments,
+                               optimizer=(SGD.name, SGD.lr, SGD.momentum), num_classes=CLASSES, to_edge=plan.cut < len(model))
+
     contributions, (r, h) = round_on_one_edge(
-        model, [part(model, device(0), 2, tight, batches(BATCH, BATCH), smart=True), hopeless], data, profile, EDGE, SGD
+        model, [part(model, device(0), 2, tight, batches(BATCH, BATCH), smart=True, meter=meter), hopeless], data, profile,
+        EDGE, SGD, measure=measure,
     )
     assert r["oom_events"] == 0 and r["steps"] == 2
-    assert r["peak_measured_mb"] <= tight / 2**20 + 1e-3 and r["peak_predicted_mb"] <= tight / 2**20 + 1e-3
+    assert 0 < r["peak_measured_mb"] <= tight / 2**20 + 1e-3 and r["peak_predicted_mb"] <= tight / 2**20 + 1e-3
     assert h["steps"] == 0 and h["samples"] == 0  # it never trains over budget
     assert all(c.samples.get(1, 0) in (0, 2 * BATCH) for c in contributions)
 
@@ -325,7 +331,7 @@ def test_memory_guard_budget_below_the_weights_trains_nothing() -> None:
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
     need = device_memory(profile, 1, slots=0)
-    budget = need.weights // 2
+    budget = need.static // 2
     contributions, (r,) = round_on_one_edge(
         model, [part(model, device(0), 1, budget, batches(BATCH, BATCH))], data, profile, EDGE, SGD
     )

@@ -1,4 +1,4 @@
-"""Profiler and memory model against figures worked out by hand (DESIGN 2, 3)."""
+"""Profiler and memory model against figures worked out by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from torch import nn
 
 from smartsplit.errors import SmartSplitError
 from smartsplit.memory.measure import DeviceOutOfMemory, SavedBytes, count_saved_bytes, tensor_bytes
-from smartsplit.memory.model import device_memory, in_flight_bytes, optimizer_slots
+from smartsplit.memory.meter import UnitCost
+from smartsplit.memory.model import MARGIN_BYTES, MARGIN_FRACTION, activation_bytes, device_memory, optimizer_slots
+from smartsplit.models.profile import ModelProfile, UnitProfile
 from smartsplit.models.profile import ProfileCache, profile_chain
 
 F32 = 4  # bytes per float32
@@ -47,7 +49,7 @@ def test_linear_relu_linear_by_hand() -> None:
 
 
 def activations(p, cut: int) -> int:
-    return device_memory(p, cut, slots=0).activations
+    return activation_bytes(p, cut)
 
 
 def test_device_activations_count_shared_storages_once() -> None:
@@ -127,32 +129,45 @@ def test_profile_cache_keys() -> None:
 # --------------------------------------------------------------------------- memory model
 
 
-def test_device_memory_breakdown_by_hand() -> None:
-    p = profile_chain(mlp(), (4,), B)
-    O1, O2, O3 = B * 3 * F32, B * 3 * F32, B * 2 * F32
-    P1, P3 = 15 * F32, 8 * F32
-    X = B * 4 * F32
+def two_units() -> ModelProfile:
+    """A made-up chain with meter figures chosen by hand: u1 saves its input (the raw batch) and 100 bytes of its
+    own, u2 saves 200 bytes of its own and its output."""
+    u1 = UnitProfile(1, "u1", param_bytes=10, internal_bytes=100, saves_input=True, saves_output=False, output_bytes=10,
+                     flops=1, input_bytes=8,
+                     cost=UnitCost(static=50, grads=10, forward_peak=120, forward_kept=115, backward_peak=30,
+                                   backward_peak_at_cut=25, checkpoint_kept=16, optimizer_peak=3))
+    u2 = UnitProfile(2, "u2", param_bytes=20, internal_bytes=200, saves_input=False, saves_output=True, output_bytes=20,
+                     flops=1, input_bytes=10,
+                     cost=UnitCost(static=80, grads=20, forward_peak=230, forward_kept=222, backward_peak=60,
+                                   backward_peak_at_cut=55, checkpoint_kept=30, optimizer_peak=4))
+    return ModelProfile(input_shape=(2,), batch=1, dtype="float32", input_bytes=8, units=(u1, u2))
 
-    m = device_memory(p, 2, slots=1, workspace=7)
-    assert m.weights == P1 and m.grads == P1 and m.optimizer == P1
-    assert m.input == X
-    assert m.activations == 0  # ReLU saved only its output, which is the cut activation
-    assert m.cut_io == 2 * O2  # cut activation and its returned gradient
-    # backward through u2 yields grad of O1; through u1 holds grad of O1 only (the raw batch needs none)
-    assert m.in_flight == O1
-    assert m.workspace == 7
-    assert m.total == 3 * P1 + X + 0 + 2 * O2 + O1 + 7
 
-    # cut = L: all weights, the logits and their gradient; u2's backward holds grad(O2) + grad(O1)
-    m = device_memory(p, 3, slots=2)
-    assert m.weights == P1 + P3 and m.optimizer == 2 * (P1 + P3)
-    assert m.activations == O2 and m.cut_io == 2 * O3 and m.in_flight == O2 + O1
-    assert m.total == 4 * (P1 + P3) + X + O2 + 2 * O3 + O1 + O2
+def with_margin(total: int) -> int:
+    return total + int(MARGIN_FRACTION * total) + MARGIN_BYTES
 
-    # cut = 1: only the returned gradient (in cut_io); nothing else in flight
-    m = device_memory(p, 1, slots=0)
-    assert (m.weights, m.grads, m.optimizer, m.activations, m.cut_io, m.in_flight) == (P1, P1, 0, 0, 2 * O1, 0)
-    assert in_flight_bytes(p, 1) == 0
+
+def test_device_memory_walks_the_step_by_hand() -> None:
+    p = two_units()
+    # weights and momentum 40 + 60; autograd graph kept: u1 5 bytes, u2 2 bytes
+    # forward 1: 100 + 8 (batch) + 120 = 228; forward 2: 100 + 8 + (100 + 5 + 10, u1's output as input) + 230 = 453
+    # link: 100 + 8 + 300 + 7 + 2 x 20 = 455
+    # backward 2 (at the cut): 100 + 8 + (100 + 7 + 200) + 40 + 55 = 510
+    # backward 1: 100 + 20 (u2's gradients) + 8 + (5 + 100) + 40 + 30 = 303; optimizer: 100 + 30 + 4 = 134
+    m = device_memory(p, 2, slots=1)
+    assert m.phase == "backward 2"
+    assert (m.static, m.input, m.activations, m.cut_io, m.transient) == (100, 8, 307, 40, 55)
+    assert m.total == with_margin(510)
+    # from the second micro-batch on, all 30 bytes of gradients exist throughout
+    assert device_memory(p, 2, slots=1, micro_batches=2).total == with_margin(540)
+    # u1 checkpointed: it keeps only its input (the batch) and 16 - 10 bytes of checkpoint bookkeeping; recomputed,
+    # it holds 120 + u1's output gradient 10 on top of u2's gradients: 120 + 8 + 6 + 40 + 130 = 304; backward 2
+    # then holds 6 + 7 + 200: 416
+    m = device_memory(p, 2, slots=1, segments=((1, 1),))
+    assert m.phase == "backward 2" and m.total == with_margin(416)
+    # cut 1: forward 40 + 8 + 120 = 168; link 40 + 8 + 105 + 20 = 173; backward 1 at the cut: 40 + 8 + 105 + 20 + 25
+    m = device_memory(p, 1, slots=1)
+    assert m.phase == "backward 1" and m.total == with_margin(198)
 
 
 def test_device_memory_rejects_bad_cut() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,8 @@ from smartsplit.fleet import (
     load_trace_csv,
     sample_fleet,
 )
-from smartsplit.managers.device import OnDeviceManager
+from smartsplit.managers.device import DevicePlan, OnDeviceManager
+from smartsplit.memory.meter import HeapMeter, MeterUnavailable, shim_path
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
@@ -129,11 +131,25 @@ def _named(field: str, build):
     return wrapped
 
 
+def _start_meter(threads: int) -> HeapMeter | None:
+    """The memory meter, or None (with a warning) where it cannot run: runs then plan with uncalibrated
+    profiles and record no measured peaks."""
+    try:
+        shim_path()
+    except MeterUnavailable as e:
+        warnings.warn(f"{e}; device peaks will not be measured and plans rest on saved-tensor profiles only", stacklevel=3)
+        return None
+    return HeapMeter(threads)
+
+
 class Experiment:
     """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round."""
 
-    def __init__(self, config: Config, strategy: Strategy | None = None) -> None:
+    def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None) -> None:
         self.config = config
+        self.meter = meter if meter is not None else _start_meter(config.threads)
+        self._owns_meter = meter is None
+        self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
         self.train, self.test = load_data(config)
         self.model = _named("model.name", build_model)(
             config.model.name,
@@ -163,7 +179,7 @@ class Experiment:
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
         self.edges = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]
         self.traces = build_traces(config, self.devices)
-        self.profiles = ProfileCache()
+        self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.managers = [
             OnDeviceManager(
                 self.profile_at, t.batch_size, self.optimizer.slots, device.flops_per_s,
@@ -178,6 +194,22 @@ class Experiment:
             self.sketcher = UpdateSketcher(self.model, seed=config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.clock_s = 0.0  # simulated time since the experiment started
+
+    def close(self) -> None:
+        """Stop the memory meter's child process (if this experiment started it)."""
+        if self._owns_meter and self.meter is not None:
+            self.meter.close()
+
+    def measured_peak(self, plan: DevicePlan) -> int:
+        """The meter's peak for one device step under ``plan`` at the full batch, measured once per plan shape."""
+        key = (plan.cut, plan.micro_batch, plan.segments)
+        if key not in self.measured:
+            t = self.config.training
+            self.measured[key] = self.meter.step_peak(
+                self.model[: plan.cut], self.train.shape, t.batch_size, micro_batch=plan.micro_batch, segments=plan.segments,
+                optimizer=(t.optimizer, t.lr, t.momentum), num_classes=self.train.num_classes, to_edge=plan.cut < self.num_units,
+            )
+        return self.measured[key]
 
     def profile_at(self, batch: int) -> ModelProfile:
         return self.profiles.get(self.config.model.name, self.model, self.train.shape, batch)
@@ -264,6 +296,7 @@ class Experiment:
             start_s=self.clock_s, deadline_s=t.round_deadline_s,
             edge_copies=self.strategy.edge_copies, edge_order=self.strategy.edge_order,
             sketcher=self.sketcher if self.strategy.wants_updates else None,
+            measure=self.measured_peak if self.meter is not None else None,
         )
         aggregate(self.model, [merge(group) for group in contributions if group])  # devices -> edges -> cloud
         latency = max((r["finish_s"] for r in reports), default=0.0)
@@ -280,6 +313,7 @@ class Experiment:
             "oom_events": sum(r["oom_events"] for r in reports),
             "peak_predicted_mb": [r["peak_predicted_mb"] for r in reports],
             "peak_measured_mb": [r["peak_measured_mb"] for r in reports],
+            "peak_measured_by": self.meter.name if self.meter is not None else None,
             "bytes_up": sum(r["bytes_up"] for r in reports),
             "bytes_down": sum(r["bytes_down"] for r in reports),
             "replans": sum(r["replans"] for r in reports),
@@ -302,6 +336,7 @@ class Experiment:
             "rng": self.rng.bit_generator.state,
             "clock_s": self.clock_s,
             "strategy": pickle.dumps(self.strategy),
+            "measured": [[cut, micro, [list(s) for s in segments], peak] for (cut, micro, segments), peak in self.measured.items()],
         }
 
     def load_state_dict(self, state: dict) -> int:
@@ -309,6 +344,7 @@ class Experiment:
         self.rng.bit_generator.state = state["rng"]
         self.clock_s = state["clock_s"]
         self.strategy = pickle.loads(state["strategy"])
+        self.measured = {(cut, micro, tuple(tuple(s) for s in segments)): peak for cut, micro, segments, peak in state.get("measured", [])}
         return state["rounds_done"]
 
     def rounds(self, start: int = 0) -> Iterator[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import simpy
@@ -26,7 +27,7 @@ from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.step import make_optimizer, split_step
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.managers.device import DevicePlan, OnDeviceManager
-from smartsplit.memory.measure import DeviceOutOfMemory, tensor_bytes
+from smartsplit.memory.measure import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
 
 MB = 2**20
@@ -66,24 +67,13 @@ class _Tally:
     bytes_up: int = 0
     bytes_down: int = 0
     peak_predicted: int = 0
-    peak_measured: int = 0
+    peak_measured: int | None = None  # by the meter; None when no meter measured
     min_budget: int | None = None
     oom_events: int = 0
     replans: int = 0
     cut_moves: int = 0
     pauses: int = 0
     micro_batches: set[int] = field(default_factory=set)
-
-
-def _static_bytes(units: nn.Sequential, opt: torch.optim.Optimizer | None) -> int:
-    """Weights, gradients and optimizer state of ``units``, counted from the live tensors."""
-    params = list(units.parameters())
-    owned = {id(p) for p in params}
-    grads = [p.grad for p in params if p.grad is not None]
-    state = [
-        t for p, s in (opt.state.items() if opt else []) if id(p) in owned for t in s.values() if torch.is_tensor(t) and t.dim() > 0
-    ]
-    return tensor_bytes(params) + tensor_bytes(grads) + tensor_bytes(state)
 
 
 @dataclass
@@ -109,6 +99,7 @@ def run_round(
     edge_copies: str = "shared",
     edge_order: str = "interleaved",
     sketcher=None,
+    measure: Callable[[DevicePlan], int] | None = None,
 ) -> tuple[list[list[Contribution]], list[dict], dict[int, dict[int, np.ndarray]]]:
     """Train every participant from ``global_units``.
 
@@ -120,6 +111,8 @@ def run_round(
     ``edge_copies``: "shared" (one server-side copy per edge, fed by all its devices) or "per-device".
     ``edge_order``: "interleaved" (steps in simulated arrival order) or "sequential" (one device's whole
     round after another's, as SplitFed-v2 does).
+    ``measure(plan)`` gives the memory meter's peak of one device step under ``plan``; a step whose measured peak
+    is above the device's budget at that moment is an out-of-memory event. Without it, only the guard counts.
     """
     num_units = len(global_units)
     env = simpy.Environment()
@@ -191,13 +184,13 @@ def run_round(
                 with server.queue.request() as turn:
                     yield turn
                     tally.wait_s += env.now - arrived
-                    result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally)
+                    result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally, measure)
                     if result is not None:  # a step that ran out of memory on the device never reached the edge
                         yield env.timeout(t.edge_s)
                 if result is not None:
                     yield env.timeout(t.downlink_s)
             else:
-                result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally)
+                result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally, measure)
             if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
             i += 1
@@ -251,38 +244,32 @@ def _edge_contribution(units: nn.Sequential, samples: dict[int, int]) -> Contrib
     return Contribution(units=unit_states(units, min(trained), len(units)), samples=trained)
 
 
-def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: DevicePlan, budget, tally):
+def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: DevicePlan, budget, tally, measure):
     """One split step under the memory guard; updates ``tally``. Returns None on a simulated out-of-memory.
 
-    The guard lets the forward save what the budget leaves after everything else in the plan; the cut
-    activation, which the last unit may save, is in that everything else already, so it is allowed once more.
+    The guard lets the forward save what the plan predicts it holds plus whatever room the budget leaves above
+    the plan's predicted peak, and the cut activation (which the last unit may save; it is counted apart); a
+    forward that saves more stops before the edge or any weight is touched.
     """
     x, y = train.x[indices], train.y[indices]
     mem = plan.memory
-    rest = mem.total - mem.activations
-    if rest > budget:  # weights, gradients and optimizer state alone do not fit: the step cannot start
+    if mem.total - mem.activations > budget:  # even with nothing saved the step does not fit: it cannot start
         tally.oom_events += 1
         return None
     try:
         result = split_step(
             device_side, edge_side, x, y, opt, edge_opt,
             micro_batch=plan.micro_batch, segments=plan.segments,
-            saved_limit=max(budget - rest, 0) + mem.cut_io // 2,
+            saved_limit=max(plan.held_bytes + budget - plan.peak_bytes, 0) + mem.cut_io // 2,
         )
     except DeviceOutOfMemory:
         tally.oom_events += 1
         return None
-    micro = x[: plan.micro_batch]
-    recompute_extra = mem.activations - plan.held_bytes  # checkpointed segments recomputed in backward (profiled)
-    measured = (
-        _static_bytes(device_side, opt)  # weights, grads and optimizer state of the units on the device, live
-        + micro.numel() * micro.element_size()
-        + result.saved_bytes + recompute_extra
-        + mem.cut_io + mem.in_flight + mem.workspace
-    )
-    tally.peak_measured = max(tally.peak_measured, measured)
-    if measured > budget:
-        tally.oom_events += 1
+    if measure is not None:
+        measured = measure(plan)
+        tally.peak_measured = max(tally.peak_measured or 0, measured)
+        if measured > budget:
+            tally.oom_events += 1
     tally.steps += 1
     tally.samples += result.samples
     tally.losses.append(result.loss)
@@ -297,7 +284,7 @@ def _report(p: Participant, final_cut: int, tally: _Tally) -> dict:
         "final_cut": final_cut,
         "budget_mb": round(p.trace.at(0.0) / MB, 3) if tally.min_budget is None else round(tally.min_budget / MB, 3),
         "peak_predicted_mb": round(tally.peak_predicted / MB, 3),
-        "peak_measured_mb": round(tally.peak_measured / MB, 3),
+        "peak_measured_mb": round(tally.peak_measured / MB, 3) if tally.peak_measured is not None else None,
         "micro_batches": sorted(tally.micro_batches),
         "oom_events": tally.oom_events,
         "replans": tally.replans,

@@ -50,7 +50,7 @@ def split_step(
     for start in range(0, n, step):
         xb, yb = x[start : start + step], y[start : start + step]
         with count_saved_bytes(exclude=[*params, xb], limit=saved_limit) as saved:
-            activation = _forward(device_units, xb, segments, saved)
+            activation = device_forward(device_units, xb, segments, saved)
         saved.discount(activation)  # the cut activation is counted apart, with its gradient
 
         received = activation.detach().requires_grad_(True)  # what the edge gets over the link
@@ -69,13 +69,14 @@ def split_step(
     return StepResult(loss=loss_sum, samples=n, saved_bytes=saved_peak, cut_bytes=crossed)
 
 
-def _forward(units: nn.Sequential, x: torch.Tensor, segments: tuple[tuple[int, int], ...], saved: SavedBytes) -> torch.Tensor:
+def device_forward(units: nn.Sequential, x: torch.Tensor, segments: tuple[tuple[int, int], ...], saved: SavedBytes | None = None) -> torch.Tensor:
     """Run ``units``, checkpointing each (first, last) segment: only its input is kept for backward."""
     ends = dict(segments)
     h, l = x, 1
     while l <= len(units):
         if l in ends:
-            saved.add(h)  # the checkpoint holds its input until the segment's backward
+            if saved is not None:
+                saved.add(h)  # the checkpoint holds its input until the segment's backward
             h = checkpoint(units[l - 1 : ends[l]], h, use_reentrant=False)
             l = ends[l] + 1
         else:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from smartsplit.memory.model import MemoryBreakdown, Segments, activation_peaks, device_memory
+from smartsplit.memory.model import MemoryBreakdown, Segments, activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models.profile import BACKWARD_FLOPS, ModelProfile
 
@@ -22,12 +22,15 @@ class DevicePlan:
     cut: int
     micro_batch: int
     segments: Segments  # checkpointed segments of units 1..cut
-    memory: MemoryBreakdown  # predicted device peak, by kind (DESIGN 3), at this micro-batch
+    memory: MemoryBreakdown  # predicted device peak, by kind, at this micro-batch
     held_bytes: int  # saved activations held at the end of the forward (the rest of the peak is recompute)
     recompute_flops: int  # per logical batch
     compute_s: float  # device compute per logical batch, recompute included
     recompute_s: float
     round_trips: int  # micro-batches, each one a round trip to the edge
+
+
+MAX_TIGHTENINGS = 8
 
 
 def micro_batch_sizes(batch: int) -> list[int]:
@@ -84,21 +87,16 @@ class OnDeviceManager:
         best: DevicePlan | None = None
         for m in sizes:
             profile = self.profile_at(m)
-            plain = device_memory(profile, cut, slots=self.slots)
-            fixed = plain.total - plain.activations
-            if fixed > budget:
-                continue  # smaller micro-batches shrink only the input and cut tensors; keep trying
-            if self.checkpointing:
-                segmentation = plan_segments(profile, cut, budget - fixed)
-                if segmentation is None:
-                    continue
-                segments, recompute = segmentation.segments, segmentation.recompute_flops
-            else:
-                if plain.total > budget:
-                    continue
-                segments, recompute = (), 0
-            memory = device_memory(profile, cut, slots=self.slots, segments=segments)
             rounds = math.ceil(self.batch / m)
+            memory = device_memory(profile, cut, slots=self.slots, micro_batches=rounds)
+            segments, recompute = (), 0
+            if memory.total > budget:
+                if not self.checkpointing:
+                    continue
+                found = self._segments(profile, cut, budget, rounds, memory)
+                if found is None:
+                    continue
+                segments, recompute, memory = found
             scale = self.batch / m  # FLOPs are profiled per micro-batch
             compute_s = (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale / self.flops_per_s
             recompute_s = recompute * scale / self.flops_per_s
@@ -116,6 +114,24 @@ class OnDeviceManager:
             if best is None or self._time(plan) < self._time(best):
                 best = plan
         return best
+
+    def _segments(self, profile: ModelProfile, cut: int, budget: int, rounds: int, plain: MemoryBreakdown):
+        """The cheapest segmentation whose whole predicted peak fits ``budget``.
+
+        The segmentation search bounds the saved activations; the rest of the peak (what each unit needs while
+        it runs, recomputation included) depends on the segments, so the activation bound is tightened by the
+        overshoot until the whole peak fits.
+        """
+        limit = activation_bytes(profile, cut) - (plain.total - budget)
+        for _ in range(MAX_TIGHTENINGS):
+            segmentation = plan_segments(profile, cut, limit)
+            if segmentation is None:
+                return None
+            memory = device_memory(profile, cut, slots=self.slots, segments=segmentation.segments, micro_batches=rounds)
+            if memory.total <= budget:
+                return segmentation.segments, segmentation.recompute_flops, memory
+            limit = min(limit, segmentation.activation_bytes) - (memory.total - budget)
+        return None
 
     def _time(self, plan: DevicePlan) -> float:
         return plan.compute_s + (plan.round_trips - 1) * self.round_trip_s

@@ -1,29 +1,34 @@
-"""Predicted device peak memory for a cut (DESIGN 3)."""
+"""Predicted device peak memory for a cut, a micro-batch size and a checkpoint plan: an upper bound of what the
+meter measures (``memory.meter``), built from per-unit figures the meter measured once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.models.profile import ModelProfile
+from smartsplit.memory.meter import UnitCost
+from smartsplit.models.profile import ModelProfile, UnitProfile
+
+
+MARGIN_FRACTION = 0.02  # the prediction's allowance over the composed figure, relative ...
+MARGIN_BYTES = 4096  # ... and absolute (a step allocates some small Python and autograd objects of its own)
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes the device holds at its peak, by kind."""
+    """Bytes the device holds at the moment of its predicted peak, by kind."""
 
-    weights: int
-    grads: int
-    optimizer: int
-    input: int
-    activations: int
+    static: int  # weights, optimizer state, and the gradients that exist at that moment
+    input: int  # the micro-batch
+    activations: int  # saved for backward (and autograd's graph), held by the units below the moment
     cut_io: int  # the cut activation and the gradient returned for it
-    in_flight: int  # gradients alive together during backward (the largest adjacent pair)
-    workspace: int
+    transient: int  # what the unit running at that moment needs on top: output, scratch, gradients in flight
+    margin: int = 0  # for what the meter's per-unit figures cannot see (allocator rounding, Python objects)
+    phase: str = ""  # where the peak is: "forward 3", "recompute 2", "backward 1", "optimizer", "link"
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return self.static + self.input + self.activations + self.cut_io + self.transient + self.margin
 
 
 def optimizer_slots(name: str, momentum: float = 0.0) -> int:
@@ -33,17 +38,6 @@ def optimizer_slots(name: str, momentum: float = 0.0) -> int:
     if name == "adam":
         return 2
     raise SmartSplitError(f"training.optimizer: unknown optimizer {name!r}; use 'sgd' or 'adam'")
-
-
-def in_flight_bytes(profile: ModelProfile, cut: int) -> int:
-    """Largest set of gradients alive at once while the device backpropagates through ``1..cut``.
-
-    The gradient returned for the cut is counted in ``cut_io``; below it, backward through unit ``l``
-    holds the gradient of its output and produces the gradient of its input (none for the raw batch).
-    """
-    outputs = [0] + [u.output_bytes for u in profile.device_units(cut)]  # outputs[0]: the batch, needs no grad
-    pairs = [outputs[cut - 1]] + [outputs[l] + outputs[l - 1] for l in range(1, cut)]
-    return max(pairs)
 
 
 Segments = tuple[tuple[int, int], ...]  # checkpointed segments (first, last), 1-based, inclusive, in order
@@ -64,24 +58,7 @@ def activation_peaks(profile: ModelProfile, cut: int, segments: Segments = ()) -
     next unit saves as its input) are counted once; the raw batch and the cut activation are counted apart.
     """
     units = profile.device_units(cut)
-    in_segment = [False] * (cut + 2)
-    starts = set()
-    for first, last in segments:
-        starts.add(first)
-        for l in range(first, last + 1):
-            in_segment[l] = True
-    kept = [not in_segment[l] for l in range(cut + 2)]
-
-    def boundary_held(b: int) -> bool:  # is the output of unit b held through the forward?
-        if not 1 <= b < cut:
-            return False
-        u, nxt = units[b - 1], units[b]
-        return (kept[b] and u.saves_output) or (kept[b + 1] and nxt.saves_input) or (b + 1) in starts
-
-    held_prefix = [0] * (cut + 1)  # held_prefix[i]: held by units 1..i and boundaries 1..i
-    for l in range(1, cut + 1):
-        u = units[l - 1]
-        held_prefix[l] = held_prefix[l - 1] + (u.internal_bytes if kept[l] else 0) + (u.output_bytes if boundary_held(l) else 0)
+    held_prefix = _held_prefix(profile, cut, segments)
     peaks = [held_prefix[cut]]
     for first, last in segments:
         recompute = 0
@@ -94,21 +71,116 @@ def activation_peaks(profile: ModelProfile, cut: int, segments: Segments = ()) -
     return tuple(peaks)
 
 
-def device_memory(
-    profile: ModelProfile, cut: int, *, slots: int, segments: Segments = (), workspace: int = 0
-) -> MemoryBreakdown:
-    """Device peak for ``cut`` with ``segments`` checkpointed (none: keep every saved tensor)."""
+def device_memory(profile: ModelProfile, cut: int, *, slots: int, segments: Segments = (), micro_batches: int = 1) -> MemoryBreakdown:
+    """Predicted device peak of one step at ``cut`` with ``segments`` checkpointed, ``micro_batches`` of
+    ``profile.batch`` examples each (gradients accumulate across them).
+
+    The step is walked moment by moment: each unit's forward (and each checkpointed segment's recomputation)
+    on top of what the units before it hold, the cut tensors on the link, each unit's backward on top of what
+    the units below it still hold, the optimizer step. The peak is the largest moment, so nothing is counted
+    that is never alive at once. What a unit needs while it runs (its output, scratch, the gradients it makes)
+    comes from the meter's per-unit figures (``UnitProfile.cost``); a profile without them falls back to its
+    saved-tensor figures, which leave out scratch and are no bound.
+    """
     if not 1 <= cut <= profile.num_units:
         raise SmartSplitError(f"cut {cut} is outside 1..{profile.num_units}")
-    params = profile.param_bytes(1, cut)
-    activations = activation_bytes(profile, cut, segments)
-    return MemoryBreakdown(
-        weights=params,
-        grads=params,
-        optimizer=slots * params,
-        input=profile.input_bytes,
-        activations=activations,
-        cut_io=2 * profile.unit(cut).output_bytes,
-        in_flight=in_flight_bytes(profile, cut),
-        workspace=workspace,
+    units = profile.device_units(cut)
+    costs = [_cost(u, slots, first=(l == 1)) for l, u in enumerate(units, start=1)]
+    grads = [c.grads for c in costs]
+    fixed = sum(c.static - c.grads for c in costs)  # weights and optimizer state
+    accumulating = micro_batches > 1  # from the second micro-batch on, every gradient exists
+    nodes = [max(0, c.forward_kept - u.output_bytes - u.internal_bytes) for u, c in zip(units, costs)]
+    for first, _ in segments:  # a checkpoint's own bookkeeping, held until its segment's backward
+        nodes[first - 1] += max(0, costs[first - 1].checkpoint_kept - units[first - 1].output_bytes)
+
+    def grads_from(l: int) -> int:  # gradients that exist while unit l runs backward (it makes its own)
+        return sum(grads) if accumulating else sum(grads[l:])
+
+    held = _held_prefix(profile, cut, segments)
+    full = _held_prefix(profile, cut, ())
+    node_prefix = [0]
+    for n in nodes:
+        node_prefix.append(node_prefix[-1] + n)
+    out = [profile.input_bytes] + [u.output_bytes for u in units]
+    kept_boundary = _boundaries_held(profile, cut, segments)
+    full_boundary = _boundaries_held(profile, cut, ())
+    cut_io = 2 * out[cut]
+    x = profile.input_bytes
+    moments: list[MemoryBreakdown] = []
+
+    def moment(phase: str, static: int, activations: int, transient: int, io: int = 0, batch: int = x) -> None:
+        moments.append(MemoryBreakdown(static, batch, activations, io, transient, phase=phase))
+
+    forward_static = fixed + (sum(grads) if accumulating else 0)
+    for l in range(1, cut + 1):
+        current = out[l - 1] if l > 1 and not kept_boundary[l - 1] else 0  # its input, if nothing else holds it
+        moment(f"forward {l}", forward_static, held[l - 1] + node_prefix[l - 1] + current, costs[l - 1].forward_peak)
+    moment("link", forward_static, held[cut] + node_prefix[cut], 0, cut_io)
+
+    segment_of = {l: (a, b) for a, b in segments for l in range(a, b + 1)}
+    # recomputing a segment builds its graph again, with the checkpoint's bookkeeping, until its backward ends
+    regraph = {(a, b): sum(nodes[a - 1 : b]) for a, b in segments}
+    for a, b in segments:  # recomputation, when backward reaches the segment: the units above it are done
+        for j in range(a, b + 1):
+            below = held[a - 1] + full[j - 1] - full[a - 1] + node_prefix[j - 1] + regraph[a, b]
+            current = out[j - 1] if j > a and not full_boundary[j - 1] else 0
+            in_flight = out[b] if b < cut else 0
+            moment(f"recompute {j}", fixed + grads_from(b), below + current, costs[j - 1].forward_peak + in_flight, cut_io)
+    for l in range(cut, 0, -1):
+        a, b = segment_of.get(l, (l, l))
+        below = held[a - 1] + full[l - 1] - full[a - 1] + node_prefix[l] + regraph.get((a, b), 0)
+        own = units[l - 1].internal_bytes + (out[l] if units[l - 1].saves_output and l < cut else 0)
+        # below the cut, the unit's figure includes the gradient of its output, made just before it runs
+        transient = costs[l - 1].backward_peak_at_cut if l == cut else costs[l - 1].backward_peak
+        moment(f"backward {l}", fixed + grads_from(l), below + own, transient, cut_io)
+    moment("optimizer", fixed + sum(grads), 0, max(c.optimizer_peak for c in costs), batch=0)
+    peak = max(moments, key=lambda m: m.total)
+    return replace(peak, margin=int(MARGIN_FRACTION * peak.total) + MARGIN_BYTES)
+
+
+def _held_prefix(profile: ModelProfile, cut: int, segments: Segments) -> list[int]:
+    """held[i]: saved bytes held by units 1..i and boundaries 1..i at the end of the forward."""
+    units = profile.device_units(cut)
+    kept = _kept(cut, segments)
+    boundary = _boundaries_held(profile, cut, segments)
+    held = [0] * (cut + 1)
+    for l in range(1, cut + 1):
+        held[l] = held[l - 1] + (units[l - 1].internal_bytes if kept[l] else 0) + (units[l - 1].output_bytes if boundary[l] else 0)
+    return held
+
+
+def _kept(cut: int, segments: Segments) -> list[bool]:
+    kept = [True] * (cut + 2)
+    for first, last in segments:
+        for l in range(first, last + 1):
+            kept[l] = False
+    return kept
+
+
+def _boundaries_held(profile: ModelProfile, cut: int, segments: Segments) -> list[bool]:
+    """held[b]: the output of unit b (1 <= b < cut) is held through the forward (by b, by b + 1, or as a
+    checkpointed segment's input)."""
+    units = profile.device_units(cut)
+    kept = _kept(cut, segments)
+    starts = {first for first, _ in segments}
+    held = [False] * (cut + 1)
+    for b in range(1, cut):
+        held[b] = (kept[b] and units[b - 1].saves_output) or (kept[b + 1] and units[b].saves_input) or (b + 1) in starts
+    return held
+
+
+def _cost(unit: UnitProfile, slots: int, first: bool) -> UnitCost:
+    """The meter's figures for ``unit``, or, for a profile made without the meter, saved-tensor estimates."""
+    if unit.cost is not None:
+        return unit.cost
+    own = unit.output_bytes + unit.internal_bytes
+    return UnitCost(
+        static=(2 + slots) * unit.param_bytes,
+        grads=unit.param_bytes,
+        forward_peak=own,
+        forward_kept=own,
+        backward_peak=unit.output_bytes + unit.param_bytes + (0 if first else unit.input_bytes),
+        backward_peak_at_cut=unit.param_bytes + (0 if first else unit.input_bytes),
+        checkpoint_kept=unit.output_bytes,
+        optimizer_peak=0,
     )

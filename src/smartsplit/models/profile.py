@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from smartsplit.memory.measure import count_saved_bytes
+from smartsplit.memory.meter import HeapMeter, UnitCost
 
 
 BACKWARD_FLOPS = 2  # a unit's backward costs about twice its forward FLOPs
@@ -27,6 +28,7 @@ class UnitProfile:
     output_bytes: int  # what crosses the link when the cut is after this unit
     flops: int
     input_bytes: int = 0
+    cost: UnitCost | None = None  # what the meter saw the unit need alone (None: profiled without the meter)
 
     @property
     def saved_bytes(self) -> int:
@@ -41,6 +43,11 @@ class ModelProfile:
     dtype: str
     input_bytes: int
     units: tuple[UnitProfile, ...]
+
+    @property
+    def metered(self) -> bool:
+        """Every unit carries the meter's figures, so ``device_memory`` is an upper bound of the meter."""
+        return all(u.cost is not None for u in self.units)
 
     @property
     def num_units(self) -> int:
@@ -66,13 +73,23 @@ class ModelProfile:
         return sum(u.flops for u in self.units[first - 1 : last])
 
 
-def profile_chain(units: nn.Sequential, input_shape: tuple[int, ...], batch: int, dtype: torch.dtype = torch.float32) -> ModelProfile:
+def profile_chain(
+    units: nn.Sequential,
+    input_shape: tuple[int, ...],
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+    meter: HeapMeter | None = None,
+    optimizer: tuple[str, float, float] = ("sgd", 0.01, 0.9),
+) -> ModelProfile:
     """Run one forward of ``units`` on a random batch and measure every unit.
 
     Each unit's saved storages are split into its input, its output and the rest, so that the memory
     model can tell which tensors two neighbouring units share and what a checkpointed segment still holds.
+    With a ``meter``, each unit is also measured alone under it (forward, backward and ``optimizer`` step: what
+    it needs beyond what it saves), which makes the memory model an upper bound of the meter.
     The model's weights are not changed.
     """
+    costs = meter.unit_costs(units, input_shape, batch, optimizer) if meter is not None else (None,) * len(units)
     x = torch.randn((batch, *input_shape), dtype=dtype, generator=torch.Generator().manual_seed(0))
     params = list(units.parameters())
     profiles = []
@@ -95,6 +112,7 @@ def profile_chain(units: nn.Sequential, input_shape: tuple[int, ...], batch: int
                     output_bytes=_nbytes(out),
                     flops=int(flop_counter.get_total_flops()),
                     input_bytes=_nbytes(h),
+                    cost=costs[i - 1],
                 )
             )
             h = out
@@ -120,13 +138,17 @@ def _describe(unit: nn.Sequential) -> str:
 
 
 class ProfileCache:
-    """Profiles keyed by (model key, input shape, batch, dtype); one per experiment, not global."""
+    """Profiles keyed by (model key, input shape, batch, dtype); one per experiment, not global.
 
-    def __init__(self) -> None:
+    With a ``meter``, profiles carry the meter's per-unit figures for ``optimizer``."""
+
+    def __init__(self, meter: HeapMeter | None = None, optimizer: tuple[str, float, float] = ("sgd", 0.01, 0.9)) -> None:
         self._profiles: dict[tuple, ModelProfile] = {}
+        self.meter = meter
+        self.optimizer = optimizer
 
     def get(self, key: str, units: nn.Sequential, input_shape: tuple[int, ...], batch: int, dtype: torch.dtype = torch.float32) -> ModelProfile:
         cache_key = (key, tuple(input_shape), batch, str(dtype))
         if cache_key not in self._profiles:
-            self._profiles[cache_key] = profile_chain(units, input_shape, batch, dtype)
+            self._profiles[cache_key] = profile_chain(units, input_shape, batch, dtype, self.meter, self.optimizer)
         return self._profiles[cache_key]

@@ -23,7 +23,7 @@ from smartsplit.errors import SmartSplitError
 
 def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float, target: float | None = None) -> dict:
     reached = next((r for r in records if target is not None and r["accuracy"] >= target), None)
-    peaks = [p for r in records for p in r["peak_measured_mb"]]
+    peaks = [p for r in records for p in r["peak_measured_mb"] if p is not None]
     latencies = [r["latency_s"] for r in records]
     n = max(len(records), 1)
     return {
@@ -85,6 +85,13 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     experiment = Experiment(config)
+    try:
+        return _run_rounds(config, run_dir, experiment, started, resume, progress)
+    finally:
+        experiment.close()
+
+
+def _run_rounds(config: Config, run_dir: Path, experiment: Experiment, started: float, resume: bool, progress: bool) -> dict:
     metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
     start = 0
     if resume and state_path.exists():

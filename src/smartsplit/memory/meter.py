@@ -1,0 +1,416 @@
+"""A memory meter the model does not own: the live heap of a child process, counted below PyTorch.
+
+The meter runs PyTorch in a child process with a small malloc counter preloaded (``heapmeter.c``, built once
+with the system C compiler and cached). Every ``malloc``-family call of that process is counted by its usable
+size: PyTorch's CPU tensors, oneDNN's and BLAS's scratch buffers, im2col columns, autograd's graph and saved
+variables, the optimizer's state. What it does not see: memory mapped directly with ``mmap`` (Python's small-
+object arenas, code and shared libraries, thread stacks) and heap fragmentation (freed memory the allocator
+keeps). Those belong to the process's idle footprint, not to one training step; a device's budget is what it
+may use above that footprint.
+
+Two measurements, both with the same kernels training runs with (oneDNN on, the run's thread count):
+
+- ``step_peak``: the peak of one steady-state device step (after warm-up steps): the device's units, their
+  gradients and optimizer state, one micro-batch loaded at a time, forward to the cut under a checkpoint plan,
+  the gradient of the cut activation coming back, backward, micro-batches accumulated, optimizer step. The
+  edge is not in the process: the returned gradient is a fresh tensor of the cut activation's shape, as a link
+  would deliver it. Bytes are counted above what the process held before the units were loaded.
+- ``unit_costs``: per unit, alone, what its forward, backward and optimizer step need at one micro-batch size,
+  the figures the memory model composes (``memory.model``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smartsplit.errors import SmartSplitError
+
+SOURCE = Path(__file__).with_name("heapmeter.c")
+MEASUREMENT_VERSION = 2  # bump when what a measurement does changes, so cached figures are measured again
+NAME = "heap meter (malloc counter preloaded into a child process; oneDNN on)"
+
+
+class MeterUnavailable(SmartSplitError):
+    """The meter cannot run on this machine (no C compiler, not Linux/glibc)."""
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What the meter saw one unit need, alone, at one micro-batch size (bytes above what was there before)."""
+
+    static: int  # weights, gradients and optimizer state, with the unit's own bookkeeping
+    grads: int  # of which gradients (freed at the start of every step)
+    forward_peak: int  # highest during its forward: output, saved tensors and scratch
+    forward_kept: int  # still held after its forward: output, saved tensors, autograd graph
+    backward_peak: int  # highest during its backward, above its saved tensors, the gradient of its output included
+    backward_peak_at_cut: int  # the same when the unit is the last on the device: its output and the returned
+    # gradient are held by the step throughout, outside this figure
+    checkpoint_kept: int  # held after its forward when it runs checkpointed: output, graph, the checkpoint's own
+    optimizer_peak: int  # highest during the optimizer step, above weights, gradients and state
+
+
+def cache_root() -> Path:
+    """Where SmartSplit keeps what it built or measured: ``$SMARTSPLIT_CACHE``, else ``~/.cache/smartsplit``."""
+    return Path(os.environ.get("SMARTSPLIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smartsplit")
+
+
+def shim_path() -> Path:
+    """The compiled malloc counter, built on first use into the cache folder."""
+    if not sys.platform.startswith("linux"):
+        raise MeterUnavailable(f"the memory meter needs Linux with glibc; this is {sys.platform}")
+    source = SOURCE.read_bytes()
+    cache = cache_root()
+    target = cache / f"heapmeter-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise MeterUnavailable("the memory meter builds a small C library and needs a C compiler: install gcc "
+                               "(apt-get install gcc) or set CC")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MeterUnavailable(f"the memory meter cannot write its cache folder {cache}: {e.strerror}; set SMARTSPLIT_CACHE") from e
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MeterUnavailable(f"the memory meter's C library did not build with {compiler}: {done.stderr.strip()[:500]}")
+    os.replace(partial, target)
+    return target
+
+
+class HeapMeter:
+    """A child process that measures device steps; start it once, ask it many times, close it.
+
+    ``threads`` is the torch thread count of the measured steps (memory of some kernels depends on it).
+    Models travel to the child pickled, so a user model must be importable there (the parent's ``sys.path``
+    is passed on).
+
+    Measurements are cached on disk (``cache_root()/meter``), keyed by the model's structure (not its weights),
+    the shapes, the plan, the optimizer, the thread count and the versions of torch and of the meter. The meter
+    sees a few hundred bytes of Python's own allocations that vary from process to process; plans and reports
+    built on cached figures are the same in every run on a machine, which keeps runs deterministic for a seed.
+    ``cache=False`` measures afresh every time.
+    """
+
+    name = NAME
+
+    def __init__(self, threads: int = 1, cache: bool = True) -> None:
+        self.threads = threads
+        self.cache = cache
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> HeapMeter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def step_peak(
+        self,
+        units,
+        input_shape: tuple[int, ...],
+        batch: int,
+        *,
+        micro_batch: int | None = None,
+        segments: tuple[tuple[int, int], ...] = (),
+        optimizer: tuple[str, float, float] = ("sgd", 0.01, 0.9),
+        num_classes: int = 10,
+        to_edge: bool = True,
+    ) -> int:
+        """Peak bytes of one steady-state device step of ``units`` (see the module's docstring).
+
+        ``to_edge``: the output crosses to an edge and a gradient comes back; else ``units`` is the whole model
+        and the loss is taken on the device.
+        """
+        request = dict(input_shape=tuple(input_shape), batch=batch, micro_batch=micro_batch or batch,
+                       segments=tuple(tuple(s) for s in segments), optimizer=tuple(optimizer), num_classes=num_classes,
+                       to_edge=to_edge)
+        return self._cached("step", units, request, lambda: self._call("step_peak", blob=pickle.dumps(units), **request))
+
+    def unit_costs(self, units, input_shape: tuple[int, ...], micro_batch: int,
+                   optimizer: tuple[str, float, float] = ("sgd", 0.01, 0.9)) -> tuple[UnitCost, ...]:
+        """Each unit of ``units`` measured alone at ``micro_batch`` (its input: the previous units' output)."""
+        request = dict(input_shape=tuple(input_shape), micro_batch=micro_batch, optimizer=tuple(optimizer))
+        rows = self._cached("units", units, request, lambda: self._call("unit_costs", blob=pickle.dumps(units), **request))
+        return tuple(UnitCost(**row) for row in rows)
+
+    def measure(self, callable_name: str, **kwargs) -> Any:
+        """Run ``package.module:function`` in the child under the meter; it gets ``live``, ``peak`` and
+        ``reset_peak`` callables first. For tests and one-off checks."""
+        return self._call("custom", target=callable_name, kwargs=kwargs)
+
+    def _cached(self, kind: str, units, request: dict, measure) -> Any:
+        if not self.cache:
+            return measure()
+        key = json.dumps([kind, MEASUREMENT_VERSION, hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch_version(),
+                          self.threads, structure(units), request], default=str)
+        path = cache_root() / "meter" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        try:
+            return json.loads(path.read_text())["value"]
+        except (OSError, ValueError, KeyError):
+            pass
+        value = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"key": key, "value": value}))
+            os.replace(partial, path)
+        except OSError:
+            pass  # an unwritable cache only costs measuring again
+        return value
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+            self._proc = None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = str(shim_path())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["SMARTSPLIT_METER_THREADS"] = str(self.threads)
+        return subprocess.Popen([sys.executable, "-m", "smartsplit.memory.meter"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    def _call(self, op: str, **kwargs) -> Any:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = self._start()
+        try:
+            _send(self._proc.stdin, (op, kwargs))
+            status, value = _receive(self._proc.stdout)
+        except (OSError, EOFError, struct.error) as e:
+            err = self._proc.stderr.read().decode(errors="replace")[-2000:] if self._proc.poll() is not None else ""
+            self._proc = None
+            raise SmartSplitError(f"the memory meter's child process failed ({e}): {err.strip() or 'no output'}") from e
+        if status != "ok":
+            raise SmartSplitError(f"the memory meter could not measure: {value}")
+        return value
+
+
+def structure(units) -> str:
+    """What identifies a model for memory: its modules and their settings, the shapes of its tensors, and for a
+    traced model its code; never its weights' values."""
+    shapes = [(name, tuple(t.shape), str(t.dtype)) for name, t in [*units.named_parameters(), *units.named_buffers()]]
+    code = "".join(getattr(m, "code", "") for m in units.modules() if hasattr(m, "graph"))
+    return f"{units!r}|{shapes}|{code}"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _send(stream, message: Any) -> None:
+    data = pickle.dumps(message)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("the meter's child process ended")
+    (size,) = struct.unpack("<Q", head)
+    return pickle.loads(stream.read(size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the child process
+
+
+class _Heap:
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(os.environ["LD_PRELOAD"])  # the preloaded copy: dlopen returns the same library
+        lib.heapmeter_live.restype = ctypes.c_int64
+        lib.heapmeter_peak.restype = ctypes.c_int64
+        self.live, self.peak, self.reset_peak = lib.heapmeter_live, lib.heapmeter_peak, lib.heapmeter_reset_peak
+
+
+def _device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) -> None:
+    """The device's side of a split step, as ``engine.step.split_step`` runs it, with one micro-batch loaded at
+    a time; the edge's answer is a fresh gradient tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    from smartsplit.engine.step import device_forward
+
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    n = len(y)
+    for start in range(0, n, micro_batch):
+        xb = x[start : start + micro_batch].clone()
+        activation = device_forward(units, xb, segments)
+        if to_edge:
+            returned = torch.randn(activation.shape, generator=returned_gen)
+            activation.backward(returned)
+            del returned
+        else:
+            loss = F.cross_entropy(activation, y[start : start + micro_batch], reduction="sum") / n
+            loss.backward()
+            del loss
+        del activation, xb
+    if opt is not None:
+        opt.step()
+
+
+def _step_peak(heap: _Heap, blob, input_shape, batch, micro_batch, segments, optimizer, num_classes, to_edge, warmup=1) -> int:
+    import torch
+
+    from smartsplit.engine.step import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *input_shape), generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    # a throw-away copy first: what the process keeps after the first step of a shape (oneDNN's primitive
+    # cache, autograd's engine) is the runtime's footprint, not the step's
+    units = pickle.loads(blob)
+    opt = make_optimizer(list(units.parameters()), *optimizer)
+    _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
+    del units, opt
+    gc.collect()
+    base = heap.live()
+    units = pickle.loads(blob)
+    opt = make_optimizer(list(units.parameters()), *optimizer)
+    for _ in range(warmup):
+        _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
+    gc.collect()
+    heap.reset_peak()
+    _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
+    peak = heap.peak() - base
+    del units, opt
+    return peak
+
+
+def _unit_costs(heap: _Heap, blob, input_shape, micro_batch, optimizer) -> list[dict]:
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from smartsplit.engine.step import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    units = pickle.loads(blob)
+    h = torch.randn((micro_batch, *input_shape), generator=g)
+
+    def exercise(u, x, opt) -> None:  # forward, backward and optimizer step, twice
+        for _ in range(2):
+            out = u(x)
+            out.backward(torch.randn(out.shape, generator=g))
+            if opt is not None:
+                opt.step()
+            del out
+            x.grad = None
+
+    rows = []
+    for index, unit in enumerate(units):
+        unit_blob = pickle.dumps(unit)
+        x = h.detach().requires_grad_(index > 0)  # in the chain, only the raw batch needs no gradient
+        spare = pickle.loads(unit_blob)  # a throw-away copy first, so the runtime's one-time caches exist
+        exercise(spare, x, make_optimizer(list(spare.parameters()), *optimizer))
+        del spare
+        gc.collect()
+        base = heap.live()
+        u = pickle.loads(unit_blob)
+        opt = make_optimizer(list(u.parameters()), *optimizer)
+        exercise(u, x, opt)  # as mid-training: optimizer state exists
+        gc.collect()
+        static = heap.live() - base
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        grads = static - (heap.live() - base)
+
+        before = heap.live()
+        heap.reset_peak()
+        out = u(x)
+        forward_peak, forward_kept = heap.peak() - before, heap.live() - before
+        # The gradient of the output reaches the unit as the next unit would hand it over: made by autograd and
+        # let go once used, with the output itself held only by what saved it.
+        downstream = out * 1.0
+        del out
+        grad = torch.randn(downstream.shape, generator=g)
+        before = heap.live()
+        heap.reset_peak()
+        downstream.backward(grad)
+        backward_peak = heap.peak() - before
+        del downstream, grad
+        x.grad = None
+        # at the cut, the output is the activation sent and the gradient comes from the caller: both stay
+        out = u(x)
+        grad = torch.randn(out.shape, generator=g)
+        before = heap.live()
+        heap.reset_peak()
+        out.backward(grad)
+        backward_peak_at_cut = heap.peak() - before
+        del out, grad
+        x.grad = None
+        # checkpointed, the unit holds its graph and the checkpoint's own bookkeeping until its backward
+        before = heap.live()
+        out = checkpoint(u, x, use_reentrant=False)
+        checkpoint_kept = heap.live() - before
+        out.backward(torch.randn(out.shape, generator=g))
+        del out
+        x.grad = None
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        before = heap.live()
+        heap.reset_peak()
+        if opt is not None:
+            opt.step()
+        optimizer_peak = heap.peak() - before
+        rows.append(dict(static=static, grads=grads, forward_peak=forward_peak, forward_kept=forward_kept,
+                         backward_peak=backward_peak, backward_peak_at_cut=backward_peak_at_cut,
+                         checkpoint_kept=checkpoint_kept, optimizer_peak=optimizer_peak))
+        with torch.no_grad():
+            h = u(h)
+        del u, opt, x
+    return rows
+
+
+def _custom(heap: _Heap, target: str, kwargs: dict) -> Any:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(heap.live, heap.peak, heap.reset_peak, **kwargs)
+
+
+def _serve() -> None:
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the replies
+    sys.stdout = sys.stderr
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SMARTSPLIT_METER_THREADS", "1")))
+    heap = _Heap()
+    ops = {"step_peak": _step_peak, "unit_costs": _unit_costs, "custom": _custom}
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            op, kwargs = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", ops[op](heap, **kwargs))
+        except Exception as e:  # reported to the parent, which raises it there with its context
+            reply = ("error", f"{type(e).__name__}: {e}")
+        _send(out, reply)
+
+
+if __name__ == "__main__":
+    _serve()
