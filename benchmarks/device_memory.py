@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     started = time.perf_counter()
     rows, failed = [], False
-    with HeapMeter(args.threads) as meter:
+    with HeapMeter(args.threads, cache=False) as meter:  # every figure measured in this run
         print(f"meter: {meter.name}; torch {torch.__version__}, {args.threads} thread(s)")
         print(f"batch {args.batch}, SGD momentum; manager: flops_per_s={args.flops_per_s:.3g}, round_trip_s={args.round_trip_s}; "
               f"budget = (a)/{args.divisor:g}")

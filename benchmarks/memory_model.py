@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     micros = [int(m) for m in args.micro.split(",")] if args.micro else micro_batch_sizes(args.batch)
     started = time.perf_counter()
     rows = []
-    with HeapMeter(args.threads) as meter:
+    with HeapMeter(args.threads, cache=False) as meter:  # every figure measured in this run
         print(f"meter: {describe(meter)}")
         print(f"batch {args.batch}, width {args.width}, SGD momentum; plans: plain, and optimal for half the plain activations")
         print(f"{'model':<12}{'cut':>4}/{'L':<3}{'micro':>6}  {'segments':<18}{'predicted MB':>13}{'meter MB':>10}{'error':>8}  peak at")

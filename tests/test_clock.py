@@ -1,4 +1,4 @@
-"""The simulated clock against timelines worked out by hand (DESIGN 7)."""
+"""The simulated clock against timelines worked out by hand."""
 
 from __future__ import annotations
 

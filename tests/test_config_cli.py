@@ -188,14 +188,16 @@ def test_cli_profile_tables(tmp_path: Path) -> None:
     assert lines[0].startswith("cnn: 5 units") and "batch 4" in lines[0]
     unit_header = next(i for i, line in enumerate(lines) if line.startswith("unit"))
     cut_header = next(i for i, line in enumerate(lines) if line.startswith("cut"))
-    assert "params MB" in lines[unit_header] and "device peak MB" in lines[cut_header]
+    assert "params MB" in lines[unit_header] and "predicted peak MB" in lines[cut_header] and "measured peak MB" in lines[cut_header]
     unit_rows = [line.split() for line in lines[unit_header + 2 : unit_header + 7]]
     cut_rows = [line.split() for line in lines[cut_header + 2 : cut_header + 7]]
     assert [r[0] for r in unit_rows] == ["1", "2", "3", "4", "5"]
     assert [r[0] for r in cut_rows] == ["1", "2", "3", "4", "5"]
-    peaks = [float(r[1]) for r in cut_rows]
-    assert peaks == sorted(peaks) and peaks[0] > 0  # deeper cuts hold more on the device
-    assert float(cut_rows[-1][2]) == 0.0  # at cut = L nothing crosses the link
+    predicted, measured = [float(r[1]) for r in cut_rows], [float(r[2]) for r in cut_rows]
+    assert predicted == sorted(predicted) and predicted[0] > 0  # deeper cuts hold more on the device
+    assert all(p >= m > 0 for p, m in zip(predicted, measured))  # the prediction bounds the meter
+    assert float(cut_rows[-1][3]) == 0.0  # at cut = L nothing crosses the link
+    assert lines[-1].startswith("measured: heap meter")
 
 
 def test_cli_console_script_installed() -> None:

@@ -86,28 +86,38 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
+    from smartsplit.memory.meter import HeapMeter
     from smartsplit.memory.model import device_memory, optimizer_slots
     from smartsplit.models.profile import profile_chain
     from smartsplit.models.zoo import build_model, default_input_shape
     from smartsplit.reports.table import format_table
 
+    if args.batch < 1:
+        raise SmartSplitError(f"--batch must be at least 1, got {args.batch}")
     shape = default_input_shape(args.model)
     model = build_model(args.model, num_classes=args.classes, width=args.width)
-    profile = profile_chain(model, shape, args.batch)
+    optimizer = (args.optimizer, 0.01, args.momentum)
     slots = optimizer_slots(args.optimizer, args.momentum)
-    rows = [
-        [u.index, u.name[:40], u.param_bytes / MB, u.saved_bytes / MB, u.output_bytes / MB, u.flops / 1e6]
-        for u in profile.units
-    ]
-    print(f"{args.model}: {profile.num_units} units, input {shape}, batch {args.batch}")
-    print(format_table(["unit", "layers", "params MB", "saved MB", "output MB", "fwd MFLOP"], rows))
-    print()
-    cuts = [
-        [c, device_memory(profile, c, slots=slots).total / MB, profile.cut_bytes(c) / MB, profile.flops(1, c) / 1e6]
-        for c in range(1, profile.num_units + 1)
-    ]
-    print(f"per cut (optimizer {args.optimizer}, momentum {args.momentum}; link bytes each way per step):")
-    print(format_table(["cut", "device peak MB", "link MB/step", "device fwd MFLOP"], cuts))
+    with HeapMeter() as meter:
+        metered = None if args.no_meter else meter
+        profile = profile_chain(model, shape, args.batch, meter=metered, optimizer=optimizer)
+        rows = [
+            [u.index, u.name[:40], u.param_bytes / MB, u.saved_bytes / MB, u.output_bytes / MB, u.flops / 1e6]
+            for u in profile.units
+        ]
+        print(f"{args.model}: {profile.num_units} units, input {shape}, batch {args.batch}")
+        print(format_table(["unit", "layers", "params MB", "saved MB", "output MB", "fwd MFLOP"], rows))
+        print()
+        cuts = []
+        for c in range(1, profile.num_units + 1):
+            predicted = device_memory(profile, c, slots=slots).total / MB
+            measured = "-" if metered is None else meter.step_peak(
+                model[:c], shape, args.batch, optimizer=optimizer, num_classes=args.classes, to_edge=c < profile.num_units) / MB
+            cuts.append([c, predicted, measured, profile.cut_bytes(c) / MB, profile.flops(1, c) / 1e6])
+    print(f"per cut, whole batch, nothing recomputed (optimizer {args.optimizer}, momentum {args.momentum}; "
+          "link bytes each way per step):")
+    print(format_table(["cut", "predicted peak MB", "measured peak MB", "link MB/step", "device fwd MFLOP"], cuts))
+    print(f"measured: {meter.name}" if metered is not None else "predicted from saved-tensor profiles only (--no-meter): no bound")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--classes", type=int, default=10)
     profile.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     profile.add_argument("--momentum", type=float, default=0.0)
+    profile.add_argument("--no-meter", action="store_true", help="skip the memory meter (faster; the prediction is then no bound)")
     profile.set_defaults(func=_profile)
     return parser
 

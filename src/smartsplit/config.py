@@ -35,7 +35,7 @@ class ModelConfig(_Section):
 
 
 class BudgetConfig(_Section):
-    """How each device's memory budget moves over simulated time (DESIGN 3, dynamic budgets)."""
+    """How each device's memory budget moves over simulated time."""
 
     kind: Literal["constant", "foreground", "csv"] = "constant"
     # foreground: a seeded model of other apps taking and releasing memory (see fleet.traces)

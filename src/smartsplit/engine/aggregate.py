@@ -1,4 +1,4 @@
-"""Layer-wise aggregation across heterogeneous cuts (DESIGN 6)."""
+"""Layer-wise aggregation across heterogeneous cuts."""
 
 from __future__ import annotations
 

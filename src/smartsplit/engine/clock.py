@@ -1,4 +1,4 @@
-"""Simulated time of a split step: device compute, link transfers and edge compute (DESIGN 7)."""
+"""Simulated time of a split step: device compute, link transfers and edge compute."""
 
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ class Experiment:
         return device.id % len(self.edges)
 
     def budget_forecast(self, device: Device) -> int:
-        """A low quantile of the budget the device had over the recent window (DESIGN 4)."""
+        """A low quantile of the budget the device had over the recent window."""
         b, trace = self.config.fleet.budgets, self.traces[device.id]
         if self.clock_s <= 0:
             return trace.at(0.0)

@@ -2,10 +2,10 @@
 
 Each device is a SimPy process. A split step runs for real at the simulated moment the edge serves it, so
 the shared edge copy sees the devices' steps in order of simulated arrival, never one device's whole round
-after another's (DESIGN 5). Device-side weights are private, so running the device's forward and backward
+after another's. Device-side weights are private, so running the device's forward and backward
 at that moment too changes nothing but keeps the whole step in one place.
 
-Before every step the device reads its memory budget and, if its strategy lets it, re-plans (DESIGN 3):
+Before every step the device reads its memory budget and, if its strategy lets it, re-plans:
 a cheaper plan at the same cut, else a shallower cut (its deeper units, with their optimizer state, are run
 by the edge for the rest of the round), else a pause until the budget changes.
 """

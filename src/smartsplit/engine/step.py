@@ -1,4 +1,4 @@
-"""One split training step, the whole of it in one place (DESIGN 6)."""
+"""One split training step, the whole of it in one place."""
 
 from __future__ import annotations
 

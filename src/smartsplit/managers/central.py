@@ -1,4 +1,4 @@
-"""The central manager: who trains this round and where each one cuts (DESIGN 4).
+"""The central manager: who trains this round and where each one cuts.
 
 Each round:
 1. feasible cuts are those whose best plan fits the budget forecast (``Candidate.feasible_cuts``); a device
@@ -12,7 +12,7 @@ Each round:
 4. cuts are assigned jointly: each device starts at its fastest feasible cut; while an edge server's load
    exceeds the slowest device's round time, the device on that edge whose next deeper feasible cut sheds
    the most edge work (without becoming the round's new bottleneck) moves there;
-5. the MEC manager may then nudge each cut one unit (DESIGN 5), where that does not lengthen the round.
+5. the MEC manager may then nudge each cut one unit, where that does not lengthen the round.
 
 Every decision's inputs go to ``RoundPlan.notes`` (decisions.jsonl). The helpers here (statistical utility,
 system penalty, coverage bonus, speed history) are shared with the Oort baseline.

@@ -1,4 +1,4 @@
-"""The on-device manager: the cheapest plan that fits the memory the device may use right now (DESIGN 3)."""
+"""The on-device manager: the cheapest plan that fits the memory the device may use right now."""
 
 from __future__ import annotations
 

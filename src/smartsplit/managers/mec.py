@@ -1,4 +1,4 @@
-"""The MEC manager's time-evolving statistical importance: where devices' updates disagree, cut shallower (DESIGN 5)."""
+"""The MEC manager's time-evolving statistical importance: where devices' updates disagree, cut shallower."""
 
 from __future__ import annotations
 

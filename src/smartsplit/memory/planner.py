@@ -1,4 +1,4 @@
-"""The on-device manager's segmentation: which of units ``1..cut`` to recompute (DESIGN 3).
+"""The on-device manager's segmentation: which of units ``1..cut`` to recompute.
 
 A unit is either kept (its saved tensors add to what is held) or part of a checkpointed segment ``i+1..j``
 (only the segment's input is held; while it is recomputed in backward, its own saved tensors come on top of

@@ -1,4 +1,4 @@
-"""Per-unit profiles, measured on a real forward pass (DESIGN 2)."""
+"""Per-unit profiles, measured on a real forward pass."""
 
 from __future__ import annotations
 

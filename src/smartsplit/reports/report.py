@@ -282,7 +282,8 @@ FIGURES: list[tuple[str, Callable, str]] = [
     ("accuracy_time.png", fig_accuracy_time,
      "Test accuracy against simulated time (cumulative round latency, mean over seeds)."),
     ("memory.png", fig_memory,
-     "Measured peak memory of each participating device in each round against its budget; points above the "
+     "Peak memory of each participating device in each round against its budget, measured by the memory meter "
+     "(the live heap of a child process running the device's step under its plan, once per plan shape); points above the "
      "dashed y = x line exceed the budget, red crosses mark devices with out-of-memory events; hollow markers, one shape per strategy, so overlaps show."),
     ("latency.png", fig_latency,
      "Simulated round latency (the slowest participant) per round, and its empirical CDF over all rounds and seeds."),
@@ -356,7 +357,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     lines += ["| " + " | ".join([name] + _summary(group)) + " |" for name, group in groups.items()]
     lines += ["", "Mean ± standard deviation over seeds where a strategy has several; participation is the share "
               "of the fleet not excluded for memory, averaged over rounds; max device peak is the largest "
-              "measured peak of any participant in any round; simulated time is the sum of round latencies.", "",
+              "peak of any participant in any round, measured by the memory meter (a malloc counter in a child process "
+              "that runs the device's step under its plan: every heap byte, library scratch included); simulated time "
+              "is the sum of round latencies.", "",
               "## Figures", ""]
     for number, (filename, draw, caption) in enumerate(FIGURES, 1):
         fig = draw(groups, colours)
