@@ -69,8 +69,8 @@ class FakeMec:
         self.updates.append(per_device)
         return {1: 0.1, 2: 0.9}
 
-    def adjust(self, device_id, cut, feasible_cuts):
-        return cut + 1
+    def adjust(self, device_id, cut, feasible_cuts, accept=lambda new_cut: True):
+        return cut + 1 if accept(cut + 1) else cut
 
 
 # --------------------------------------------------------------------------- helpers
@@ -240,6 +240,31 @@ def test_mec_fine_tuning_stays_feasible_and_can_be_switched_off() -> None:
     assert mec.updates == [updates] and plan_of(s, cands, 3).notes["unit_importance"] == {"1": 0.1, "2": 0.9}
     s.round_finished(1, [report(0, 3, 1.0)])  # no updates (an engine that does not sketch): nothing to score
     assert len(mec.updates) == 1
+
+
+def test_mec_nudges_may_not_lengthen_the_round_through_the_shared_edge() -> None:
+    """Two devices on one edge: the joint assignment puts them at cuts 1 and 2 (edge 8 + 3 = 11 s, slowest device
+    12 s). Unit 2 scoring high asks the device at cut 2 to move shallower, which would load the edge with 16 s:
+    refused, and not remembered as a move. Unit 2 scoring low asks the device at cut 1 to move deeper: edge 6 s,
+    devices 12 s, no longer than before: taken."""
+    from smartsplit.managers.mec import MecManager
+
+    pair = [edge_heavy(0), edge_heavy(1)]
+    joint = plan_of(SmartSplit(), pair, 2)
+    joint_cuts = {a.device_id: a.cut for a in joint.assignments}
+    assert sorted(joint_cuts.values()) == [1, 2] and joint.notes["predicted_latency_s"] == 12.0
+
+    mec = MecManager(L)
+    mec.scores = {2: 0.9}
+    plan = plan_of(SmartSplit(mec=mec), pair, 2)
+    assert {a.device_id: a.cut for a in plan.assignments} == joint_cuts and plan.notes["mec_moves"] == 0
+    assert plan.notes["predicted_latency_s"] == 12.0 and mec.last_move == {}
+
+    mec = MecManager(L)
+    mec.scores = {2: 0.1}
+    plan = plan_of(SmartSplit(mec=mec), pair, 2)
+    assert [a.cut for a in plan.assignments] == [2, 2] and plan.notes["mec_moves"] == 1
+    assert plan.notes["predicted_latency_s"] == 12.0 and plan.notes["edge_load_s"] == {"0": 6.0}
 
 
 def test_real_mec_manager_keeps_cuts_feasible() -> None:

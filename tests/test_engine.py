@@ -280,6 +280,35 @@ def test_run_round_at_cut_L_is_fedavg_by_hand() -> None:
         assert torch.allclose(v.double(), want, atol=1e-6), name
 
 
+def test_each_device_sketches_its_own_steps_on_the_shared_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three devices at mixed cuts on one shared edge copy, their steps interleaved and queued: each device's
+    step sketches, of its own and of the shared edge units, are the gradients of its own steps, read while it
+    held the edge (not after another device's step had refilled the shared gradients)."""
+    from smartsplit.managers.mec import UpdateSketcher
+
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    sketcher = UpdateSketcher(model, 16, seed=0)
+    steps: dict[int, list[list[np.ndarray]]] = {}  # by the device's own first unit: each step's grad sketches
+    real_step = round_mod.split_step
+
+    def recording_step(device_units, edge_units, *args, **kwargs):
+        result = real_step(device_units, edge_units, *args, **kwargs)
+        units = [*device_units, *edge_units]
+        steps.setdefault(id(device_units[0]), []).append([sketcher.grad_sketch(i, u) for i, u in enumerate(units, 1)])
+        return result
+
+    monkeypatch.setattr(round_mod, "split_step", recording_step)
+    parts = [part(model, device(k), cut, 10**9, batches(BATCH, BATCH, BATCH, start=20 * k)) for k, cut in enumerate([1, 2, 1])]
+    _, _, updates = run_round(model, parts, data, profile, [EDGE], SGD, sketcher=sketcher)
+    assert sorted(updates) == [0, 1, 2] and len(steps) == 3
+    own = [[sum(step[u] for step in group) for u in range(3)] for group in steps.values()]
+    for device_id, units in updates.items():
+        assert all(units[u].steps == 3 for u in (1, 2, 3))
+        matches = [o for o in own if all(np.allclose(units[u + 1].total, o[u]) for u in range(3))]
+        assert len(matches) == 1, f"device {device_id}'s sketches are not the sum of its own steps"
+
+
 def test_memory_guard_reports_oom_and_no_steps() -> None:
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)

@@ -1,4 +1,4 @@
-"""The MEC manager's statistical importance: update sketches, disagreement scores, cut moves with hysteresis."""
+"""The MEC manager's statistical importance: step sketches, importance scores, cut moves with hysteresis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.managers.mec import MecManager, UpdateSketcher, disagreement
+from smartsplit.managers.mec import MecManager, StepSketches, UpdateSketcher, importance
 
 ALL = (1, 2, 3, 4)
 
@@ -20,13 +20,18 @@ def model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Sequential(nn.Linear(5, 40), nn.Linear(40, 3)))
 
 
-def constructed_round(rng: np.random.Generator, devices: int = 6, dim: int = 64) -> dict[int, dict[int, np.ndarray]]:
+def steps_of(means: dict[int, np.ndarray], rng: np.random.Generator, steps: int = 8, noise: float = 0.05) -> dict:
+    """Per device, per unit: ``steps`` step sketches around the device's mean for that unit."""
+    return {
+        k: {u: StepSketches.of([m + noise * rng.normal(size=m.shape) for _ in range(steps)]) for u, m in units.items()}
+        for k, units in means.items()
+    }
+
+
+def constructed_round(rng: np.random.Generator, devices: int = 6, dim: int = 64) -> dict[int, dict[int, StepSketches]]:
     """Unit 2: devices pull in opposite directions; unit 3: same direction plus small noise."""
     d2, d3 = rng.normal(size=dim), rng.normal(size=dim)
-    return {
-        k: {2: (1 if k % 2 else -1) * d2 + 0.05 * rng.normal(size=dim), 3: d3 + 0.05 * rng.normal(size=dim)}
-        for k in range(devices)
-    }
+    return steps_of({k: {2: (1 if k % 2 else -1) * d2, 3: d3} for k in range(devices)}, rng)
 
 
 def manager_with(scores: dict[int, float], **kw) -> MecManager:
@@ -35,44 +40,73 @@ def manager_with(scores: dict[int, float], **kw) -> MecManager:
     return m
 
 
-def test_disagreement_bounds() -> None:
-    u = np.array([1.0, -2.0, 3.0])
-    assert disagreement([u, u, u]) == pytest.approx(0.0)
-    assert disagreement([u, -u]) == pytest.approx(1.0)
-    assert disagreement([u]) is None
-    assert disagreement([np.zeros(3), np.zeros(3)]) is None
-    v = disagreement([u, 0.5 * u + 1.0, -u + 0.3])
-    assert v is not None and 0.0 <= v <= 1.0
-    # weights: a device with no weight does not count
-    assert disagreement([u, u, -u], weights=[1.0, 1.0, 0.0]) == pytest.approx(0.0)
+def test_importance_bounds() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=16)
+    same = [StepSketches.of([u + 0.1 * rng.normal(size=16) for _ in range(6)]) for _ in range(4)]
+    assert importance(same) == pytest.approx(0.0)  # devices differ by sampling noise only
+    opposite = [StepSketches.of([s * u + 0.01 * rng.normal(size=16) for _ in range(6)]) for s in (1, -1, 1, -1)]
+    assert importance(opposite) > 0.99
+    assert importance(opposite[:1]) is None  # one device: nothing to compare
+    assert importance([*opposite, StepSketches.of([u])]) is None  # a device with one step has no noise estimate
+    exact = [StepSketches.of([u, u]), StepSketches.of([u, u])]
+    assert importance(exact) is None  # no spread at all
+    assert importance(opposite[:2] + same[:1], weights=[1.0, 1.0, 0.0]) > 0.99  # weightless devices do not count
     with pytest.raises(SmartSplitError):
-        disagreement([u, u], weights=[1.0])
+        importance(opposite, weights=[1.0])
 
 
-def test_opposite_updates_score_high_aligned_low() -> None:
+def test_step_sketches_summarise_their_steps() -> None:
+    g = [np.array([1.0, 0.0]), np.array([3.0, 2.0])]
+    s = StepSketches.of(g)
+    assert s.steps == 2 and np.array_equal(s.total, [4.0, 2.0]) and s.squares == pytest.approx(1 + 13)
+    assert np.allclose(s.mean, [2.0, 1.0])
+    # sample variance of the steps ((1+1) + (1+1)) / 1 = 4, over 2 steps: 2
+    assert s.noise == pytest.approx(2.0)
+    assert StepSketches.of(g[:1]).noise is None
+
+
+def test_disagreeing_data_score_high_agreeing_low() -> None:
     m = MecManager(4)
     scores = m.update(constructed_round(np.random.default_rng(0)))
     assert scores[2] > m.high and scores[3] < m.low
     assert set(scores) == {2, 3}  # units nobody updated stay unscored
 
 
+def test_pure_sampling_noise_scores_low_even_with_anticorrelated_steps() -> None:
+    """Devices with the same data: a weak common gradient under strong step noise, consecutive steps
+    anti-correlated as SGD's are (g_t = mu + n_t - n_(t-1)), which fooled the even/odd estimate."""
+    rng = np.random.default_rng(1)
+    mu = 0.1 * rng.normal(size=128)
+    per_device = {}
+    for k in range(8):
+        n = rng.normal(size=(11, 128))
+        per_device[k] = {1: StepSketches.of([mu + n[t] - n[t - 1] for t in range(1, 11)])}
+    assert MecManager(1).update(per_device)[1] < 0.1
+
+
 def test_units_updated_by_one_device_are_unscored() -> None:
+    rng = np.random.default_rng(0)
     m = MecManager(4)
-    m.update({0: {1: np.ones(3), 2: np.ones(3)}, 1: {2: -np.ones(3)}})
-    assert m.scores == {2: pytest.approx(1.0)}
+    m.update(steps_of({0: {1: np.ones(3), 2: np.ones(3)}, 1: {2: -np.ones(3)}}, rng))
+    assert set(m.scores) == {2} and m.scores[2] > 0.99
 
 
 def test_smoothing_over_rounds() -> None:
-    u = np.array([1.0, 2.0])
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=256)
     m = MecManager(2, smoothing=0.5)
-    m.update({0: {1: u}, 1: {1: -u}})  # 1.0, taken as is
-    assert m.scores[1] == pytest.approx(1.0)
-    m.update({0: {1: u}, 1: {1: u}})  # 0.0
-    assert m.scores[1] == pytest.approx(0.5)
-    m.update({0: {1: u}, 1: {1: u}})
-    assert m.scores[1] == pytest.approx(0.25)
-    m.update({0: {1: u}})  # too few updates this round: score kept
-    assert m.scores[1] == pytest.approx(0.25)
+    m.update(steps_of({0: {1: u}, 1: {1: -u}}, rng))  # about 1.0, taken as is
+    first = m.scores[1]
+    assert first == pytest.approx(1.0, abs=1e-3)
+    m.update(steps_of({0: {1: u}, 1: {1: u}}, rng))  # noise only: 0 up to a small chance excess
+    assert first / 2 <= m.scores[1] <= first / 2 + 0.1
+    second = m.scores[1]
+    m.update(steps_of({0: {1: u}, 1: {1: u}}, rng))
+    assert second / 2 <= m.scores[1] <= second / 2 + 0.1
+    kept = m.scores[1]
+    m.update(steps_of({0: {1: u}}, rng))  # too few devices this round: score kept
+    assert m.scores[1] == kept
 
 
 def test_invalid_parameters_named() -> None:
@@ -114,9 +148,9 @@ def test_adjust_respects_feasible_cuts_and_bounds() -> None:
 
 
 def test_cooldown_prevents_flapping() -> None:
-    u = np.ones(4)
-    high_round = {0: {2: u, 3: u}, 1: {2: -u, 3: -u}}  # units 2 and 3 disagree: score 1
-    low_round = {0: {2: u, 3: u}, 1: {2: u, 3: u}}
+    rng, u = np.random.default_rng(0), np.ones(64)
+    high_round = steps_of({0: {2: u, 3: u}, 1: {2: -u, 3: -u}}, rng)  # units 2 and 3 disagree: score about 1
+    low_round = steps_of({0: {2: u, 3: u}, 1: {2: u, 3: u}}, rng)  # they agree: about 0
     m = MecManager(4, smoothing=0.0, cooldown=1)
     cut, cuts = 3, []
     for rnd in range(8):
@@ -213,30 +247,44 @@ def test_sketches_feed_the_manager() -> None:
     """Grad sketches of devices trained on opposite targets disagree on the unit they share."""
     net = model()
     s = UpdateSketcher(net, 64, seed=0)
-    per_device: dict[int, dict[int, np.ndarray]] = {}
-    x = torch.randn(16, 6)
+    per_device: dict[int, dict[int, StepSketches]] = {}
+    g = torch.Generator().manual_seed(0)
     for k, sign in enumerate((1.0, -1.0, 1.0, -1.0)):
         unit = nn.Linear(6, 5)
         unit.load_state_dict(net[0].state_dict())
-        (sign * unit(x).sum()).backward()
-        per_device[k] = {1: s.grad_sketch(1, unit)}
-    m = MecManager(3)
-    assert m.update(per_device)[1] == pytest.approx(1.0)
+        stats = StepSketches(np.zeros(0))
+        for _ in range(4):
+            unit.zero_grad()
+            (sign * unit(torch.randn(16, 6, generator=g)).sum()).backward()
+            stats.add(s.grad_sketch(1, unit))
+        per_device[k] = {1: stats}
+    assert MecManager(3).update(per_device)[1] > 0.9
 
 
-def test_noise_alone_scores_low_with_split_halves():
-    """Devices sampling one distribution disagree only by noise; even/odd halves let the score discount it."""
-    rng = np.random.default_rng(0)
-    signal = rng.normal(size=200)
-    same, opposite = {}, {}
-    for k in range(6):
-        steps = [0.1 * signal + rng.normal(size=200) for _ in range(10)]  # weak signal, strong noise
-        halves = np.stack([sum(steps[0::2]), sum(steps[1::2])])
-        same[k] = {1: halves}
-        flipped = [(-1) ** k * 1.0 * signal + rng.normal(size=200) for _ in range(10)]
-        opposite[k] = {1: np.stack([sum(flipped[0::2]), sum(flipped[1::2])])}
-    naive = disagreement([same[k][1].sum(axis=0) for k in same])
-    calibrated = MecManager(1).update(same)[1]
-    assert naive > 0.6  # the raw normalised variance calls pure noise "disagreement"
-    assert calibrated < 0.15
-    assert MecManager(1).update(opposite)[1] > 0.6  # real disagreement survives the correction
+def test_real_gradients_iid_small_batches_score_low_label_skew_high() -> None:
+    """Linear classifiers on 4 devices, 10 SGD steps of batch 4: the same data distribution (pure sampling
+    noise) scores low; each device seeing two of eight classes scores high."""
+    torch.manual_seed(0)
+    centres = torch.randn(8, 10) * 2
+    net = nn.Sequential(nn.Linear(10, 8))
+    sketcher = UpdateSketcher(net, 80, seed=0)
+
+    def device_stats(classes: list[int], seed: int) -> StepSketches:
+        g = torch.Generator().manual_seed(seed)
+        unit = nn.Linear(10, 8)
+        unit.load_state_dict(net[0].state_dict())
+        opt = torch.optim.SGD(unit.parameters(), lr=0.1)
+        stats = StepSketches(np.zeros(0))
+        for _ in range(10):
+            y = torch.tensor(classes)[torch.randint(len(classes), (4,), generator=g)]
+            x = centres[y] + torch.randn(4, 10, generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(unit(x), y).backward()
+            stats.add(sketcher.grad_sketch(1, unit))
+            opt.step()
+        return stats
+
+    iid = {k: {1: device_stats(list(range(8)), k)} for k in range(4)}
+    skewed = {k: {1: device_stats([2 * k, 2 * k + 1], k)} for k in range(4)}
+    assert MecManager(1).update(iid)[1] < 0.3
+    assert MecManager(1).update(skewed)[1] > 0.6

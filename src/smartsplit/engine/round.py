@@ -27,6 +27,7 @@ from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.step import make_optimizer, split_step
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.managers.device import DevicePlan, OnDeviceManager
+from smartsplit.managers.mec import StepSketches
 from smartsplit.memory.measure import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
 
@@ -100,12 +101,12 @@ def run_round(
     edge_order: str = "interleaved",
     sketcher=None,
     measure: Callable[[DevicePlan], int] | None = None,
-) -> tuple[list[list[Contribution]], list[dict], dict[int, dict[int, np.ndarray]]]:
+) -> tuple[list[list[Contribution]], list[dict], dict[int, dict[int, StepSketches]]]:
     """Train every participant from ``global_units``.
 
     Returns the trained copies grouped by edge server (for hierarchical aggregation), one report per device,
-    and, with a ``sketcher``, each device's gradient sketch per unit summed over its even and its odd steps
-    (two rows, for the MEC manager).
+    and, with a ``sketcher``, each device's per-step gradient sketches of every unit it trained through
+    (``StepSketches``, for the MEC manager), each taken right after the step, while the device holds the edge.
     ``start_s`` is the round's start on the experiment's clock (budget traces are read at ``start_s + now``);
     a device still paused at ``deadline_s`` into the round stops there, its finished steps counted.
     ``edge_copies``: "shared" (one server-side copy per edge, fed by all its devices) or "per-device".
@@ -123,7 +124,14 @@ def run_round(
         servers.append(EdgeServer(spec, simpy.Resource(env, capacity=1), shared, opt, {i: 0 for i in range(1, num_units + 1)}))
     contributions: list[list[Contribution]] = [[] for _ in servers]
     reports: list[dict] = []
-    updates: dict[int, dict[int, np.ndarray]] = {}
+    updates: dict[int, dict[int, StepSketches]] = {}
+
+    def take_sketch(sketch: dict[int, StepSketches], device_side: nn.Sequential, edge_side: nn.Sequential) -> None:
+        """This step's gradient sketch of every unit, device and edge side, for the MEC manager."""
+        if sketcher is None:
+            return
+        for index, unit in enumerate([*device_side, *edge_side], start=1):
+            sketch.setdefault(index, StepSketches(np.zeros(0))).add(sketcher.grad_sketch(index, unit))
 
     def device_process(p: Participant, after: simpy.Process | None):
         if after is not None:
@@ -139,7 +147,7 @@ def run_round(
             server_units = copy.deepcopy(global_units)
             server_opt = make_optimizer(list(server_units[p.cut :].parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
             server_samples = {i: 0 for i in range(1, num_units + 1)}
-        sketch: dict[int, np.ndarray] = {}
+        sketch: dict[int, StepSketches] = {}
         cut = p.cut
         down_s, up_s = model_transfer_s(profile, p.cut, dev, edge)
         yield env.timeout(down_s)
@@ -186,19 +194,17 @@ def run_round(
                     tally.wait_s += env.now - arrived
                     result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally, measure)
                     if result is not None:  # a step that ran out of memory on the device never reached the edge
+                        take_sketch(sketch, device_side, edge_side)  # now, before another device's step reuses the edge
                         yield env.timeout(t.edge_s)
                 if result is not None:
                     yield env.timeout(t.downlink_s)
             else:
                 result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally, measure)
+                if result is not None:
+                    take_sketch(sketch, device_side, edge_side)
             if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
             i += 1
-            if sketcher is not None:  # summed over even and odd steps apart: their difference measures the noise
-                for index, unit in enumerate([*device_side, *edge_side], start=1):
-                    grad = sketcher.grad_sketch(index, unit)
-                    halves = sketch.setdefault(index, np.zeros((2, len(grad))))
-                    halves[tally.steps % 2] += grad
             yield env.timeout(t.backward_s)
             tally.compute_s += t.forward_s + t.backward_s
             tally.recompute_s += plan.recompute_flops * scale / dev.flops_per_s

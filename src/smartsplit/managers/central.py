@@ -253,17 +253,21 @@ class SmartSplit(Strategy):
         cuts, rebalance_moves = self._assign(chosen, times)
         mec_moves = 0
         if self.cut_finetuning and self.mec is not None:
-            # the MEC manager's nudges may not make the round longer: a device takes one only if its round
-            # still ends before the slowest participant's (and the deadline)
-            bound = max((times[c.device.id][0][cuts[c.device.id] - 1] for c in chosen), default=0.0)
-            if self.deadline_s is not None:
-                bound = min(bound, self.deadline_s)
+            # the MEC manager's nudges may not make the round longer: the round's predicted latency (its slowest
+            # device or its busiest edge) may not exceed the joint assignment's, nor a device miss the deadline
+            bound = predicted_latency(chosen, cuts, times)
             for c in chosen:
                 i = c.device.id
-                new = self.mec.adjust(i, cuts[i], c.feasible_cuts)
-                if new == cuts[i] or new not in c.feasible_cuts:
-                    continue
-                if times[i][0][new - 1] <= bound:
+
+                def keeps_the_round(new_cut: int, i: int = i, feasible: tuple = c.feasible_cuts) -> bool:
+                    if new_cut not in feasible:
+                        return False
+                    trial = {**cuts, i: new_cut}
+                    in_time = self.deadline_s is None or times[i][0][new_cut - 1] <= self.deadline_s
+                    return in_time and predicted_latency(chosen, trial, times) <= bound
+
+                new = self.mec.adjust(i, cuts[i], c.feasible_cuts, accept=keeps_the_round)
+                if new != cuts[i] and new in c.feasible_cuts:
                     cuts[i], mec_moves = new, mec_moves + 1
         for c in chosen:
             self.history.plan(c, cuts[c.device.id])
@@ -285,13 +289,12 @@ class SmartSplit(Strategy):
                 "cut": cuts[i],
                 "predicted_round_s": float(times[i][0][cuts[i] - 1]),
             })
-        slowest = max((x["predicted_round_s"] for x in selected), default=0.0)
         notes = {
             "selected": selected,
             "preferred_round_s": preferred,
             "dropped_by_deadline": len(feasible) - len(pool),
             "edge_load_s": {str(e): v for e, v in sorted(load.items())},
-            "predicted_latency_s": max(slowest, *load.values(), 0.0),
+            "predicted_latency_s": predicted_latency(chosen, cuts, times),
             "rebalance_moves": rebalance_moves,
             "mec_moves": mec_moves,
             "unit_importance": {str(u): float(v) for u, v in sorted(self.importance.items())},
@@ -306,6 +309,12 @@ class SmartSplit(Strategy):
         self.history.observe(reports)
         if self.mec is not None and updates:
             self.importance = dict(self.mec.update(updates))
+
+
+def predicted_latency(chosen: Sequence[Candidate], cuts: dict[int, int], times: dict[int, tuple]) -> float:
+    """The round's predicted latency at the given cuts: its slowest device's round or its busiest edge's work."""
+    slowest = max((float(times[c.device.id][0][cuts[c.device.id] - 1]) for c in chosen), default=0.0)
+    return max(slowest, *edge_loads(chosen, cuts, times).values(), 0.0)
 
 
 def edge_loads(chosen: Sequence[Candidate], cuts: dict[int, int], times: dict[int, tuple]) -> dict[int, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -58,41 +59,70 @@ class UpdateSketcher:
         return self._read(index, unit, grad=False)
 
 
-def disagreement(
-    updates: Sequence[np.ndarray], weights: Sequence[float] | None = None, noise: Sequence[float] | None = None
-) -> float | None:
-    """Normalised variance of per-device updates of one unit, in [0, 1]: weighted mean of ||u_k - mean||^2
-    divided by the weighted mean of ||u_k||^2 (0: all devices agree; 1: they cancel out).
+@dataclass
+class StepSketches:
+    """One device's gradient sketches of one unit over a round, one per local step, kept as their sum, the sum of
+    their squared norms and their count (what a device would send the edge: a vector and two numbers)."""
 
-    ``noise[k]`` estimates E||n_k||^2, the part of device k's update that is sampling noise. Devices drawing
-    from one distribution still disagree by that much (the weighted spread of independent noise is
-    sum_k w_k (1 - w_k) noise_k), so it is subtracted: what is left is disagreement from their data.
-    None with fewer than 2 updates or all zero."""
-    if len(updates) < 2:
+    total: np.ndarray
+    squares: float = 0.0
+    steps: int = 0
+
+    @classmethod
+    def of(cls, sketches: Sequence[np.ndarray]) -> StepSketches:
+        stats = cls(np.zeros(len(sketches[0])) if sketches else np.zeros(0))
+        for g in sketches:
+            stats.add(g)
+        return stats
+
+    def add(self, sketch: np.ndarray) -> None:
+        g = np.asarray(sketch, dtype=np.float64).reshape(-1)
+        self.total = self.total + g if self.total.shape == g.shape else g.copy()
+        self.squares += float(g @ g)
+        self.steps += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.steps, 1)
+
+    @property
+    def noise(self) -> float | None:
+        """E||mean - its expectation||^2 were the steps independent draws: the steps' variance over their count.
+        None below two steps."""
+        if self.steps < 2:
+            return None
+        m = self.mean
+        variance = max(self.squares / self.steps - float(m @ m), 0.0) * self.steps / (self.steps - 1)
+        return variance / self.steps
+
+
+def importance(stats: Sequence[StepSketches], weights: Sequence[float] | None = None) -> float | None:
+    """How much more the devices' mean step gradients of one unit disagree than sampling noise alone would make
+    them disagree, in [0, 1] (a one-way analysis of variance between devices):
+    ``1 - W / B`` clamped at 0, with ``B`` the weighted spread of the devices' mean gradients around their weighted
+    mean and ``W`` the spread expected were every device drawing its steps from one distribution,
+    ``sum_k w_k (1 - w_k) s_k^2 / T_k`` (``s_k^2``: the variance of device k's step gradients, ``T_k`` its steps).
+
+    Why it holds under SGD: ``W`` treats a device's steps as independent. Consecutive SGD gradients are
+    anti-correlated (a step that overshoots is corrected by the next), so the true noise of a mean is at most
+    ``s^2 / T`` and ``W`` over-states it: devices with the same data score 0, not a spurious disagreement. The
+    within-device variance also holds the drift of the gradient along the local trajectory, which again makes
+    ``W`` larger, never smaller. So a high score means data that really disagree. None with fewer than two
+    devices, a device with fewer than two steps, or no spread at all."""
+    usable = [s for s in stats if s.steps >= 2]
+    if len(usable) < 2 or len(usable) < len(stats):
         return None
-    u = np.stack([np.asarray(x, dtype=np.float64).reshape(-1) for x in updates])
-    w = np.ones(len(updates)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(updates),) or np.any(w < 0) or w.sum() <= 0:
-        raise SmartSplitError("disagreement weights must be one non-negative number per update, not all zero")
+    w = np.ones(len(usable)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(usable),) or np.any(w < 0) or w.sum() <= 0:
+        raise SmartSplitError("importance weights must be one non-negative number per device, not all zero")
     w = w / w.sum()
-    power = float(w @ np.einsum("kd,kd->k", u, u))
-    if power <= 0.0:
+    means = np.stack([s.mean for s in usable])
+    centre = w @ means
+    between = float(w @ np.einsum("kd,kd->k", means - centre, means - centre))
+    if between <= 0.0:
         return None
-    mean = w @ u
-    spread = float(w @ np.einsum("kd,kd->k", u - mean, u - mean))
-    if noise is not None:
-        spread -= float(np.sum(w * (1 - w) * np.asarray(noise, dtype=np.float64)))
-    return min(max(spread / power, 0.0), 1.0)
-
-
-def split_halves(update: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """A device's update and its noise estimate from ``update``: either one vector (no estimate) or two rows,
-    the sums over its even and its odd local steps. Their difference has the noise of the whole sum and
-    none of its signal, so ||even - odd||^2 estimates E||noise||^2."""
-    update = np.asarray(update, dtype=np.float64)
-    if update.ndim == 2 and update.shape[0] == 2:
-        return update[0] + update[1], float(np.sum((update[0] - update[1]) ** 2))
-    return update.reshape(-1), None
+    expected = float(np.sum(w * (1 - w) * np.array([s.noise for s in usable])))
+    return min(max(1.0 - expected / between, 0.0), 1.0)
 
 
 class MecManager:
@@ -121,16 +151,12 @@ class MecManager:
         self.rounds = 0  # calls to update()
         self.last_move: dict[int, tuple[int, int]] = {}  # device id -> (round of its last move, direction -1/+1)
 
-    def update(self, per_device: dict[int, dict[int, np.ndarray]]) -> dict[int, float]:
-        """Score each unit with the disagreement of the devices that updated it this round; smooth (EMA) over rounds.
-
-        ``per_device[device][unit]`` is a device's update of a unit: one vector, or two rows (sums over even and
-        odd local steps), in which case the disagreement that sampling noise alone would cause is discounted."""
+    def update(self, per_device: dict[int, dict[int, StepSketches]]) -> dict[int, float]:
+        """Score each unit with the importance of the devices' step gradients of it this round (``importance``);
+        smooth (EMA) over rounds. ``per_device[device][unit]``: that device's step sketches of that unit."""
         self.rounds += 1
         for unit in range(1, self.num_units + 1):
-            halves = [split_halves(units[unit]) for _, units in sorted(per_device.items()) if unit in units]
-            noise = [n for _, n in halves]
-            score = disagreement([u for u, _ in halves], noise=None if None in noise else noise)
+            score = importance([units[unit] for _, units in sorted(per_device.items()) if unit in units])
             if score is None:
                 continue
             old = self.scores.get(unit)
@@ -141,19 +167,20 @@ class MecManager:
         last = self.last_move.get(device_id)
         return last is None or last[1] == direction or self.rounds - last[0] > self.cooldown
 
-    def adjust(self, device_id: int, cut: int, feasible_cuts: tuple[int, ...]) -> int:
+    def adjust(self, device_id: int, cut: int, feasible_cuts: tuple[int, ...], accept=lambda new_cut: True) -> int:
         """One unit shallower when unit ``cut`` scores above ``high``; else one deeper when unit ``cut+1`` scores below
         ``low``; else ``cut``. A move opposite to the device's last one waits until more than ``cooldown`` rounds
-        (calls to update()) have passed since it. Unscored units never trigger a move."""
+        (calls to update()) have passed since it. Unscored units never trigger a move. ``accept(new_cut)`` lets the
+        caller refuse a move (it is then not remembered for the cooldown)."""
         feasible = set(feasible_cuts)
         last_device, first_edge = self.scores.get(cut), self.scores.get(cut + 1)
         if last_device is not None and last_device > self.high:
-            if cut - 1 >= 1 and cut - 1 in feasible and self._allowed(device_id, -1):
+            if cut - 1 >= 1 and cut - 1 in feasible and self._allowed(device_id, -1) and accept(cut - 1):
                 self.last_move[device_id] = (self.rounds, -1)
                 return cut - 1
             return cut  # never pull a low unit onto a device whose own last unit disagrees
         if first_edge is not None and first_edge < self.low:
-            if cut + 1 <= self.num_units and cut + 1 in feasible and self._allowed(device_id, +1):
+            if cut + 1 <= self.num_units and cut + 1 in feasible and self._allowed(device_id, +1) and accept(cut + 1):
                 self.last_move[device_id] = (self.rounds, +1)
                 return cut + 1
         return cut
