@@ -47,6 +47,9 @@ def fake_run(root: Path, strategy: str, seed: int, rounds: int = 4, recompute: b
             "bytes_up": sum(d["bytes_up"] for d in devices), "bytes_down": sum(d["bytes_down"] for d in devices),
             "latency_s": max(d["finish_s"] for d in devices) + seed, "wall_s": 0.01, "devices": devices,
         })
+        if strategy == "smartsplit":
+            lines[-1]["unit_importance"] = {str(u): (0.2 * u + 0.1 * r) % 1.0 for u in (1, 2, 3)}
+            lines[-1]["mec_moves"] = {"deeper": r % 2, "shallower": (r + 1) % 2}
     (run / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in lines))
     return run
 
@@ -77,7 +80,7 @@ def test_report_writes_every_figure_and_the_table(runs: list[Path], tmp_path: Pa
         width, height = png_size(png)
         assert width >= 600 and height >= 400 and png.stat().st_size > 10_000, filename
         assert f"]({filename})" in text
-    assert len(FIGURES) == 7
+    assert len(FIGURES) == 8
     summary = text.split("## Figures")[0]
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
     assert {"fedavg", "smartsplit"} <= rows.keys()

@@ -23,6 +23,7 @@ class DataConfig(_Section):
     shards_per_client: int = Field(2, ge=1)
     train_limit: int | None = Field(None, ge=1)  # subsample the training set (seeded)
     test_limit: int | None = Field(None, ge=1)
+    pad_to: int | None = Field(None, ge=1)  # pad images with their background to pad_to x pad_to (28 -> 32 for VGG)
     synthetic_shape: tuple[int, int, int] = (1, 28, 28)
     synthetic_classes: int = Field(10, ge=2)
     synthetic_train: int = Field(2000, ge=10)

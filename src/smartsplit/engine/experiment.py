@@ -64,10 +64,21 @@ def load_data(config: Config) -> tuple[Dataset, Dataset]:
             synthetic(d.synthetic_shape, d.synthetic_classes, d.synthetic_train, config.seed, split="train"),
             synthetic(d.synthetic_shape, d.synthetic_classes, d.synthetic_test, config.seed, split="test"),
         )
-    return (
-        load_dataset(d.dataset, "train", d.root, limit=d.train_limit, seed=config.seed),
-        load_dataset(d.dataset, "test", d.root, limit=d.test_limit, seed=config.seed),
-    )
+    train = load_dataset(d.dataset, "train", d.root, limit=d.train_limit, seed=config.seed)
+    test = load_dataset(d.dataset, "test", d.root, limit=d.test_limit, seed=config.seed)
+    if d.pad_to is not None:
+        train, test = _padded(train, d.pad_to), _padded(test, d.pad_to)
+    return train, test
+
+
+def _padded(data: Dataset, side: int) -> Dataset:
+    """``data`` with every image centred on a ``side`` x ``side`` canvas of its background (lowest) value."""
+    h, w = data.x.shape[-2:]
+    if side < max(h, w):
+        raise SmartSplitError(f"data.pad_to: {side} is smaller than the {h}x{w} images; use at least {max(h, w)}")
+    top, left = (side - h) // 2, (side - w) // 2
+    x = F.pad(data.x, (left, side - w - left, top, side - h - top), value=float(data.x.min()))
+    return Dataset(data.name, x, data.y, data.num_classes)
 
 
 def build_fleet(config: Config) -> list[Device]:
@@ -321,6 +332,8 @@ class Experiment:
             "pauses": sum(r["pauses"] for r in reports),
             "recompute_s": sum(r["recompute_s"] for r in reports),
             "recompute_pct": 100 * sum(r["recompute_s"] for r in reports) / max(sum(r["compute_s"] for r in reports), 1e-12),
+            "unit_importance": plan.notes.get("unit_importance"),  # the MEC manager's scores this round's cuts used
+            "mec_moves": plan.notes.get("mec_moves_by_direction"),
             "latency_s": latency,
             "clock_s": self.clock_s,
             "wall_s": time.perf_counter() - started,

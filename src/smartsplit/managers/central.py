@@ -251,7 +251,7 @@ class SmartSplit(Strategy):
         chosen.sort(key=lambda c: c.device.id)
 
         cuts, rebalance_moves = self._assign(chosen, times)
-        mec_moves = 0
+        moved = {"deeper": 0, "shallower": 0}
         if self.cut_finetuning and self.mec is not None:
             # the MEC manager's nudges may not make the round longer: the round's predicted latency (its slowest
             # device or its busiest edge) may not exceed the joint assignment's, nor a device miss the deadline
@@ -268,7 +268,8 @@ class SmartSplit(Strategy):
 
                 new = self.mec.adjust(i, cuts[i], c.feasible_cuts, accept=keeps_the_round)
                 if new != cuts[i] and new in c.feasible_cuts:
-                    cuts[i], mec_moves = new, mec_moves + 1
+                    moved["deeper" if new > cuts[i] else "shallower"] += 1
+                    cuts[i] = new
         for c in chosen:
             self.history.plan(c, cuts[c.device.id])
 
@@ -296,7 +297,8 @@ class SmartSplit(Strategy):
             "edge_load_s": {str(e): v for e, v in sorted(load.items())},
             "predicted_latency_s": predicted_latency(chosen, cuts, times),
             "rebalance_moves": rebalance_moves,
-            "mec_moves": mec_moves,
+            "mec_moves": moved["deeper"] + moved["shallower"],
+            "mec_moves_by_direction": moved,
             "unit_importance": {str(u): float(v) for u, v in sorted(self.importance.items())},
         }
         return RoundPlan(

@@ -237,6 +237,53 @@ def fig_cuts(groups: dict[str, list[Run]], colours: dict[str, str]) -> Figure:
     return fig
 
 
+def fig_importance(groups: dict[str, list[Run]], colours: dict[str, str]) -> Figure:
+    """Units x rounds heat map of the MEC manager's importance scores, with its cut moves each way per round."""
+    scored = {}
+    for name, runs in groups.items():
+        units = sorted({int(u) for run in runs for rec in run.records for u in (rec.get("unit_importance") or {})})
+        if units:
+            scored[name] = (runs, units)
+    ncols = max(min(len(scored), 3), 1)
+    nrows = max(math.ceil(len(scored) / ncols), 1)
+    fig = Figure(figsize=(max(6.0 * ncols, 7.0), 4.2 * nrows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    if not scored:
+        _note(axes[0], "no unit importance recorded (no strategy used the MEC manager)")
+    image = None
+    for ax, (name, (runs, units)) in zip(axes, scored.items()):
+        rounds = max(len(r.records) for r in runs)
+        grid = np.full((len(units), rounds, len(runs)), NAN)
+        deeper, shallower = np.zeros(rounds), np.zeros(rounds)
+        for j, run in enumerate(runs):
+            for i, rec in enumerate(run.records):
+                for u, v in (rec.get("unit_importance") or {}).items():
+                    grid[units.index(int(u)), i, j] = _num(v)
+                moves = rec.get("mec_moves") or {}
+                deeper[i] += _num(moves.get("deeper", 0)) / len(runs)
+                shallower[i] += _num(moves.get("shallower", 0)) / len(runs)
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(grid, axis=2)
+        image = ax.imshow(mean, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1,
+                          extent=(0.5, rounds + 0.5, units[0] - 0.5, units[-1] + 0.5))
+        ax.set(title=name, xlabel="round", ylabel="unit")
+        _round_axis(ax)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        twin = ax.twinx()
+        x = np.arange(1, rounds + 1)
+        twin.step(x, deeper, where="mid", color="tab:cyan", label="cuts moved deeper")
+        twin.step(x, -shallower, where="mid", color="tab:green", label="cuts moved shallower (negative)")
+        twin.axhline(0, color="0.6", linewidth=0.5)
+        twin.set_ylabel("MEC cut moves per round (mean over seeds)")
+        twin.legend(loc="upper right", fontsize=7)
+    for ax in axes[max(len(scored), 1):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[: len(scored)]), label="importance (0: devices agree as noise would; 1: they disagree)")
+    fig.suptitle("The MEC manager's unit importance over rounds, and its cut moves")
+    return fig
+
+
 def fig_recompute(groups: dict[str, list[Run]], colours: dict[str, str]) -> Figure:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -289,6 +336,10 @@ FIGURES: list[tuple[str, Callable, str]] = [
      "Simulated round latency (the slowest participant) per round, and its empirical CDF over all rounds and seeds."),
     ("cuts.png", fig_cuts,
      "Participants per cut point in each round (mean over seeds), one panel per strategy."),
+    ("importance.png", fig_importance,
+     "The MEC manager's importance score of each unit (the scores each round's cuts were decided on; mean over "
+     "seeds), with its cut moves per round: deeper above zero, shallower below. Strategies without the MEC "
+     "manager are left out."),
     ("recompute.png", fig_recompute,
      "Recompute overhead per round: devices' recompute time summed, mean over seeds."),
     ("bytes.png", fig_bytes,
