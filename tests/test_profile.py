@@ -134,12 +134,14 @@ def two_units() -> ModelProfile:
     own, u2 saves 200 bytes of its own and its output."""
     u1 = UnitProfile(1, "u1", param_bytes=10, internal_bytes=100, saves_input=True, saves_output=False, output_bytes=10,
                      flops=1, input_bytes=8,
-                     cost=UnitCost(static=50, grads=10, forward_peak=120, forward_kept=115, backward_peak=30,
-                                   backward_peak_at_cut=25, checkpoint_kept=16, optimizer_peak=3))
+                     cost=UnitCost(static=50, grads=10, forward_peak=120, forward_kept=115, backward_first=30,
+                                   backward_accumulating=22, backward_first_at_cut=25, backward_accumulating_at_cut=18,
+                                   checkpoint_kept=16, optimizer_peak=3))
     u2 = UnitProfile(2, "u2", param_bytes=20, internal_bytes=200, saves_input=False, saves_output=True, output_bytes=20,
                      flops=1, input_bytes=10,
-                     cost=UnitCost(static=80, grads=20, forward_peak=230, forward_kept=222, backward_peak=60,
-                                   backward_peak_at_cut=55, checkpoint_kept=30, optimizer_peak=4))
+                     cost=UnitCost(static=80, grads=20, forward_peak=230, forward_kept=222, backward_first=60,
+                                   backward_accumulating=45, backward_first_at_cut=55, backward_accumulating_at_cut=40,
+                                   checkpoint_kept=30, optimizer_peak=4))
     return ModelProfile(input_shape=(2,), batch=1, dtype="float32", input_bytes=8, units=(u1, u2))
 
 
@@ -158,8 +160,10 @@ def test_device_memory_walks_the_step_by_hand() -> None:
     assert m.phase == "backward 2"
     assert (m.static, m.input, m.activations, m.cut_io, m.transient) == (100, 8, 307, 40, 55)
     assert m.total == with_margin(510)
-    # from the second micro-batch on, all 30 bytes of gradients exist throughout
-    assert device_memory(p, 2, slots=1, micro_batches=2).total == with_margin(540)
+    # from the second micro-batch on, all 30 bytes of gradients exist throughout and u2 adds to its own:
+    # backward 2 then holds 100 + 30 + 8 + 307 + 40 + 40 = 525
+    m = device_memory(p, 2, slots=1, micro_batches=2)
+    assert m.phase == "backward 2, later micro-batches" and m.total == with_margin(525)
     # u1 checkpointed: it keeps only its input (the batch) and 16 - 10 bytes of checkpoint bookkeeping; recomputed,
     # it holds 120 + u1's output gradient 10 on top of u2's gradients: 120 + 8 + 6 + 40 + 130 = 304; backward 2
     # then holds 6 + 7 + 200: 416

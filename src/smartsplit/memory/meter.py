@@ -38,7 +38,7 @@ from typing import Any
 from smartsplit.errors import SmartSplitError
 
 SOURCE = Path(__file__).with_name("heapmeter.c")
-MEASUREMENT_VERSION = 2  # bump when what a measurement does changes, so cached figures are measured again
+MEASUREMENT_VERSION = 3  # bump when what a measurement does changes, so cached figures are measured again
 NAME = "heap meter (malloc counter preloaded into a child process; oneDNN on)"
 
 
@@ -54,9 +54,11 @@ class UnitCost:
     grads: int  # of which gradients (freed at the start of every step)
     forward_peak: int  # highest during its forward: output, saved tensors and scratch
     forward_kept: int  # still held after its forward: output, saved tensors, autograd graph
-    backward_peak: int  # highest during its backward, above its saved tensors, the gradient of its output included
-    backward_peak_at_cut: int  # the same when the unit is the last on the device: its output and the returned
-    # gradient are held by the step throughout, outside this figure
+    backward_first: int  # highest during its backward, above its saved tensors, the gradient of its output
+    # included, when its parameters have no gradients yet (it allocates them)
+    backward_accumulating: int  # the same when they have (it adds to them)
+    backward_first_at_cut: int  # the same two when the unit is the last on the device: its output and the
+    backward_accumulating_at_cut: int  # returned gradient are held by the step throughout, outside these figures
     checkpoint_kept: int  # held after its forward when it runs checkpointed: output, graph, the checkpoint's own
     optimizer_peak: int  # highest during the optimizer step, above weights, gradients and state
 
@@ -340,26 +342,28 @@ def _unit_costs(heap: _Heap, blob, input_shape, micro_batch, optimizer) -> list[
         heap.reset_peak()
         out = u(x)
         forward_peak, forward_kept = heap.peak() - before, heap.live() - before
-        # The gradient of the output reaches the unit as the next unit would hand it over: made by autograd and
-        # let go once used, with the output itself held only by what saved it.
-        downstream = out * 1.0
         del out
-        grad = torch.randn(downstream.shape, generator=g)
-        before = heap.live()
-        heap.reset_peak()
-        downstream.backward(grad)
-        backward_peak = heap.peak() - before
-        del downstream, grad
-        x.grad = None
-        # at the cut, the output is the activation sent and the gradient comes from the caller: both stay
-        out = u(x)
-        grad = torch.randn(out.shape, generator=g)
-        before = heap.live()
-        heap.reset_peak()
-        out.backward(grad)
-        backward_peak_at_cut = heap.peak() - before
-        del out, grad
-        x.grad = None
+
+        def backward_peak(at_cut: bool) -> int:
+            out = u(x)
+            if at_cut:  # the output is the activation sent and the gradient comes from the caller: both stay
+                top, grad = out, torch.randn(out.shape, generator=g)
+            else:  # the gradient reaches the unit as the next unit would hand it over, made by autograd and let
+                # go once used, with the output itself held only by what saved it
+                top = out * 1.0
+                grad = torch.randn(top.shape, generator=g)
+            del out
+            before = heap.live()
+            heap.reset_peak()
+            top.backward(grad)
+            x.grad = None
+            return heap.peak() - before
+
+        # each with no gradients yet (the first micro-batch), then with them (they accumulate)
+        below_first, below_accumulating = backward_peak(False), backward_peak(False)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        at_cut_first, at_cut_accumulating = backward_peak(True), backward_peak(True)
         # checkpointed, the unit holds its graph and the checkpoint's own bookkeeping until its backward
         before = heap.live()
         out = checkpoint(u, x, use_reentrant=False)
@@ -367,15 +371,14 @@ def _unit_costs(heap: _Heap, blob, input_shape, micro_batch, optimizer) -> list[
         out.backward(torch.randn(out.shape, generator=g))
         del out
         x.grad = None
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        before = heap.live()
+        before = heap.live()  # the gradients exist, as at the end of a step
         heap.reset_peak()
         if opt is not None:
             opt.step()
         optimizer_peak = heap.peak() - before
         rows.append(dict(static=static, grads=grads, forward_peak=forward_peak, forward_kept=forward_kept,
-                         backward_peak=backward_peak, backward_peak_at_cut=backward_peak_at_cut,
+                         backward_first=below_first, backward_accumulating=below_accumulating,
+                         backward_first_at_cut=at_cut_first, backward_accumulating_at_cut=at_cut_accumulating,
                          checkpoint_kept=checkpoint_kept, optimizer_peak=optimizer_peak))
         with torch.no_grad():
             h = u(h)

@@ -88,19 +88,14 @@ def device_memory(profile: ModelProfile, cut: int, *, slots: int, segments: Segm
     costs = [_cost(u, slots, first=(l == 1)) for l, u in enumerate(units, start=1)]
     grads = [c.grads for c in costs]
     fixed = sum(c.static - c.grads for c in costs)  # weights and optimizer state
-    accumulating = micro_batches > 1  # from the second micro-batch on, every gradient exists
     nodes = [max(0, c.forward_kept - u.output_bytes - u.internal_bytes) for u, c in zip(units, costs)]
     for first, _ in segments:  # a checkpoint's own bookkeeping, held until its segment's backward
         nodes[first - 1] += max(0, costs[first - 1].checkpoint_kept - units[first - 1].output_bytes)
-
-    def grads_from(l: int) -> int:  # gradients that exist while unit l runs backward (it makes its own)
-        return sum(grads) if accumulating else sum(grads[l:])
-
-    held = _held_prefix(profile, cut, segments)
-    full = _held_prefix(profile, cut, ())
     node_prefix = [0]
     for n in nodes:
         node_prefix.append(node_prefix[-1] + n)
+    held = _held_prefix(profile, cut, segments)
+    full = _held_prefix(profile, cut, ())
     out = [profile.input_bytes] + [u.output_bytes for u in units]
     kept_boundary = _boundaries_held(profile, cut, segments)
     full_boundary = _boundaries_held(profile, cut, ())
@@ -111,28 +106,40 @@ def device_memory(profile: ModelProfile, cut: int, *, slots: int, segments: Segm
     def moment(phase: str, static: int, activations: int, transient: int, io: int = 0, batch: int = x) -> None:
         moments.append(MemoryBreakdown(static, batch, activations, io, transient, phase=phase))
 
-    forward_static = fixed + (sum(grads) if accumulating else 0)
-    for l in range(1, cut + 1):
-        current = out[l - 1] if l > 1 and not kept_boundary[l - 1] else 0  # its input, if nothing else holds it
-        moment(f"forward {l}", forward_static, held[l - 1] + node_prefix[l - 1] + current, costs[l - 1].forward_peak)
-    moment("link", forward_static, held[cut] + node_prefix[cut], 0, cut_io)
-
     segment_of = {l: (a, b) for a, b in segments for l in range(a, b + 1)}
     # recomputing a segment builds its graph again, with the checkpoint's bookkeeping, until its backward ends
     regraph = {(a, b): sum(nodes[a - 1 : b]) for a, b in segments}
-    for a, b in segments:  # recomputation, when backward reaches the segment: the units above it are done
-        for j in range(a, b + 1):
-            below = held[a - 1] + full[j - 1] - full[a - 1] + node_prefix[j - 1] + regraph[a, b]
-            current = out[j - 1] if j > a and not full_boundary[j - 1] else 0
-            in_flight = out[b] if b < cut else 0
-            moment(f"recompute {j}", fixed + grads_from(b), below + current, costs[j - 1].forward_peak + in_flight, cut_io)
-    for l in range(cut, 0, -1):
-        a, b = segment_of.get(l, (l, l))
-        below = held[a - 1] + full[l - 1] - full[a - 1] + node_prefix[l] + regraph.get((a, b), 0)
-        own = units[l - 1].internal_bytes + (out[l] if units[l - 1].saves_output and l < cut else 0)
-        # below the cut, the unit's figure includes the gradient of its output, made just before it runs
-        transient = costs[l - 1].backward_peak_at_cut if l == cut else costs[l - 1].backward_peak
-        moment(f"backward {l}", fixed + grads_from(l), below + own, transient, cut_io)
+    # The first micro-batch's backward allocates each unit's gradients; from the second on they all exist and
+    # each unit's backward adds to them.
+    for first in (True, False) if micro_batches > 1 else (True,):
+        when = "" if micro_batches == 1 else (", first micro-batch" if first else ", later micro-batches")
+
+        def grads_while(l: int) -> int:  # gradients that exist while unit l runs backward
+            return sum(grads[l:]) if first else sum(grads)
+
+        def backward(l: int) -> int:
+            c = costs[l - 1]
+            if l == cut:
+                return c.backward_first_at_cut if first else c.backward_accumulating_at_cut
+            return c.backward_first if first else c.backward_accumulating
+
+        forward_static = fixed + (0 if first else sum(grads))
+        for l in range(1, cut + 1):
+            current = out[l - 1] if l > 1 and not kept_boundary[l - 1] else 0  # its input, if nothing else holds it
+            moment(f"forward {l}{when}", forward_static, held[l - 1] + node_prefix[l - 1] + current, costs[l - 1].forward_peak)
+        moment(f"link{when}", forward_static, held[cut] + node_prefix[cut], 0, cut_io)
+        for a, b in segments:  # recomputation, when backward reaches the segment: the units above it are done
+            for j in range(a, b + 1):
+                below = held[a - 1] + full[j - 1] - full[a - 1] + node_prefix[j - 1] + regraph[a, b]
+                current = out[j - 1] if j > a and not full_boundary[j - 1] else 0
+                in_flight = out[b] if b < cut else 0
+                moment(f"recompute {j}{when}", fixed + grads_while(b), below + current, costs[j - 1].forward_peak + in_flight, cut_io)
+        for l in range(cut, 0, -1):
+            a, b = segment_of.get(l, (l, l))
+            below = held[a - 1] + full[l - 1] - full[a - 1] + node_prefix[l] + regraph.get((a, b), 0)
+            own = units[l - 1].internal_bytes + (out[l] if units[l - 1].saves_output and l < cut else 0)
+            # below the cut, the unit's figure includes the gradient of its output, made just before it runs
+            moment(f"backward {l}{when}", fixed + grads_while(l), below + own, backward(l), cut_io)
     moment("optimizer", fixed + sum(grads), 0, max(c.optimizer_peak for c in costs), batch=0)
     peak = max(moments, key=lambda m: m.total)
     return replace(peak, margin=int(MARGIN_FRACTION * peak.total) + MARGIN_BYTES)
@@ -179,8 +186,10 @@ def _cost(unit: UnitProfile, slots: int, first: bool) -> UnitCost:
         grads=unit.param_bytes,
         forward_peak=own,
         forward_kept=own,
-        backward_peak=unit.output_bytes + unit.param_bytes + (0 if first else unit.input_bytes),
-        backward_peak_at_cut=unit.param_bytes + (0 if first else unit.input_bytes),
+        backward_first=unit.output_bytes + unit.param_bytes + (0 if first else unit.input_bytes),
+        backward_accumulating=unit.output_bytes + unit.param_bytes + (0 if first else unit.input_bytes),
+        backward_first_at_cut=unit.param_bytes + (0 if first else unit.input_bytes),
+        backward_accumulating_at_cut=unit.param_bytes + (0 if first else unit.input_bytes),
         checkpoint_kept=unit.output_bytes,
         optimizer_peak=0,
     )
