@@ -1,4 +1,5 @@
-"""Measuring the bytes autograd really keeps for backward, with saved-tensor hooks."""
+"""Counting the bytes autograd keeps for backward, with saved-tensor hooks: the profiles' exact tensor sizes and
+the live step's guard. (Device memory itself is measured by ``memory.meter``.)"""
 
 from __future__ import annotations
 
@@ -67,12 +68,3 @@ def count_saved_bytes(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield meter
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of distinct storages among ``tensors``."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
