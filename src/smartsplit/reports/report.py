@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -262,7 +263,8 @@ def fig_importance(groups: dict[str, list[Run]], colours: dict[str, str]) -> Fig
                 moves = rec.get("mec_moves") or {}
                 deeper[i] += _num(moves.get("deeper", 0)) / len(runs)
                 shallower[i] += _num(moves.get("shallower", 0)) / len(runs)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # rounds before the first score are all NaN, and stay blank
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(grid, axis=2)
         image = ax.imshow(mean, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1,
                           extent=(0.5, rounds + 0.5, units[0] - 0.5, units[-1] + 0.5))
