@@ -31,6 +31,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,10 @@ class HeapMeter:
         env["LD_PRELOAD"] = str(shim_path())
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env["SMARTSPLIT_METER_THREADS"] = str(self.threads)
+        # the child's stderr goes to a file, never a pipe nobody reads while it runs (a full pipe would stall it)
+        self._stderr = tempfile.TemporaryFile()
         return subprocess.Popen([sys.executable, "-m", "smartsplit.memory.meter"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                stdout=subprocess.PIPE, stderr=self._stderr, env=env)
 
     def _call(self, op: str, **kwargs) -> Any:
         if self._proc is None or self._proc.poll() is not None:
@@ -198,7 +201,8 @@ class HeapMeter:
             _send(self._proc.stdin, (op, kwargs))
             status, value = _receive(self._proc.stdout)
         except (OSError, EOFError, struct.error) as e:
-            err = self._proc.stderr.read().decode(errors="replace")[-2000:] if self._proc.poll() is not None else ""
+            self._stderr.seek(0)
+            err = self._stderr.read().decode(errors="replace")[-2000:]
             self._proc = None
             raise SmartSplitError(f"the memory meter's child process failed ({e}): {err.strip() or 'no output'}") from e
         if status != "ok":
