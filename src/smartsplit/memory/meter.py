@@ -22,6 +22,7 @@ Two measurements, both with the same kernels training runs with (oneDNN on, the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import json
@@ -69,13 +70,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("SMARTSPLIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smartsplit")
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """The meter's C source, hashed: it names the built library and keys cached measurements."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
 def shim_path() -> Path:
     """The compiled malloc counter, built on first use into the cache folder."""
     if not sys.platform.startswith("linux"):
         raise MeterUnavailable(f"the memory meter needs Linux with glibc; this is {sys.platform}")
-    source = SOURCE.read_bytes()
     cache = cache_root()
-    target = cache / f"heapmeter-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    target = cache / f"heapmeter-{source_digest()[:16]}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -158,7 +164,7 @@ class HeapMeter:
     def _cached(self, kind: str, units, request: dict, measure) -> Any:
         if not self.cache:
             return measure()
-        key = json.dumps([kind, MEASUREMENT_VERSION, hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch_version(),
+        key = json.dumps([kind, MEASUREMENT_VERSION, source_digest(), torch_version(),
                           self.threads, structure(units), request], default=str)
         path = cache_root() / "meter" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
         try:
