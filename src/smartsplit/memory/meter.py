@@ -40,7 +40,7 @@ from typing import Any
 from smartsplit.errors import SmartSplitError
 
 SOURCE = Path(__file__).with_name("heapmeter.c")
-MEASUREMENT_VERSION = 4  # bump when what a measurement does changes, so cached figures are measured again
+MEASUREMENT_VERSION = 5  # bump when what a measurement does changes, so cached figures are measured again
 NAME = "heap meter (malloc counter preloaded into a child process; oneDNN on)"
 
 
@@ -256,6 +256,23 @@ class _Heap:
         self.live, self.peak, self.reset_peak = lib.heapmeter_live, lib.heapmeter_peak, lib.heapmeter_reset_peak
 
 
+def _rebuild_interned_strings(heap: _Heap) -> None:
+    """Make Python rebuild its table of interned strings now, so that it does not rebuild it inside a measurement.
+
+    Every pybind11 call with keyword arguments interns a string that is freed after the call (checkpointing
+    makes several such calls per segment). Freed entries use up the table's free slots, and once they are gone
+    Python allocates a new table beside the old one (a few MB, and it can stay larger): a runtime cost that falls
+    on whichever step runs out of slots, about once every 100,000 calls, whatever the model. Interning throw-away
+    strings until that rebuild happens leaves the most free slots there can be before the measured steps.
+    """
+    start = heap.live()
+    heap.reset_peak()
+    for i in range(1 << 22):
+        sys.intern(f"smartsplit-meter-{i}")  # freed at once: it only uses up a slot
+        if i % 1024 == 1023 and heap.peak() - start > 65536:
+            return
+
+
 def _device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) -> None:
     """The device's side of a split step, as ``engine.step.split_step`` runs it, with one micro-batch loaded at
     a time; the edge's answer is a fresh gradient tensor."""
@@ -300,6 +317,7 @@ def _step_peak(heap: _Heap, blob, input_shape, batch, micro_batch, segments, opt
         _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
     del units, opt
     gc.collect()
+    _rebuild_interned_strings(heap)
     base = heap.live()
     units = pickle.loads(blob)
     opt = make_optimizer(list(units.parameters()), *optimizer)
@@ -340,6 +358,7 @@ def _unit_costs(heap: _Heap, blob, input_shape, micro_batch, optimizer) -> list[
         exercise(spare, x, make_optimizer(list(spare.parameters()), *optimizer))
         del spare
         gc.collect()
+        _rebuild_interned_strings(heap)
         base = heap.live()
         u = pickle.loads(unit_blob)
         opt = make_optimizer(list(u.parameters()), *optimizer)
