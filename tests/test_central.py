@@ -225,7 +225,8 @@ def test_rebalancing_needs_memory_and_speed_to_spare() -> None:
 
 
 def test_mec_fine_tuning_stays_feasible_and_can_be_switched_off() -> None:
-    cands = [cand(0), cand(1, peaks=(10, 200, 300)), cand(2, rounds=(1.0, 2.0, 3.0))]
+    # device 2's edge work (2.5 s of a 3 s round) makes its edge nearly the bottleneck: deeper moves pay there
+    cands = [cand(0), cand(1, peaks=(10, 200, 300)), cand(2, rounds=(1.0, 2.0, 3.0), edge_s=(2.5, 1.0, 0.0))]
     mec = FakeMec()
     s = SmartSplit(mec=mec)
     cuts = {a.device_id: a.cut for a in plan_of(s, cands, 3).assignments}
@@ -265,6 +266,30 @@ def test_mec_nudges_may_not_lengthen_the_round_through_the_shared_edge() -> None
     plan = plan_of(SmartSplit(mec=mec), pair, 2)
     assert [a.cut for a in plan.assignments] == [2, 2] and plan.notes["mec_moves"] == 1
     assert plan.notes["predicted_latency_s"] == 12.0 and plan.notes["edge_load_s"] == {"0": 6.0}
+
+
+def test_mec_moves_deeper_only_where_the_edge_is_nearly_the_bottleneck() -> None:
+    """A deeper move takes a unit off the shared edge copy; it is made only to shed work from a busy edge. Device 0
+    at cut 1 (10 s, 8 s of it edge work) on an edge of its own, beside a slow device (20 s): its edge's 8 s is
+    under 0.8 of the round's 20 s, so a low score for unit 2 does not move it although cut 2 (12 s) would fit.
+    With 9 s of edge work beside a device of 11 s, the edge is the round's near-bottleneck and cut 2 (10.5 s)
+    keeps the round: the move is made."""
+    from smartsplit.managers.mec import MecManager
+
+    def plan_with(cands):
+        mec = MecManager(L)
+        mec.scores = {2: 0.1}
+        return plan_of(SmartSplit(mec=mec), cands, len(cands))
+
+    light = [cand(0, rounds=(10.0, 12.0, 30.0), edge_s=(8.0, 3.0, 0.0), edge=0),
+             cand(1, rounds=(20.0, 20.0, 20.0), edge_s=(0.0, 0.0, 0.0), edge=1)]
+    plan = plan_with(light)
+    assert [a.cut for a in plan.assignments] == [1, 3] and plan.notes["mec_moves"] == 0
+
+    busy = [cand(0, rounds=(10.0, 10.5, 30.0), edge_s=(9.0, 3.0, 0.0), edge=0),
+            cand(1, rounds=(11.0, 11.0, 11.0), edge_s=(0.0, 0.0, 0.0), edge=1)]
+    plan = plan_with(busy)
+    assert plan.assignments[0].cut == 2 and plan.notes["mec_moves_by_direction"] == {"deeper": 1, "shallower": 0}
 
 
 def test_real_mec_manager_keeps_cuts_feasible() -> None:

@@ -253,18 +253,23 @@ class SmartSplit(Strategy):
         cuts, rebalance_moves = self._assign(chosen, times)
         moved = {"deeper": 0, "shallower": 0}
         if self.cut_finetuning and self.mec is not None:
-            # the MEC manager's nudges may not make the round longer: the round's predicted latency (its slowest
-            # device or its busiest edge) may not exceed the joint assignment's, nor a device miss the deadline
+            # The MEC manager's nudges may not make the round longer: the round's predicted latency (its slowest
+            # device or its busiest edge) may not exceed the joint assignment's, nor a device miss the deadline.
+            # A deeper move must also pay: it takes a unit off the shared edge copy, which learns from every
+            # device's activations, to train it per device and average it, so it is made only where the device's
+            # edge is (nearly) the round's bottleneck and shedding its work there is worth something.
             bound = predicted_latency(chosen, cuts, times)
             for c in chosen:
                 i = c.device.id
 
-                def keeps_the_round(new_cut: int, i: int = i, feasible: tuple = c.feasible_cuts) -> bool:
+                def keeps_the_round(new_cut: int, i: int = i, edge: int = c.edge, feasible: tuple = c.feasible_cuts) -> bool:
                     if new_cut not in feasible:
                         return False
                     trial = {**cuts, i: new_cut}
                     in_time = self.deadline_s is None or times[i][0][new_cut - 1] <= self.deadline_s
-                    return in_time and predicted_latency(chosen, trial, times) <= bound
+                    if not (in_time and predicted_latency(chosen, trial, times) <= bound):
+                        return False
+                    return new_cut < cuts[i] or edge_loads(chosen, cuts, times)[edge] >= EDGE_BUSY * bound
 
                 new = self.mec.adjust(i, cuts[i], c.feasible_cuts, accept=keeps_the_round)
                 if new != cuts[i] and new in c.feasible_cuts:
@@ -311,6 +316,9 @@ class SmartSplit(Strategy):
         self.history.observe(reports)
         if self.mec is not None and updates:
             self.importance = dict(self.mec.update(updates))
+
+
+EDGE_BUSY = 0.8  # an edge at this share of the round's predicted latency or more is (nearly) its bottleneck
 
 
 def predicted_latency(chosen: Sequence[Candidate], cuts: dict[int, int], times: dict[int, tuple]) -> float:
