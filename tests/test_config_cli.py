@@ -104,7 +104,8 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
         load_config(broken)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_config(empty) == Config()
+    with pytest.raises(SmartSplitError, match="the config is empty"):
+        load_config(empty)  # an empty file is a mistake, not a request for every default
     assert load_config(write_config(tmp_path), ["training.rounds=2"]).training.rounds == 2
 
 

@@ -19,3 +19,29 @@ class TinyResidual(nn.Module):
 
 def tiny_residual(in_channels: int, num_classes: int) -> TinyResidual:
     return TinyResidual(in_channels, num_classes)
+
+
+# Factories that go wrong, each in a way a user's model can (tests/test_hardening.py).
+
+
+def raises(in_channels: int, num_classes: int) -> nn.Module:
+    raise RuntimeError("broken factory")
+
+
+def needs_depth(depth: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+NOT_CALLABLE = 3
+
+
+def with_batch_norm(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def wrong_channels(num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def wrong_width(in_channels: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))

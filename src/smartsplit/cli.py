@@ -16,17 +16,34 @@ def _run(args: argparse.Namespace) -> None:
     from smartsplit.runtime.embedded import resume_config, run_experiment
 
     if args.resume:
-        config, out = resume_config(args.resume), args.resume
+        if args.config or args.out or args.overwrite:
+            raise SmartSplitError("run --resume RUN_DIR continues the run in RUN_DIR with its own config.yaml: give no "
+                                  "CONFIG, --out or --overwrite with it")
+        config, out = resume_config(args.resume, args.set), args.resume
     elif args.config:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
     from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
 
-    summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume))
+    summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     if not args.quiet:
         print(format_table(COMPARE_HEADERS, compare_rows([summary])))
     print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; results in {summary['run_dir']}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from smartsplit.config import load_config
+    from smartsplit.engine.experiment import Experiment
+    from smartsplit.runtime.folder import check_run_folder
+
+    config = load_config(args.config, args.set)
+    check_run_folder(Path(config.output_dir) / config.name, overwrite=True)
+    experiment = Experiment(config)
+    experiment.close()
+    print(f"{args.config}: ok: {config.data.dataset} ({len(experiment.train)} training examples), model "
+          f"{config.model.name} ({experiment.num_units} units), {len(experiment.devices)} devices, strategy "
+          f"{experiment.strategy.name}; runs into {Path(config.output_dir) / config.name}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -35,12 +52,20 @@ def _compare(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
     from smartsplit.reports.report import write_report
     from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table, markdown_table
+    from smartsplit.runtime.folder import check_run_folder, check_writable
     from smartsplit.runtime.parallel import run_many
     from smartsplit.strategies import STRATEGIES
 
     base = load_config(args.config, args.set)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    except ValueError:
+        raise SmartSplitError(f"--seeds {args.seeds!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise SmartSplitError(f"--seeds {args.seeds!r}: seeds must be distinct and non-negative")
+    if args.workers is not None and args.workers < 1:
+        raise SmartSplitError(f"--workers must be at least 1, got {args.workers}")
     configs = []
     for name in strategies:
         for seed in seeds:
@@ -49,19 +74,28 @@ def _compare(args: argparse.Namespace) -> None:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:  # before any run starts
         raise SmartSplitError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
+    for config in configs:
+        check_run_folder(Path(config.output_dir) / config.name, overwrite=args.overwrite)
+    report_dir = Path(base.output_dir) / f"{base.name}-report"
+    check_writable(report_dir, "report folder")
+    if args.markdown:
+        check_writable(Path(args.markdown).parent, "--markdown")
+        if Path(args.markdown).is_dir():
+            raise SmartSplitError(f"--markdown {args.markdown}: is a folder; give a file path")
 
     def done(summary: dict) -> str:
         return f"done: {summary['name']}: final accuracy {summary['final_accuracy']:.4f} ({summary['wall_s']:.0f} s)"
 
     if not args.quiet:
         print(f"running {len(configs)} runs ({len(strategies)} strategies x {len(seeds)} seeds)...", flush=True)
-    summaries = run_many(configs, args.workers, on_done=None if args.quiet else done, progress=not args.quiet)
+    summaries = run_many(configs, args.workers, on_done=None if args.quiet else done, progress=not args.quiet,
+                         overwrite=args.overwrite)
     target = base.target_accuracy
     rows = compare_rows(summaries)
     print(format_table(COMPARE_HEADERS, rows))
     if target is None:
         print("(set target_accuracy in the config for rounds and simulated time to a target)")
-    report = write_report([s["run_dir"] for s in summaries], Path(base.output_dir) / f"{base.name}-report")
+    report = write_report([s["run_dir"] for s in summaries], report_dir)
     print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {report}")
     if args.markdown:
         command = "smartsplit " + " ".join(shlex.quote(a) for a in args.argv)
@@ -127,10 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment from a YAML config")
     run.add_argument("config", nargs="?")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished round")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field (with --resume: only training.rounds, to extend the run)")
     run.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate a config and build its experiment (data, model, fleet) without training")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.set_defaults(func=_check)
 
     compare = sub.add_parser("compare", help="run a config under several strategies and print one table")
     compare.add_argument("config")
@@ -139,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
     compare.add_argument("--workers", type=int, help="parallel processes (default: one per core)")
     compare.add_argument("--markdown", metavar="PATH", help="also write the table, with this command, to a markdown file")
+    compare.add_argument("--overwrite", action="store_true", help="replace runs already in the run folders")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
 

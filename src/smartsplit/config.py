@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from smartsplit.errors import SmartSplitError
 
@@ -66,6 +67,16 @@ class FleetConfig(_Section):
     csv: str | None = None  # a fleet saved with fleet_to_csv, instead of sampling one
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
 
+    @model_validator(mode="after")
+    def _proportions(self) -> "FleetConfig":
+        if not self.classes:
+            raise ValueError("classes: give at least one device class and its share, e.g. {phone-entry: 1.0}")
+        if any(v < 0 for v in self.classes.values()):
+            raise ValueError("classes: shares must be non-negative")
+        if abs(sum(self.classes.values()) - 1.0) > 1e-6:
+            raise ValueError(f"classes: shares must sum to 1 (they sum to {sum(self.classes.values()):g})")
+        return self
+
 
 class TrainingConfig(_Section):
     rounds: int = Field(20, ge=1)
@@ -121,8 +132,8 @@ class EdgeConfig(_Section):
 
 
 class Config(_Section):
-    name: str = "experiment"
-    seed: int = 0
+    name: str = "experiment"  # the run's folder inside output_dir
+    seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
@@ -134,6 +145,21 @@ class Config(_Section):
     # torch threads per run: results depend on it (reduction order), so it is part of the config; the
     # simulation's many small tensors run fastest on one, and `compare` runs in parallel processes instead
     threads: int = Field(1, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+            raise ValueError(f"{name!r} is not a plain folder name: use letters, digits, '.', '_' and '-' (runs are "
+                             "written to output_dir/name and may not leave output_dir)")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.training.devices_per_round > self.fleet.devices:
+            raise ValueError(f"training.devices_per_round ({self.training.devices_per_round}) is more than "
+                             f"fleet.devices ({self.fleet.devices})")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -172,9 +198,27 @@ def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "
         return Config.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise SmartSplitError(f"{source}: {problems}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -182,9 +226,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise SmartSplitError(f"config file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except UnicodeDecodeError:
+        raise SmartSplitError(f"{path}: not a text file; a config is YAML (see configs/fmnist.yaml)") from None
     except yaml.YAMLError as exc:
-        raise SmartSplitError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SmartSplitError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raise SmartSplitError(f"{path}: the config is empty; start from one in configs/ (e.g. configs/fmnist.yaml)")
     if not isinstance(raw, dict):
         raise SmartSplitError(f"{path}: expected a mapping of sections (name, data, model, fleet, training, ...)")
     return build_config(raw, overrides, source=str(path))

@@ -65,6 +65,14 @@ class Strategy(ABC):
         """Called with the per-device reports of the round that just ended (and, if ``wants_updates``, each
         device's summed gradient sketch per unit: ``updates[device_id][unit]``)."""
 
+    def state_dict(self) -> dict:
+        """What the strategy learned so far, as plain data (numbers, strings, lists, dicts), saved with a run so
+        that a resumed run continues exactly. A strategy that learns nothing keeps the default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (the strategy is built afresh from the config first)."""
+
 
 def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
     """``k`` candidates chosen uniformly without replacement, in a seeded, order-stable way."""

@@ -86,3 +86,9 @@ class Oort(Strategy):
 
     def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
         self.history.observe(reports)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state["history"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -97,6 +96,15 @@ def build_fleet(config: Config) -> list[Device]:
 def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
     """One memory-budget trace per device, on the experiment's clock; seeded per device."""
     b = config.fleet.budgets
+    if b.kind == "csv":
+        folder = Path(b.csv_dir)
+        if not folder.is_dir():
+            raise SmartSplitError(f"fleet.budgets.csv_dir: {b.csv_dir} is not a folder (expected device-<id>.csv files)")
+        expected = {f"device-{d.id}.csv" for d in devices}
+        stray = sorted(p.name for p in folder.glob("*.csv") if p.name not in expected)
+        if stray:
+            raise SmartSplitError(f"fleet.budgets.csv_dir: {folder / stray[0]} matches no device (the fleet's files are "
+                                  f"device-0.csv .. device-{len(devices) - 1}.csv); rename or remove it")
     traces = []
     for device in devices:
         if b.kind == "foreground":
@@ -109,8 +117,6 @@ def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
         else:
             trace = constant_trace(device.memory_bytes)
         traces.append(trace)
-    if b.kind == "csv" and not Path(b.csv_dir).is_dir():
-        raise SmartSplitError(f"fleet.budgets.csv_dir: {b.csv_dir} is not a folder (expected device-<id>.csv files)")
     return traces
 
 
@@ -142,6 +148,22 @@ def _named(field: str, build):
     return wrapped
 
 
+def _check_on_data(model: nn.Sequential, data: Dataset, name: str) -> None:
+    """Run the model on two real examples before any round: a model that does not fit the data fails here, in
+    one line, not mid-run."""
+    batch = data.x[:2]
+    try:
+        with torch.no_grad():
+            out = model(batch)
+    except Exception as exc:
+        raise SmartSplitError(f"model.name {name!r}: the model does not run on {data.name} examples of shape "
+                              f"{tuple(data.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(batch), data.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SmartSplitError(f"model.name {name!r}: the model's output is {got} for {len(batch)} examples; it must be "
+                              f"(batch, {data.num_classes}), one score per class of {data.name}")
+
+
 def _start_meter(threads: int) -> HeapMeter | None:
     """The memory meter, or None (with a warning) where it cannot run: runs then plan with uncalibrated
     profiles and record no measured peaks."""
@@ -170,6 +192,7 @@ class Experiment:
             input_size=self.train.shape[1],
             seed=config.seed,
         )
+        _check_on_data(self.model, self.train, config.model.name)
         self.num_units = len(self.model)
         self.strategy = strategy or make_strategy(config.strategy, self.num_units)
         self.devices = build_fleet(config)
@@ -348,7 +371,7 @@ class Experiment:
             "model": self.model.state_dict(),
             "rng": self.rng.bit_generator.state,
             "clock_s": self.clock_s,
-            "strategy": pickle.dumps(self.strategy),
+            "strategy": self.strategy.state_dict(),
             "measured": [[cut, micro, [list(s) for s in segments], peak] for (cut, micro, segments), peak in self.measured.items()],
         }
 
@@ -356,7 +379,7 @@ class Experiment:
         self.model.load_state_dict(state["model"])
         self.rng.bit_generator.state = state["rng"]
         self.clock_s = state["clock_s"]
-        self.strategy = pickle.loads(state["strategy"])
+        self.strategy.load_state_dict(state["strategy"])
         self.measured = {(cut, micro, tuple(tuple(s) for s in segments)): peak for cut, micro, segments, peak in state.get("measured", [])}
         return state["rounds_done"]
 

@@ -119,6 +119,14 @@ class DeviceHistory:
             self.latest_loss = max(losses)
         self.planned.clear()
 
+    def state_dict(self) -> dict:
+        return {"loss_rms": dict(self.loss_rms), "speed": dict(self.speed), "latest_loss": self.latest_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_rms = {int(k): float(v) for k, v in state["loss_rms"].items()}
+        self.speed = {int(k): float(v) for k, v in state["speed"].items()}
+        self.latest_loss = state["latest_loss"]
+
 
 # --------------------------------------------------------------------------- the central manager
 
@@ -316,6 +324,16 @@ class SmartSplit(Strategy):
         self.history.observe(reports)
         if self.mec is not None and updates:
             self.importance = dict(self.mec.update(updates))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.state_dict(), "importance": dict(self.importance),
+                "mec": self.mec.state_dict() if self.mec is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state["history"])
+        self.importance = {int(k): float(v) for k, v in state["importance"].items()}
+        if self.mec is not None and state["mec"] is not None:
+            self.mec.load_state_dict(state["mec"])
 
 
 EDGE_BUSY = 0.8  # an edge at this share of the round's predicted latency or more is (nearly) its bottleneck

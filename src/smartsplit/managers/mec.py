@@ -128,7 +128,7 @@ def importance(stats: Sequence[StepSketches], weights: Sequence[float] | None = 
 class MecManager:
     """Scores units by how much devices' updates of them disagree and nudges cuts one unit at a time, with hysteresis.
 
-    Plain attributes only, so it pickles for resume.
+    ``state_dict``/``load_state_dict`` carry what it learned across a resume.
     """
 
     def __init__(
@@ -162,6 +162,15 @@ class MecManager:
             old = self.scores.get(unit)
             self.scores[unit] = score if old is None else self.smoothing * old + (1.0 - self.smoothing) * score
         return dict(self.scores)
+
+    def state_dict(self) -> dict:
+        return {"scores": dict(self.scores), "rounds": self.rounds,
+                "last_move": {device: list(move) for device, move in self.last_move.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = {int(k): float(v) for k, v in state["scores"].items()}
+        self.rounds = int(state["rounds"])
+        self.last_move = {int(k): (int(v[0]), int(v[1])) for k, v in state["last_move"].items()}
 
     def _allowed(self, device_id: int, direction: int) -> bool:
         last = self.last_move.get(device_id)

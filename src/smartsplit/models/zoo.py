@@ -280,16 +280,41 @@ def _user_model(spec: str, in_channels: int | None, num_classes: int, input_size
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SmartSplitError(f"model.name {spec!r}: cannot import {attr!r} from {module_name!r} ({exc})") from None
+    except Exception as exc:  # an import runs the user's module: anything can go wrong there
+        raise SmartSplitError(f"model.name {spec!r}: cannot import {attr!r} from {module_name!r} ({type(exc).__name__}: {exc})") from None
+    if not callable(factory):
+        raise SmartSplitError(f"model.name {spec!r}: {attr!r} is a {type(factory).__name__}, not a function or class that builds the model")
     offered = {"in_channels": in_channels, "num_classes": num_classes}
-    accepted = inspect.signature(factory).parameters
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    missing = [n for n, p in accepted.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and (n not in offered or offered[n] is None)]
+    if missing:
+        raise SmartSplitError(f"model.name {spec!r}: the factory needs {', '.join(missing)}, but SmartSplit can only "
+                              "pass in_channels and num_classes; give the others defaults")
     kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:
+            raise SmartSplitError(f"model.name {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise SmartSplitError(f"model.name {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    batch_norms = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batch_norms:
+        raise SmartSplitError(
+            f"model.name {spec!r}: uses BatchNorm ({', '.join(batch_norms[:3])}); micro-batches and recomputation are "
+            "exact only without batch statistics: use GroupNorm (e.g. nn.GroupNorm(8, channels)) or LayerNorm instead")
     if input_size is None or in_channels is None:
         raise SmartSplitError(f"model.name {spec!r}: the input shape must be known (it comes from the data set)")
-    return as_chain(model, torch.zeros(2, in_channels, input_size, input_size))
+    try:
+        return as_chain(model, torch.zeros(2, in_channels, input_size, input_size))
+    except SmartSplitError:
+        raise
+    except Exception as exc:
+        raise SmartSplitError(f"model.name {spec!r}: the model does not run on inputs of shape "
+                              f"({in_channels}, {input_size}, {input_size}) ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None

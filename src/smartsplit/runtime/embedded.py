@@ -2,7 +2,7 @@
 
 A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per round), ``decisions.jsonl``
 (who trained, where each cut, and why), ``state.pt`` (everything needed to resume after the last finished
-round) and, at the end, ``summary.json``.
+round) and, at the end, ``summary.json``. How folders are guarded and resumes checked: ``runtime.folder``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from smartsplit.config import Config, build_config
 from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
+from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
 
 
 def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float, target: float | None = None) -> dict:
@@ -50,72 +51,90 @@ def summarise(config: Config, records: list[dict], num_devices: int, wall_s: flo
     }
 
 
-def _read_records(path: Path, limit: int) -> list[dict]:
+def _read_records(path: Path, limit: int | None) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()[:limit] if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()[:limit] if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        raise SmartSplitError(f"{path}: not a metrics file SmartSplit wrote (a line is not JSON); "
+                              "start the run again with --overwrite") from None
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def resume_config(run_dir: str | Path) -> Config:
+def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config of the run in ``run_dir``; ``overrides`` may only extend ``training.rounds``."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise SmartSplitError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
-    return build_config(yaml.safe_load(path.read_text()), source=str(path))
+    others = [o for o in overrides if o.partition("=")[0].strip() != "training.rounds"]
+    if others:
+        raise SmartSplitError(f"--resume: only training.rounds may change on resume (--set training.rounds=N to "
+                              f"extend the run); got --set {others[0]}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SmartSplitError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SmartSplitError(f"{path}: not a run's config (expected a mapping of sections)")
+    return build_config(raw, overrides, source=str(path))
 
 
-def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False) -> dict:
+def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+                   overwrite: bool = False) -> dict:
     """Run ``config`` round by round, writing every result as soon as it exists.
 
-    With ``resume``, continue the run in ``run_dir`` after its last saved round: the metrics then match
+    The run folder (default ``<output_dir>/<name>``) must not hold a run already, unless ``overwrite`` (its run
+    files are replaced) or ``resume``: then the run continues after its last saved round, and its metrics match
     those of a run that was never interrupted.
     """
+    run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
+    check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _run(config, Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name, progress, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir):
+            if overwrite and not resume:
+                clear_run(run_dir)
+            return _run(config, run_dir, progress, resume)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(config: Config, run_dir: Path, progress: bool, resume: bool) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
+    state = load_state(run_dir, config, len(_read_records(metrics_path, None))) if resume else None
     experiment = Experiment(config)
     try:
-        return _run_rounds(config, run_dir, experiment, started, resume, progress)
+        start = experiment.load_state_dict(state) if state is not None else 0
+        records = _read_records(metrics_path, start)
+        # rounds after the saved state (if the run died between writing them and saving) are run again
+        _rewrite(metrics_path, records)
+        _rewrite(decisions_path, _read_records(decisions_path, start))
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+        started_as = fingerprint(config)
+
+        bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
+        with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
+            for record in experiment.rounds(start):
+                decisions.write(json.dumps(record.pop("decision")) + "\n")
+                decisions.flush()
+                records.append(record)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(record["round"])}, tmp)
+                os.replace(tmp, state_path)
+                bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{record['clock_s']:.0f}s")
+                bar.update()
+        bar.close()
     finally:
         experiment.close()
-
-
-def _run_rounds(config: Config, run_dir: Path, experiment: Experiment, started: float, resume: bool, progress: bool) -> dict:
-    metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
-    start = 0
-    if resume and state_path.exists():
-        start = experiment.load_state_dict(torch.load(state_path, weights_only=False))
-    records = _read_records(metrics_path, start)
-    # rounds after the saved state (if the run died between writing them and saving) are run again
-    _rewrite(metrics_path, records)
-    _rewrite(decisions_path, _read_records(decisions_path, start))
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-
-    bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
-    with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
-        for record in experiment.rounds(start):
-            decisions.write(json.dumps(record.pop("decision")) + "\n")
-            decisions.flush()
-            records.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            tmp = state_path.with_suffix(".tmp")
-            torch.save(experiment.state_dict(record["round"]), tmp)
-            os.replace(tmp, state_path)
-            bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{record['clock_s']:.0f}s")
-            bar.update()
-    bar.close()
     summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started, config.target_accuracy)
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -14,11 +14,11 @@ from tqdm import tqdm
 from smartsplit.config import Config
 
 
-def _run_one(config_json: str) -> dict:
+def _run_one(config_json: str, overwrite: bool) -> dict:
     from smartsplit.config import Config
     from smartsplit.runtime.embedded import run_experiment
 
-    return run_experiment(Config.model_validate_json(config_json), progress=False)
+    return run_experiment(Config.model_validate_json(config_json), progress=False, overwrite=overwrite)
 
 
 def _rounds_written(configs: list[Config]) -> int:
@@ -31,10 +31,12 @@ def _rounds_written(configs: list[Config]) -> int:
 
 
 def run_many(
-    configs: list[Config], workers: int | None = None, on_done: Callable[[dict], None] | None = None, progress: bool = False
+    configs: list[Config], workers: int | None = None, on_done: Callable[[dict], None] | None = None, progress: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run ``configs`` in ``workers`` processes (default: one per core); summaries in the order given.
 
+    ``overwrite``: replace runs already in their folders (else such a folder is refused).
     With ``progress``, one bar counts the rounds all runs have written so far (read from their metrics files).
     """
     workers = max(1, min(workers or os.cpu_count() or 1, len(configs)))
@@ -43,7 +45,7 @@ def run_many(
 
         results = []
         for config in configs:
-            results.append(run_experiment(config, progress=progress))
+            results.append(run_experiment(config, progress=progress, overwrite=overwrite))
             if on_done:
                 print(on_done(results[-1]) or "", flush=True)
         return results
@@ -54,7 +56,7 @@ def run_many(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     try:
         with tqdm(total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress) as bar:
-            futures = {pool.submit(_run_one, c.model_dump_json()): i for i, c in enumerate(configs)}
+            futures = {pool.submit(_run_one, c.model_dump_json(), overwrite): i for i, c in enumerate(configs)}
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)

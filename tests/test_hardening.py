@@ -1,0 +1,199 @@
+"""No run lost or mixed, no resume into another run, no traceback for bad input, no silent mistake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from smartsplit.config import load_config
+from smartsplit.errors import SmartSplitError
+from smartsplit.runtime.embedded import resume_config, run_experiment
+from smartsplit.runtime.folder import RunLock, check_run_folder
+from test_config_cli import cli, write_config
+
+ROUNDS = 2
+
+
+@pytest.fixture
+def finished(tmp_path: Path) -> tuple[Path, Path]:
+    """A finished tiny run (2 rounds): its config file and its run folder."""
+    config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"], "rounds": ROUNDS})
+    summary = run_experiment(load_config(config), progress=False)
+    return config, Path(summary["run_dir"])
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_a_finished_run_is_never_replaced_by_accident(finished, tmp_path: Path) -> None:
+    config, run = finished
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SmartSplitError, match=r"already holds a run .*--resume.*--overwrite"):
+        run_experiment(load_config(config), progress=False)
+    assert (run / "metrics.jsonl").read_text() == before  # nothing touched
+
+    done = cli("run", str(config), "--quiet", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "already holds a run" in done.stderr
+    done = cli("compare", str(config), "--strategies", "fedavg", "--quiet", "--set", "name=tiny", cwd=tmp_path)
+    assert done.returncode == 0  # compare's run folder is tiny-fedavg, not tiny
+    again = cli("compare", str(config), "--strategies", "fedavg", "--quiet", "--set", "name=tiny", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+    replaced = run_experiment(load_config(config), progress=False, overwrite=True)
+    assert metrics(run) == metrics(Path(replaced["run_dir"])) and len(metrics(run)) == ROUNDS  # replaced, not appended
+
+
+def test_a_run_folder_is_locked_while_a_run_writes(tmp_path: Path) -> None:
+    with RunLock(tmp_path):
+        with pytest.raises(SmartSplitError, match="another run is writing into it"):
+            with RunLock(tmp_path):
+                pass
+    with RunLock(tmp_path):  # released when the first run ends
+        pass
+
+
+def test_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SmartSplitError, match="is a file, not a folder"):
+        check_run_folder(a_file / "run")
+    config = write_config(tmp_path, output_dir=str(a_file))
+    done = cli("compare", str(config), "--strategies", "fedavg", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr and not list(tmp_path.glob("**/metrics.jsonl"))
+    done = cli("compare", str(write_config(tmp_path)), "--strategies", "fedavg", "--quiet", "--markdown",
+               str(a_file / "table.md"), cwd=tmp_path)
+    assert done.returncode == 2 and "--markdown" in done.stderr and not list(tmp_path.glob("runs/*/metrics.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", ""])
+def test_run_names_stay_inside_output_dir(tmp_path: Path, name: str) -> None:
+    with pytest.raises(SmartSplitError, match="name: .*not a plain folder name|name: "):
+        load_config(write_config(tmp_path), [f"name={json.dumps(name)}"])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_another_run_and_says_what_differs(finished) -> None:
+    _, run = finished
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["seed"], edited["data"]["alpha"] = 7, 0.3
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.raises(SmartSplitError, match=r"differs .*data\.alpha 0\.5 -> 0\.3; seed 1 -> 7"):
+        run_experiment(resume_config(run), run, progress=False, resume=True)
+
+
+def test_resume_may_only_extend_rounds(finished, tmp_path: Path) -> None:
+    config, run = finished
+    with pytest.raises(SmartSplitError, match="only training.rounds may change"):
+        resume_config(run, ["seed=3"])
+    done = cli("run", str(config), "--resume", str(run), "--quiet", cwd=tmp_path)
+    assert done.returncode == 2 and "give no CONFIG" in done.stderr
+    with pytest.raises(SmartSplitError, match="can only be extended"):
+        run_experiment(resume_config(run, ["training.rounds=1"]), run, progress=False, resume=True)
+
+    extended = run_experiment(resume_config(run, [f"training.rounds={ROUNDS + 1}"]), run, progress=False, resume=True)
+    assert extended["rounds"] == ROUNDS + 1 and len(metrics(run)) == ROUNDS + 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["rounds"] == ROUNDS + 1
+    # the extended run is the run that would have been made with 3 rounds from the start
+    whole = run_experiment(load_config(config, [f"training.rounds={ROUNDS + 1}", "name=whole"]), progress=False)
+    assert metrics(run) == metrics(Path(whole["run_dir"]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete", "state.pt is missing"),
+    ("truncate", "state.pt cannot be read"),
+    ("empty", "state.pt cannot be read"),
+    ("garbage", "state.pt cannot be read"),
+    ("pickle", "state.pt cannot be read"),
+    ("format", "state format 1"),
+])
+def test_every_resume_failure_is_one_clear_line(finished, tmp_path: Path, damage: str, message: str) -> None:
+    _, run = finished
+    state = run / "state.pt"
+    if damage == "delete":
+        state.unlink()
+    elif damage == "truncate":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "empty":
+        state.write_bytes(b"")
+    elif damage == "garbage":
+        state.write_bytes(b"\x00not a state" * 50)
+    elif damage == "pickle":  # a state that would run code when loaded without weights_only
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (print, ("this must never run",))
+
+        state.write_bytes(pickle.dumps({"format": 2, "x": Evil()}))
+    elif damage == "format":
+        saved = torch.load(state, weights_only=True)
+        torch.save({**saved, "format": 1}, state)
+    done = cli("run", "--resume", str(run), "--quiet", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stderr.count("\n") == 1 and "this must never run" not in done.stdout
+
+
+def test_state_is_plain_data(finished) -> None:
+    _, run = finished
+    state = torch.load(run / "state.pt", weights_only=True)  # would raise on any pickled object
+    assert state["rounds_done"] == ROUNDS and set(state["strategy"]) == {"history", "importance", "mec"}
+
+
+# --------------------------------------------------------------------------- user models and inputs
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("user_models:raises", "the factory raised RuntimeError: broken factory"),
+    ("user_models:needs_depth", "the factory needs depth"),
+    ("user_models:NOT_CALLABLE", "is a int, not a function"),
+    ("user_models:with_batch_norm", "uses BatchNorm"),
+    ("user_models:wrong_channels", "does not run on"),
+    ("user_models:wrong_width", "output is (2, 7)"),
+])
+def test_user_model_problems_are_named_before_round_one(tmp_path: Path, factory: str, message: str) -> None:
+    config = write_config(tmp_path, model={"name": factory})
+    done = cli("run", str(config), "--quiet", cwd=Path(__file__).resolve().parent)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "model.name" in done.stderr and not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed: "),
+    ("training.devices_per_round=9", "devices_per_round (9) is more than fleet.devices (4)"),
+    ("fleet.classes={mcu: 0.5}", "shares must sum to 1"),
+])
+def test_inconsistent_configs_are_refused(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(SmartSplitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write_config(tmp_path), [override])
+
+
+def test_duplicate_keys_and_bad_numbers_on_the_command_line(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(SmartSplitError, match=r"line 2.*'seed' is given twice"):
+        load_config(dup)
+    config = write_config(tmp_path)
+    for args, message in [(["--seeds", "0,a"], "--seeds"), (["--workers", "-3"], "--workers must be at least 1")]:
+        done = cli("compare", str(config), "--strategies", "fedavg", *args, cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_budget_trace_files_must_match_devices(tmp_path: Path) -> None:
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / "device-0.csv").write_text("time_s,budget_mb\n0,4\n")
+    (traces / "device-17.csv").write_text("time_s,budget_mb\n0,4\n")
+    config = write_config(tmp_path, fleet={"devices": 4, "classes": {"wearable": 1.0},
+                                           "budgets": {"kind": "csv", "csv_dir": str(traces)}})
+    done = cli("run", str(config), "--quiet", cwd=tmp_path)
+    assert done.returncode == 2 and "device-17.csv matches no device" in done.stderr, done.stderr
