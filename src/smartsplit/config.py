@@ -59,6 +59,24 @@ class BudgetConfig(_Section):
         return self
 
 
+class AvailabilityConfig(_Section):
+    """When each device is online. Offline devices cannot be selected; one that goes offline mid-round drops out."""
+
+    kind: Literal["always", "on_off", "csv"] = "always"
+    # on_off: seeded alternating periods, each exponentially long with its mean (see fleet.traces)
+    mean_on_s: float = Field(1800.0, gt=0)
+    mean_off_s: float = Field(600.0, gt=0)
+    horizon_s: float = Field(2e5, gt=0)  # generated this far ahead; the last state holds after it
+    # csv: a folder of device-<id>.csv files (time_s,online with 1/0); devices without one are always online
+    csv_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _csv_needs_dir(self) -> "AvailabilityConfig":
+        if self.kind == "csv" and not self.csv_dir:
+            raise ValueError("kind 'csv' needs csv_dir, a folder of device-<id>.csv files")
+        return self
+
+
 class FleetConfig(_Section):
     devices: int = Field(100, ge=1)
     classes: dict[str, float] = Field(default_factory=lambda: {"phone-entry": 1.0})
@@ -66,6 +84,7 @@ class FleetConfig(_Section):
     jitter: float = Field(0.2, ge=0)
     csv: str | None = None  # a fleet saved with fleet_to_csv, instead of sampling one
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
 
     @model_validator(mode="after")
     def _proportions(self) -> "FleetConfig":

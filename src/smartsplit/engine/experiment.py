@@ -21,13 +21,17 @@ from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.round import OptimizerSpec, Participant, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import (
+    AvailabilityTrace,
     BudgetTrace,
     Device,
+    always_online,
     constant_trace,
     fleet_from_csv,
     foreground_app_trace,
+    load_availability_csv,
     load_catalog,
     load_trace_csv,
+    on_off_trace,
     sample_fleet,
 )
 from smartsplit.managers.device import DevicePlan, OnDeviceManager
@@ -93,18 +97,24 @@ def build_fleet(config: Config) -> list[Device]:
     return _named("fleet.classes", sample_fleet)(f.devices, f.classes, seed=config.seed, catalog=catalog, jitter=f.jitter)
 
 
+def _trace_files(field: str, csv_dir: str, devices: list[Device]) -> dict[int, Path]:
+    """The ``device-<id>.csv`` files of a trace folder, by device id; a folder missing or holding a file that
+    matches no device is refused."""
+    folder = Path(csv_dir)
+    if not folder.is_dir():
+        raise SmartSplitError(f"{field}: {csv_dir} is not a folder (expected device-<id>.csv files)")
+    expected = {f"device-{d.id}.csv": d.id for d in devices}
+    stray = sorted(p.name for p in folder.glob("*.csv") if p.name not in expected)
+    if stray:
+        raise SmartSplitError(f"{field}: {folder / stray[0]} matches no device (the fleet's files are "
+                              f"device-0.csv .. device-{len(devices) - 1}.csv); rename or remove it")
+    return {expected[p.name]: p for p in folder.glob("*.csv")}
+
+
 def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
     """One memory-budget trace per device, on the experiment's clock; seeded per device."""
     b = config.fleet.budgets
-    if b.kind == "csv":
-        folder = Path(b.csv_dir)
-        if not folder.is_dir():
-            raise SmartSplitError(f"fleet.budgets.csv_dir: {b.csv_dir} is not a folder (expected device-<id>.csv files)")
-        expected = {f"device-{d.id}.csv" for d in devices}
-        stray = sorted(p.name for p in folder.glob("*.csv") if p.name not in expected)
-        if stray:
-            raise SmartSplitError(f"fleet.budgets.csv_dir: {folder / stray[0]} matches no device (the fleet's files are "
-                                  f"device-0.csv .. device-{len(devices) - 1}.csv); rename or remove it")
+    files = _trace_files("fleet.budgets.csv_dir", b.csv_dir, devices) if b.kind == "csv" else {}
     traces = []
     for device in devices:
         if b.kind == "foreground":
@@ -112,11 +122,26 @@ def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
                 device.memory_bytes, seed=config.seed * 100_003 + device.id, horizon_s=b.horizon_s,
                 mean_gap_s=b.mean_gap_s, mean_hold_s=b.mean_hold_s, max_take=b.max_take, floor=b.floor,
             )
-        elif b.kind == "csv" and (Path(b.csv_dir) / f"device-{device.id}.csv").exists():
-            trace = load_trace_csv(Path(b.csv_dir) / f"device-{device.id}.csv")
+        elif device.id in files:
+            trace = load_trace_csv(files[device.id])
         else:
             trace = constant_trace(device.memory_bytes)
         traces.append(trace)
+    return traces
+
+
+def build_availability(config: Config, devices: list[Device]) -> list[AvailabilityTrace]:
+    """One availability trace per device, on the experiment's clock; seeded per device."""
+    a = config.fleet.availability
+    files = _trace_files("fleet.availability.csv_dir", a.csv_dir, devices) if a.kind == "csv" else {}
+    traces = []
+    for device in devices:
+        if a.kind == "on_off":
+            traces.append(on_off_trace([config.seed, 7, device.id], a.mean_on_s, a.mean_off_s, a.horizon_s))
+        elif device.id in files:
+            traces.append(load_availability_csv(files[device.id]))
+        else:
+            traces.append(always_online())
     return traces
 
 
@@ -213,6 +238,7 @@ class Experiment:
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
         self.edges = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]
         self.traces = build_traces(config, self.devices)
+        self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.managers = [
             OnDeviceManager(
@@ -263,8 +289,11 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
+        """Every device online now, with its predicted peaks and times per cut."""
         profile, out = self.profile, []
         for device in self.devices:
+            if not self.availability[device.id].online_at(self.clock_s):
+                continue
             edge = self.edges[self.edge_of(device)]
             budget, manager = self.budget_forecast(device), self.managers[device.id]
             steps = self.local_steps[device.id]
@@ -322,6 +351,7 @@ class Experiment:
                 edge=self.edge_of(self.devices[a.device_id]),
                 replan=self.strategy.replan,
                 move_cut=self.strategy.move_cut,
+                availability=self.availability[a.device_id],
             )
             for a in plan.assignments
         ]
@@ -343,6 +373,8 @@ class Experiment:
             "loss": evaluation.loss,
             "participants": len(participants),
             "excluded": plan.excluded,
+            "offline": len(self.devices) - len(candidates),
+            "dropouts": sum(r["dropped_out"] for r in reports),
             "cuts": [r["cut"] for r in reports],
             "oom_events": sum(r["oom_events"] for r in reports),
             "peak_predicted_mb": [r["peak_predicted_mb"] for r in reports],

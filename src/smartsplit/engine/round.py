@@ -25,7 +25,7 @@ from smartsplit.data import Dataset
 from smartsplit.engine.aggregate import Contribution, unit_states
 from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.step import make_optimizer, split_step
-from smartsplit.fleet import BudgetTrace, Device
+from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device
 from smartsplit.managers.device import DevicePlan, OnDeviceManager
 from smartsplit.managers.mec import StepSketches
 from smartsplit.memory.measure import DeviceOutOfMemory
@@ -52,6 +52,7 @@ class Participant:
     replan: bool  # re-plans whenever its budget changes (else keeps its first plan, as the baselines do)
     move_cut: bool  # when no plan fits at its cut, hands units to the edge instead of pausing
     edge: int = 0  # index of the edge server the device is attached to
+    availability: AvailabilityTrace | None = None  # when it is online (absolute time); None: always
 
 
 @dataclass
@@ -74,6 +75,7 @@ class _Tally:
     replans: int = 0
     cut_moves: int = 0
     pauses: int = 0
+    dropped_out: bool = False
     micro_batches: set[int] = field(default_factory=set)
 
 
@@ -114,6 +116,10 @@ def run_round(
     round after another's, as SplitFed-v2 does).
     ``measure(plan)`` gives the memory meter's peak of one device step under ``plan``; a step whose measured peak
     is above the device's budget at that moment is an out-of-memory event. Without it, only the guard counts.
+    A device whose availability trace takes it offline mid-round drops out at that moment: a step that would not
+    end before it runs neither on the device nor on the edge, the edge queue is let go, its finished steps count
+    (its update as of its last finished step is aggregated; the upload's time is not charged), and the round
+    goes on without it.
     """
     num_units = len(global_units)
     env = simpy.Environment()
@@ -149,15 +155,24 @@ def run_round(
             server_samples = {i: 0 for i in range(1, num_units + 1)}
         sketch: dict[int, StepSketches] = {}
         cut = p.cut
+        offline = p.availability.offline_from(start_s) if p.availability is not None else None
+        offline_at = None if offline is None else offline - start_s  # seconds into the round
+
+        def stays_online(seconds: float) -> bool:
+            return offline_at is None or env.now + seconds <= offline_at
+
         down_s, up_s = model_transfer_s(profile, p.cut, dev, edge)
-        yield env.timeout(down_s)
-        tally.comm_s += down_s
-        tally.bytes_down += profile.param_bytes(1, p.cut)
+        if not stays_online(down_s):
+            tally.dropped_out = True
+        else:
+            yield env.timeout(down_s)
+            tally.comm_s += down_s
+            tally.bytes_down += profile.param_bytes(1, p.cut)
 
         plan: DevicePlan | None = None
         planned_for = -1
         i = 0
-        while i < len(p.batches):
+        while i < len(p.batches) and not tally.dropped_out:
             indices = p.batches[i]
             budget = p.trace.at(start_s + env.now)
             tally.min_budget = budget if tally.min_budget is None else min(tally.min_budget, budget)
@@ -168,6 +183,9 @@ def run_round(
                 if new is None:  # nothing fits, not even cut 1: wait for memory to come back
                     resume = p.trace.next_change(start_s + env.now)
                     if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
+                        break
+                    if not stays_online(resume - start_s - env.now):
+                        tally.dropped_out = True
                         break
                     tally.pauses += 1
                     tally.paused_s += resume - start_s - env.now
@@ -185,13 +203,23 @@ def run_round(
             t = step_times(profile, cut, dev, edge, scale, plan.recompute_flops, -(-len(indices) // plan.micro_batch))
             # units the device gave up mid-round run on the edge, still as this device's copy
             device_side, edge_side = units[:cut], nn.Sequential(*units[cut:], *server_units[p.cut :])
+            if not stays_online(t.forward_s + (t.uplink_s if edge_side else t.backward_s)):
+                tally.dropped_out = True
+                break
             yield env.timeout(t.forward_s)
             if edge_side:
                 yield env.timeout(t.uplink_s)
                 arrived = env.now
                 with server.queue.request() as turn:
-                    yield turn
+                    if offline_at is None:
+                        yield turn
+                    elif turn not in (yield turn | env.timeout(max(offline_at - env.now, 0.0))):
+                        tally.dropped_out = True  # went offline in the queue: the request is let go
+                        break
                     tally.wait_s += env.now - arrived
+                    if not stays_online(t.edge_s + t.downlink_s + t.backward_s):
+                        tally.dropped_out = True  # would leave before the step ends: it is not run at all
+                        break
                     result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally, measure)
                     if result is not None:  # a step that ran out of memory on the device never reached the edge
                         take_sketch(sketch, device_side, edge_side)  # now, before another device's step reuses the edge
@@ -214,10 +242,13 @@ def run_round(
             for unit in range(p.cut + 1, num_units + 1):
                 server_samples[unit] += result.samples
 
+        if tally.dropped_out:
+            yield env.timeout(max(offline_at - env.now, 0.0))  # it leaves at that moment
         if tally.steps:
-            yield env.timeout(up_s)
-            tally.comm_s += up_s
-            tally.bytes_up += profile.param_bytes(1, p.cut)
+            if not tally.dropped_out:
+                yield env.timeout(up_s)
+                tally.comm_s += up_s
+                tally.bytes_up += profile.param_bytes(1, p.cut)
             contributions[p.edge].append(
                 Contribution(units=unit_states(units, 1, p.cut), samples={i: tally.samples for i in range(1, p.cut + 1)})
             )
@@ -296,6 +327,7 @@ def _report(p: Participant, final_cut: int, tally: _Tally) -> dict:
         "replans": tally.replans,
         "cut_moves": tally.cut_moves,
         "pauses": tally.pauses,
+        "dropped_out": tally.dropped_out,
         "steps": tally.steps,
         "samples": tally.samples,
         "loss": float(np.mean(tally.losses)) if tally.losses else None,

@@ -1,4 +1,4 @@
-"""Fleet: device catalog, seeded fleet sampling and memory-budget traces."""
+"""Fleet: device catalog, seeded fleet sampling, memory-budget and availability traces."""
 
 from smartsplit.fleet.catalog import (
     Device,
@@ -9,7 +9,12 @@ from smartsplit.fleet.catalog import (
     sample_fleet,
 )
 from smartsplit.fleet.traces import (
+    AvailabilityTrace,
     BudgetTrace,
+    always_online,
+    load_availability_csv,
+    on_off_trace,
+    save_availability_csv,
     constant_trace,
     foreground_app_trace,
     load_trace_csv,
@@ -17,7 +22,12 @@ from smartsplit.fleet.traces import (
 )
 
 __all__ = [
+    "AvailabilityTrace",
     "BudgetTrace",
+    "always_online",
+    "load_availability_csv",
+    "on_off_trace",
+    "save_availability_csv",
     "Device",
     "DeviceClass",
     "constant_trace",

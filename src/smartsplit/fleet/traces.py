@@ -1,4 +1,5 @@
-"""Memory-budget traces: the bytes a device may use, piecewise constant over simulated time.
+"""Traces over simulated time, piecewise constant: memory budgets (the bytes a device may use) and availability
+(whether a device is online).
 
 CSV form: header ``time_s,budget_mb``; one row per change; ``budget_mb`` is in MiB (1 MB = ``2**20``
 bytes here, the same convention as the device catalog). The budget of the last row stays in force forever.
@@ -166,37 +167,121 @@ def save_trace_csv(trace: BudgetTrace, path: str | Path) -> None:
 
 def load_trace_csv(path: str | Path) -> BudgetTrace:
     """Read a ``time_s,budget_mb`` CSV (MiB, 2**20 bytes); errors name the file and line."""
+
+    def budget(mb: float) -> int:
+        if mb < 0:
+            raise ValueError(f"negative budget {mb} MB")
+        return round(mb * MIB)
+
+    times, budgets = _read_series(path, _HEADER, budget, "trace")
+    return BudgetTrace(times, budgets)
+
+
+def _read_series(path: str | Path, header: tuple[str, str], value, what: str) -> tuple[tuple[float, ...], tuple]:
+    """A piecewise-constant series from a two-column CSV: times from 0, strictly increasing; ``value`` turns a
+    number into the series' value (raising ValueError for a bad one). Errors name the file and line."""
     src = str(path)
-    rows = read_csv_rows(path, "trace")
+    rows = read_csv_rows(path, what)
+    expected = ",".join(header)
     if not rows:
-        raise SmartSplitError(f"{src}: line 1: empty file, expected header 'time_s,budget_mb'")
-    if tuple(c.strip() for c in rows[0]) != _HEADER:
-        raise SmartSplitError(f"{src}: line 1: expected header 'time_s,budget_mb', got '{','.join(rows[0])}'")
+        raise SmartSplitError(f"{src}: line 1: empty file, expected header '{expected}'")
+    if tuple(c.strip() for c in rows[0]) != header:
+        raise SmartSplitError(f"{src}: line 1: expected header '{expected}', got '{','.join(rows[0])}'")
     times: list[float] = []
-    budgets: list[int] = []
+    values: list = []
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != 2:
-            raise SmartSplitError(
-                f"{src}: line {lineno}: expected 2 columns (time_s,budget_mb), got {len(row)}"
-            )
+            raise SmartSplitError(f"{src}: line {lineno}: expected 2 columns ({expected}), got {len(row)}")
         try:
-            t, mb = float(row[0]), float(row[1])
+            t, v = float(row[0]), float(row[1])
         except ValueError as exc:
             raise SmartSplitError(f"{src}: line {lineno}: non-numeric value ({exc})") from exc
-        if not (math.isfinite(t) and math.isfinite(mb)):
+        if not (math.isfinite(t) and math.isfinite(v)):
             raise SmartSplitError(f"{src}: line {lineno}: values must be finite numbers")
-        if mb < 0:
-            raise SmartSplitError(f"{src}: line {lineno}: negative budget {mb} MB")
         if not times and t != 0.0:
             raise SmartSplitError(f"{src}: line {lineno}: first time must be 0, got {t}")
         if times and t <= times[-1]:
-            raise SmartSplitError(
-                f"{src}: line {lineno}: time {t} is not after the previous time {times[-1]}"
-            )
+            raise SmartSplitError(f"{src}: line {lineno}: time {t} is not after the previous time {times[-1]}")
+        try:
+            values.append(value(v))
+        except ValueError as exc:
+            raise SmartSplitError(f"{src}: line {lineno}: {exc}") from None
         times.append(t)
-        budgets.append(round(mb * MIB))
     if not times:
         raise SmartSplitError(f"{src}: line {len(rows) + 1}: no data rows after the header")
-    return BudgetTrace(tuple(times), tuple(budgets))
+    return tuple(times), tuple(values)
+
+
+# --------------------------------------------------------------------------- availability
+
+_AVAILABILITY_HEADER = ("time_s", "online")
+
+
+@dataclass(frozen=True)
+class AvailabilityTrace:
+    """When a device is online: ``online[i]`` holds on ``[times_s[i], times_s[i+1])``, the last one forever.
+
+    CSV form: header ``time_s,online``, one row per change, ``online`` 1 or 0, times from 0.
+    """
+
+    times_s: tuple[float, ...]
+    online: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not self.times_s or len(self.times_s) != len(self.online) or self.times_s[0] != 0.0:
+            raise SmartSplitError("availability trace needs equally many times and states, the first at time 0")
+        if any(b <= a for a, b in zip(self.times_s, self.times_s[1:])):
+            raise SmartSplitError("availability trace times must be strictly increasing")
+
+    def online_at(self, t: float) -> bool:
+        return self.online[max(bisect.bisect_right(self.times_s, t) - 1, 0)]
+
+    def offline_from(self, t: float) -> float | None:
+        """The first moment at or after ``t`` the device is offline; None if it stays online."""
+        if not self.online_at(t):
+            return t
+        for j in range(bisect.bisect_right(self.times_s, t), len(self.times_s)):
+            if not self.online[j]:
+                return self.times_s[j]
+        return None
+
+
+def always_online() -> AvailabilityTrace:
+    return AvailabilityTrace((0.0,), (True,))
+
+
+def on_off_trace(seed: int | list[int], mean_on_s: float, mean_off_s: float, horizon_s: float) -> AvailabilityTrace:
+    """Alternating online and offline periods, each exponentially long with its mean; the first state drawn
+    with the long-run share of time online. Seeded; the last state holds after ``horizon_s``."""
+    rng = np.random.default_rng(seed)
+    state = bool(rng.random() < mean_on_s / (mean_on_s + mean_off_s))
+    times, states, t = [0.0], [state], 0.0
+    while True:
+        t += float(rng.exponential(mean_on_s if state else mean_off_s))
+        if t >= horizon_s:
+            return AvailabilityTrace(tuple(times), tuple(states))
+        state = not state
+        times.append(t)
+        states.append(state)
+
+
+def save_availability_csv(trace: AvailabilityTrace, path: str | Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_AVAILABILITY_HEADER)
+        for t, on in zip(trace.times_s, trace.online):
+            writer.writerow([repr(float(t)), int(on)])
+
+
+def load_availability_csv(path: str | Path) -> AvailabilityTrace:
+    """Read a ``time_s,online`` CSV (online: 1 or 0); errors name the file and line."""
+
+    def state(v: float) -> bool:
+        if v not in (0.0, 1.0):
+            raise ValueError(f"online must be 1 or 0, got {v:g}")
+        return v == 1.0
+
+    times, states = _read_series(path, _AVAILABILITY_HEADER, state, "availability")
+    return AvailabilityTrace(times, states)

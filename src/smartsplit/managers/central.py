@@ -108,7 +108,7 @@ class DeviceHistory:
                 losses.append(float(r["loss_rms"]))
             cut, predicted = self.planned.get(device, (None, 0.0))
             clean = (
-                r.get("steps") and not r.get("oom_events") and not r.get("pauses")
+                r.get("steps") and not r.get("oom_events") and not r.get("pauses") and not r.get("dropped_out")
                 and r.get("cut") == cut and r.get("final_cut", cut) == cut
             )
             if clean and predicted > 0:

@@ -367,7 +367,8 @@ def _summary(runs: list[Run]) -> list[str]:
     def participation(run: Run) -> float:
         if not run.fleet_size:
             return NAN
-        return 100 * float(np.mean([1 - _num(r.get("excluded", 0)) / run.fleet_size for r in run.records]))
+        return 100 * float(np.mean([1 - (_num(r.get("excluded", 0)) + _num(r.get("offline", 0))) / run.fleet_size
+                                    for r in run.records]))
 
     latencies = [[_num(r.get("latency_s")) for r in run.records] for run in runs]
     lengths = sorted(len(run.records) for run in runs)
@@ -383,12 +384,14 @@ def _summary(runs: list[Run]) -> list[str]:
         fmt(np.array([np.nanmean(lat) for lat in latencies])),
         f"{np.nanmax([x for lat in latencies for x in lat]):.1f}",
         str(int(sum(_num(r.get("oom_events", 0)) for run in runs for r in run.records))),
+        str(int(sum(_num(r.get("dropouts", 0)) for run in runs for r in run.records))),
         fmt(np.array([np.nansum(lat) for lat in latencies]), 0),
     ]
 
 
 TABLE_HEADERS = ("strategy", "seeds", "rounds", "final accuracy", "participation", "max device peak MB",
-                 "mean round latency s", "peak round latency s", "OOM events (all seeds)", "simulated time s")
+                 "mean round latency s", "peak round latency s", "OOM events (all seeds)", "drop-outs (all seeds)",
+                 "simulated time s")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:

@@ -21,7 +21,7 @@ def _cell(value: object) -> str:
 
 COMPARE_HEADERS = (
     "strategy", "seeds", "final acc", "rounds to target", "sim s to target", "mean latency s", "peak latency s",
-    "participation", "max peak MB", "OOM", "pauses",
+    "participation", "max peak MB", "OOM", "pauses", "drop-outs",
 )
 
 
@@ -46,6 +46,7 @@ def compare_rows(summaries: Sequence[dict]) -> list[list[object]]:
                 max(r["max_peak_measured_mb"] for r in runs),
                 sum(r["oom_events"] for r in runs),
                 sum(r.get("pauses", 0) for r in runs),
+                sum(r.get("dropouts", 0) for r in runs),
             ]
         )
     return rows
