@@ -111,7 +111,10 @@ def _report(args: argparse.Namespace) -> None:
     from smartsplit.reports.report import write_report
     from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
 
+    from smartsplit.runtime.folder import check_writable
+
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
+    check_writable(out, "report folder")
     report = write_report(args.runs, out)
     summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in args.runs if (Path(r) / "summary.json").is_file()]
     if summaries:
