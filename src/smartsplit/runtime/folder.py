@@ -25,7 +25,7 @@ STATE_FORMAT = 2  # bump when the state's layout changes; a state of another for
 
 
 def check_writable(path: Path, what: str) -> None:
-    """Refuse now, before any work, a folder the tool could not create or write into."""
+    """Refuse now, before any work, a folder the tool could not create or write into; make it if it is missing."""
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -33,6 +33,10 @@ def check_writable(path: Path, what: str) -> None:
         raise SmartSplitError(f"{what} {path}: {probe} is a file, not a folder; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SmartSplitError(f"{what} {path}: {probe} is not writable; choose another path")
+    try:  # the only sure test is to make it (an empty folder is harmless)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmartSplitError(f"{what} {path}: cannot be created ({exc.strerror}); choose another path") from None
 
 
 def check_run_folder(run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> None:
