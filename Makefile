@@ -19,7 +19,7 @@ data:
 	bash scripts/install-data.sh
 
 run: setup data
-	$(VENV)/bin/smartsplit compare configs/fmnist.yaml --strategies fedavg,splitfed,smartsplit
+	$(VENV)/bin/smartsplit compare configs/fmnist.yaml --strategies fedavg,splitfed,smartsplit --overwrite
 
 test: setup
 	$(PY) -m pytest
