@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -21,12 +22,17 @@ def _run_one(config_json: str, overwrite: bool) -> dict:
     return run_experiment(Config.model_validate_json(config_json), progress=False, overwrite=overwrite)
 
 
-def _rounds_written(configs: list[Config]) -> int:
+def _rounds_written(configs: list[Config], since: float) -> int:
+    """Rounds in the runs' metrics files written since ``since`` (an earlier run's file, not yet replaced, is not
+    counted)."""
     total = 0
     for c in configs:
         path = Path(c.output_dir) / c.name / "metrics.jsonl"
-        if path.exists():
-            total += path.read_bytes().count(b"\n")
+        try:
+            if path.stat().st_mtime >= since:
+                total += path.read_bytes().count(b"\n")
+        except OSError:
+            pass
     return total
 
 
@@ -51,6 +57,7 @@ def run_many(
         return results
     results: list[dict | None] = [None] * len(configs)
     total = sum(c.training.rounds for c in configs)
+    started = time.time()
     # A terminated or interrupted compare takes its workers with it: none may go on writing into run folders.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
@@ -60,7 +67,7 @@ def run_many(
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                bar.update(min(total, _rounds_written(configs)) - bar.n)
+                bar.update(min(total, _rounds_written(configs, started)) - bar.n)
                 for future in finished:
                     results[futures[future]] = future.result()
                     if on_done:
