@@ -97,8 +97,7 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(run_dir):
+        with RunLock(run_dir):  # check_run_folder made the folder
             if overwrite and not resume:
                 clear_run(run_dir)
             return _run(config, run_dir, progress, resume)
@@ -109,11 +108,12 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
 def _run(config: Config, run_dir: Path, progress: bool, resume: bool) -> dict:
     started = time.perf_counter()
     metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
-    state = load_state(run_dir, config, len(_read_records(metrics_path, None))) if resume else None
+    written = _read_records(metrics_path, None)
+    state = load_state(run_dir, config, len(written)) if resume else None
     experiment = Experiment(config)
     try:
         start = experiment.load_state_dict(state) if state is not None else 0
-        records = _read_records(metrics_path, start)
+        records = written[:start]
         # rounds after the saved state (if the run died between writing them and saving) are run again
         _rewrite(metrics_path, records)
         _rewrite(decisions_path, _read_records(decisions_path, start))
