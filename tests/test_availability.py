@@ -11,11 +11,10 @@ import torch
 from smartsplit.config import build_config
 from smartsplit.engine.clock import step_times
 from smartsplit.engine.experiment import Experiment
-from smartsplit.engine.round import run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, load_availability_csv, on_off_trace, save_availability_csv
 from smartsplit.models.profile import profile_chain
-from test_engine import BATCH, EDGE, SGD, SHAPE, batches, chain, dataset, device, part
+from test_engine import BATCH, EDGE, SGD, SHAPE, batches, chain, dataset, device, part, play_round
 
 STEPS = 4
 
@@ -31,13 +30,13 @@ def test_a_device_that_leaves_mid_round_counts_exactly_its_finished_steps() -> N
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
     stay = part(model, device(0), 1, 10**9, batches(*[BATCH] * STEPS, start=0))
-    full = run_round(model, [stay, part(model, device(1), 1, 10**9, batches(*[BATCH] * STEPS, start=32))],
+    full = play_round(model, [stay, part(model, device(1), 1, 10**9, batches(*[BATCH] * STEPS, start=32))],
                      data, profile, [EDGE], SGD)[1]
     # when device 1's third step would have begun its forward, plus a little
     third_start = full[1]["finish_s"] / STEPS * 2 + step_times(profile, 1, device(1), EDGE).forward_s / 2
     leaver = dataclasses.replace(part(model, device(1), 1, 10**9, batches(*[BATCH] * STEPS, start=32)),
                                  availability=leaves_at(third_start))
-    groups, reports, _ = run_round(model, [stay, leaver], data, profile, [EDGE], SGD)
+    groups, reports, _ = play_round(model, [stay, leaver], data, profile, [EDGE], SGD)
     kept, left = reports
     assert not kept["dropped_out"] and kept["steps"] == STEPS
     assert left["dropped_out"] and left["steps"] == 2 and left["samples"] == 2 * BATCH
@@ -55,7 +54,7 @@ def test_a_device_offline_from_the_start_trains_nothing_and_the_round_goes_on() 
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
     gone = dataclasses.replace(part(model, device(1), 2, 10**9, batches(BATCH, BATCH)), availability=leaves_at(1e-6))
-    groups, reports, _ = run_round(model, [part(model, device(0), 2, 10**9, batches(BATCH, BATCH)), gone],
+    groups, reports, _ = play_round(model, [part(model, device(0), 2, 10**9, batches(BATCH, BATCH)), gone],
                                    data, profile, [EDGE], SGD)
     assert reports[1]["dropped_out"] and reports[1]["steps"] == 0 and reports[0]["steps"] == 2
     assert all(c.samples.get(1, 0) in (0, 2 * BATCH) for c in groups[0])
@@ -95,13 +94,13 @@ def test_offline_devices_are_never_selected_and_drop_outs_are_recorded() -> None
             start = experiment.clock_s
             online = {d.id for d in experiment.devices if experiment.availability[d.id].online_at(start)}
             record = experiment.run_round(rnd)
-            chosen = {a["device"] for a in record["decision"]["assignments"]}
-            assert chosen <= online and record["offline"] == len(experiment.devices) - len(online)
+            chosen = {a["device"] for a in record.decision["assignments"]}
+            assert chosen <= online and record.offline == len(experiment.devices) - len(online)
             records.append(record)
     finally:
         experiment.close()
-    assert sum(r["offline"] for r in records) > 0 and sum(r["dropouts"] for r in records) > 0
-    assert all(r["dropouts"] == sum(d["dropped_out"] for d in r["devices"]) for r in records)
+    assert sum(r.offline for r in records) > 0 and sum(r.dropouts for r in records) > 0
+    assert all(r.dropouts == sum(d.dropped_out for d in r.devices) for r in records)
 
 
 def test_with_everyone_online_availability_changes_nothing(tmp_path: Path) -> None:
@@ -113,5 +112,5 @@ def test_with_everyone_online_availability_changes_nothing(tmp_path: Path) -> No
         ra, rb = a.run_round(0), b.run_round(0)
     finally:
         a.close(), b.close()
-    assert ra["accuracy"] == rb["accuracy"] and ra["dropouts"] == rb["dropouts"] == 0
+    assert ra.accuracy == rb.accuracy and ra.dropouts == rb.dropouts == 0
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

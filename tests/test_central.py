@@ -8,11 +8,12 @@ import pickle
 import numpy as np
 import pytest
 
-from smartsplit.baselines.latency_only import LatencyOnly
-from smartsplit.baselines.oort import Oort
+from smartsplit.strategies.latency_only import LatencyOnly
+from smartsplit.strategies.oort import Oort
 from smartsplit.fleet import Device
 from smartsplit.managers.central import SmartSplit, coverage_bonus, statistical_utility, system_penalty
-from smartsplit.strategy import Candidate, sample_eligible
+from smartsplit.records import DeviceReport
+from smartsplit.strategies import Candidate, sample_eligible
 
 L = 3
 
@@ -49,10 +50,11 @@ def random_candidates(rng: np.random.Generator, n: int, units: int = 5) -> list[
     return out
 
 
-def report(device: int, cut: int, loss_rms: float, busy_s: float = 0.0, **extra) -> dict:
-    return {"device": device, "cut": cut, "final_cut": cut, "steps": 5, "samples": 40, "loss": loss_rms,
-            "loss_rms": loss_rms, "compute_s": busy_s, "comm_s": 0.0, "wait_s": 0.0, "oom_events": 0, "pauses": 0,
-            **extra}
+def report(device: int, cut: int, loss_rms: float, busy_s: float = 0.0, **extra) -> DeviceReport:
+    values = {"device": device, "cut": cut, "final_cut": cut, "steps": 5, "samples": 40, "loss": loss_rms,
+              "loss_rms": loss_rms, "compute_s": busy_s, "comm_s": 0.0, "wait_s": 0.0, "oom_events": 0, "pauses": 0,
+              **extra}
+    return DeviceReport.from_json({"class": "test", **values})
 
 
 def plan_of(strategy, cands, k, seed=0, rnd=0):
@@ -236,9 +238,12 @@ def test_mec_fine_tuning_stays_feasible_and_can_be_switched_off() -> None:
     assert {a.device_id: a.cut for a in plan_of(off, cands, 3).assignments} == {0: 3, 1: 1, 2: 1}
     assert off.name == "smartsplit-no-finetuning"
 
-    updates = {0: {1: np.ones(4)}, 2: {1: -np.ones(4)}}
-    s.round_finished(0, [report(0, 3, 1.0)], updates)
-    assert mec.updates == [updates] and plan_of(s, cands, 3).notes["unit_importance"] == {"1": 0.1, "2": 0.9}
+    observations = {0: [(0, 1, np.ones(4)), (1, 1, np.ones(4))], 2: [(0, 1, -np.ones(4))]}
+    s.round_finished(0, [report(0, 3, 1.0)], observations)
+    (given,) = mec.updates  # each device's observations as step sketches per unit, summed in step order
+    assert sorted(given) == [0, 2] and given[0][1].steps == 2 and np.array_equal(given[0][1].total, 2 * np.ones(4))
+    assert np.array_equal(given[2][1].total, -np.ones(4))
+    assert plan_of(s, cands, 3).notes["unit_importance"] == {"1": 0.1, "2": 0.9}
     s.round_finished(1, [report(0, 3, 1.0)])  # no updates (an engine that does not sketch): nothing to score
     assert len(mec.updates) == 1
 
@@ -307,9 +312,9 @@ def test_real_mec_manager_keeps_cuts_feasible() -> None:
 
 
 def test_names_and_switches() -> None:
-    assert SmartSplit().name == "smartsplit" and SmartSplit(8).checkpointing
+    assert SmartSplit().name == "smartsplit" and SmartSplit(8).rules.checkpointing
     s = SmartSplit(checkpointing=False)
-    assert s.name == "smartsplit-no-ckpt" and not (s.checkpointing or s.replan or s.move_cut)
+    assert s.name == "smartsplit-no-ckpt" and not (s.rules.checkpointing or s.rules.replan or s.rules.move_cut)
     assert SmartSplit(selection=False, checkpointing=False).name == "smartsplit-no-selection-no-ckpt"
     assert SmartSplit(name="custom").name == "custom"
 
@@ -321,7 +326,7 @@ def test_notes_are_json_serialisable_and_strategies_pickle() -> None:
     for strategy in strategies:
         plan = plan_of(strategy, cands, 6)
         strategy.round_finished(0, [report(a.device_id, a.cut, 1.0, busy_s=2.0) for a in plan.assignments],
-                                {a.device_id: {1: np.ones(3)} for a in plan.assignments})
+                                {a.device_id: [(0, 1, np.ones(3)), (1, 1, np.zeros(3))] for a in plan.assignments})
         plan = plan_of(strategy, cands, 6, rnd=1)
         text = json.dumps(plan.notes)
         assert json.loads(text) == plan.notes

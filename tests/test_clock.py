@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from test_engine import BATCH, SGD, SHAPE, batches, chain, dataset, part
+from test_engine import BATCH, SGD, SHAPE, batches, chain, dataset, part, play_round
 
 from smartsplit.engine.clock import EdgeSpec
-from smartsplit.engine.round import run_round
 from smartsplit.fleet import Device
 from smartsplit.models.profile import profile_chain
 
@@ -35,7 +34,7 @@ def timeline(profile, cut, dev, edge, steps):
 
 def run(parts, edge=EDGE):
     model, data = chain(), dataset()
-    groups, reports, _ = run_round(model, parts(model), data, profile_chain(model, SHAPE, BATCH), [edge], SGD)
+    groups, reports, _ = play_round(model, parts(model), data, profile_chain(model, SHAPE, BATCH), [edge], SGD)
     return reports
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,20 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import smartsplit.engine.round as round_mod
-from smartsplit.baselines.fixed_cut import FixedCut, fedavg, splitfed
 from smartsplit.config import build_config
 from smartsplit.data import Dataset
-from smartsplit.engine.aggregate import Contribution, aggregate, unit_states
+from smartsplit.engine.aggregate import aggregate, unit_states
 from smartsplit.engine.clock import EdgeSpec, step_times
 from smartsplit.engine.experiment import Experiment
-from smartsplit.engine.round import OptimizerSpec, Participant, run_round
+from smartsplit.engine.options import EngineOptions
+from smartsplit.engine.round import Participant, run_round
 from smartsplit.engine.step import split_step
-from smartsplit.fleet import Device, constant_trace
+from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
 from smartsplit.managers.central import SmartSplit
 from smartsplit.managers.device import OnDeviceManager
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.models.profile import ProfileCache, profile_chain
-from smartsplit.strategy import Candidate
+from smartsplit.roles.device import DeviceRole, OptimizerSpec
+from smartsplit.roles.edge import EdgeRole
+from smartsplit.roles.messages import EdgeInstructions, RoundInstructions, Update
+from smartsplit.strategies import Candidate
+from smartsplit.strategies.fixed_cut import FixedCut, fedavg, splitfed
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
@@ -135,10 +140,10 @@ def test_aggregate_mixed_cuts_by_hand() -> None:
     torch.manual_seed(0)
     g = nn.Sequential(*(nn.Linear(2, 2) for _ in range(4)))
     untouched = {k: v.clone() for k, v in g[3].state_dict().items()}
-    dev_a = Contribution(units={1: filled(g[0], 1.0)}, samples={1: 10})  # cut 1
-    dev_b = Contribution(units={1: filled(g[0], 3.0), 2: filled(g[1], 5.0)}, samples={1: 30, 2: 30})  # cut 2
+    dev_a = Update(units={1: filled(g[0], 1.0)}, samples={1: 10})  # cut 1
+    dev_b = Update(units={1: filled(g[0], 3.0), 2: filled(g[1], 5.0)}, samples={1: 30, 2: 30})  # cut 2
     # the edge trained unit 2 on device a's 10 samples and unit 3 on both (40); nobody trained unit 4
-    edge = Contribution(units={2: filled(g[1], 1.0), 3: filled(g[2], -2.0)}, samples={2: 10, 3: 40})
+    edge = Update(units={2: filled(g[1], 1.0), 3: filled(g[2], -2.0)}, samples={2: 10, 3: 40})
     aggregate(g, [dev_a, dev_b, edge])
     expected = {0: (10 * 1.0 + 30 * 3.0) / 40, 1: (30 * 5.0 + 10 * 1.0) / 40, 2: -2.0}
     for i, value in expected.items():
@@ -150,14 +155,14 @@ def test_aggregate_mixed_cuts_by_hand() -> None:
 
 def test_aggregate_ignores_zero_sample_copies() -> None:
     g = nn.Sequential(nn.Linear(2, 2))
-    aggregate(g, [Contribution({1: filled(g[0], 2.0)}, {1: 5}), Contribution({1: filled(g[0], 100.0)}, {1: 0})])
+    aggregate(g, [Update({1: filled(g[0], 2.0)}, {1: 5}), Update({1: filled(g[0], 100.0)}, {1: 0})])
     assert torch.allclose(g[0].weight, torch.full((2, 2), 2.0))
 
 
 def test_aggregate_all_cuts_at_L_is_fedavg() -> None:
     base = chain()
     copies, samples = [chain(s) for s in (1, 2, 3)], [8, 24, 13]
-    contribs = [Contribution(unit_states(c, 1, 3), {i: n for i in (1, 2, 3)}) for c, n in zip(copies, samples)]
+    contribs = [Update(unit_states(c, 1, 3), {i: n for i in (1, 2, 3)}) for c, n in zip(copies, samples)]
     aggregate(base, contribs)
     total = sum(samples)
     for name, merged in base.state_dict().items():
@@ -177,6 +182,52 @@ def test_unit_states_are_detached_copies() -> None:
 # --------------------------------------------------------------------------- run_round
 
 
+@dataclasses.dataclass
+class Spec:
+    """A hand-made participant: its device, cut, exact local batches, budget trace and on-device manager."""
+
+    device: Device
+    cut: int
+    batches: list[np.ndarray]
+    trace: BudgetTrace
+    manager: OnDeviceManager
+    replan: bool = False
+    move_cut: bool = False
+    edge: int = 0
+    availability: AvailabilityTrace | None = None
+
+
+class ScriptedDevice(DeviceRole):
+    """A device role whose local batches are given rather than drawn from its shard."""
+
+    def __init__(self, *args, batches: list[np.ndarray], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scripted = batches
+
+    def local_batches(self, instructions: RoundInstructions) -> list[np.ndarray]:
+        return self.scripted
+
+
+def play_round(model, specs: list[Spec], data, profile, edges: list[EdgeSpec], opt: OptimizerSpec, *, start_s=0.0,
+               deadline_s=None, edge_copies="shared", edge_order="interleaved", observer=None, measure=None):
+    """One round of hand-made participants through the device, edge and round engine: each edge's updates,
+    the device reports (as metrics.jsonl has them) and the step observations per device."""
+    edge_roles = [EdgeRole(e, model, opt) for e in range(len(edges))]
+    for e, role in enumerate(edge_roles):
+        role.start_round(EdgeInstructions(0, unit_states(model, 1, len(model)),
+                                          {s.device.id: s.cut for s in specs if s.edge == e}, edge_copies), observer)
+    participants = []
+    for s in specs:
+        role = ScriptedDevice(s.device, data, np.arange(len(data)), s.trace, s.manager, model, opt, BATCH, len(s.batches),
+                              None, measure=measure, batches=s.batches)
+        instructions = RoundInstructions(0, s.device.id, s.cut, unit_states(model, 1, s.cut), s.manager.checkpointing,
+                                         s.replan, s.move_cut, (0, 0, s.device.id), start_s)
+        participants.append(Participant(role, instructions, s.edge, s.availability))
+    outcome = run_round(participants, edge_roles, edges, profile, start_s=start_s, deadline_s=deadline_s,
+                        options=EngineOptions(edge_copies, edge_order), observer=observer)
+    return outcome.updates, [r.to_json() for r in outcome.reports], outcome.observations
+
+
 def batches(*sizes: int, start: int = 0) -> list[np.ndarray]:
     out, pos = [], start
     for s in sizes:
@@ -194,13 +245,13 @@ def part(model: nn.Sequential, dev: Device, cut: int, budget: int, steps: list[n
         lambda m: cache.get("toy", model, SHAPE, m), BATCH, slots, dev.flops_per_s,
         round_trip_s=2 * EDGE.latency_s, checkpointing=smart,
     )
-    return Participant(dev, cut, steps, constant_trace(budget), manager, replan=smart, move_cut=smart)
+    return Spec(dev, cut, steps, constant_trace(budget), manager, replan=smart, move_cut=smart)
 
 
 
 def round_on_one_edge(model, parts, data, profile, edge, opt, **kwargs):
     """run_round with a single edge server: its contributions and the device reports."""
-    groups, reports, _ = run_round(model, parts, data, profile, [edge], opt, **kwargs)
+    groups, reports, _ = play_round(model, parts, data, profile, [edge], opt, **kwargs)
     return groups[0], reports
 
 def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,9 +261,9 @@ def test_run_round_interleaves_devices_on_the_shared_edge(monkeypatch: pytest.Mo
     order: list[int] = []
     real_step = round_mod.split_step
 
-    def recording_step(device_units, *args, **kwargs):
-        order.append(id(device_units[0]))  # the device's private copy of unit 1
-        return real_step(device_units, *args, **kwargs)
+    def recording_step(device, edge, step):
+        order.append(device.id)
+        return real_step(device, edge, step)
 
     monkeypatch.setattr(round_mod, "split_step", recording_step)
     parts = [
@@ -282,31 +333,35 @@ def test_run_round_at_cut_L_is_fedavg_by_hand() -> None:
 
 def test_each_device_sketches_its_own_steps_on_the_shared_edge(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three devices at mixed cuts on one shared edge copy, their steps interleaved and queued: each device's
-    step sketches, of its own and of the shared edge units, are the gradients of its own steps, read while it
-    held the edge (not after another device's step had refilled the shared gradients)."""
-    from smartsplit.managers.mec import UpdateSketcher
+    step observations, of its own units (taken on the device) and of the shared edge units (taken on the edge),
+    are the gradients of its own steps, read while it held the edge (not after another device's step had
+    refilled the shared gradients)."""
+    from smartsplit.managers.mec import GradientSketches, UpdateSketcher, step_sketches
 
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)
     sketcher = UpdateSketcher(model, 16, seed=0)
-    steps: dict[int, list[list[np.ndarray]]] = {}  # by the device's own first unit: each step's grad sketches
+    steps: dict[int, list[list[np.ndarray]]] = {}  # by device: each step's grad sketches, read right after it
     real_step = round_mod.split_step
 
-    def recording_step(device_units, edge_units, *args, **kwargs):
-        result = real_step(device_units, edge_units, *args, **kwargs)
-        units = [*device_units, *edge_units]
-        steps.setdefault(id(device_units[0]), []).append([sketcher.grad_sketch(i, u) for i, u in enumerate(units, 1)])
+    def recording_step(device, edge, step):
+        result = real_step(device, edge, step)
+        session = edge._sessions[device.id]  # white box: the units this device's step just trained
+        units = [*device._state.units[: device.cut], *session.units[session.cut :]]
+        steps.setdefault(device.id, []).append([sketcher.grad_sketch(i, u) for i, u in enumerate(units, 1)])
         return result
 
     monkeypatch.setattr(round_mod, "split_step", recording_step)
     parts = [part(model, device(k), cut, 10**9, batches(BATCH, BATCH, BATCH, start=20 * k)) for k, cut in enumerate([1, 2, 1])]
-    _, _, updates = run_round(model, parts, data, profile, [EDGE], SGD, sketcher=sketcher)
-    assert sorted(updates) == [0, 1, 2] and len(steps) == 3
-    own = [[sum(step[u] for step in group) for u in range(3)] for group in steps.values()]
-    for device_id, units in updates.items():
+    _, _, observations = play_round(model, parts, data, profile, [EDGE], SGD, observer=GradientSketches(sketcher))
+    assert sorted(observations) == [0, 1, 2] and len(steps) == 3
+    for device_id, seen in observations.items():
+        units = step_sketches(seen)
         assert all(units[u].steps == 3 for u in (1, 2, 3))
-        matches = [o for o in own if all(np.allclose(units[u + 1].total, o[u]) for u in range(3))]
-        assert len(matches) == 1, f"device {device_id}'s sketches are not the sum of its own steps"
+        own = [sum(step[u] for step in steps[device_id]) for u in range(3)]
+        assert all(np.array_equal(units[u + 1].total, own[u]) for u in range(3)), f"device {device_id}: not its own steps"
+        others = [sum(step[2] for step in steps[d]) for d in steps if d != device_id]
+        assert not any(np.allclose(units[3].total, o) for o in others)
 
 
 def test_memory_guard_reports_oom_and_no_steps() -> None:
@@ -441,7 +496,7 @@ def tiny_config(seed: int = 3, budgets: str = "constant"):
 
 def run_all(config) -> tuple[list[dict], dict[str, torch.Tensor]]:
     exp = Experiment(config)
-    records = list(exp.rounds())
+    records = [r.to_json() for r in exp.rounds()]
     for r in records:
         r.pop("wall_s")
     return records, exp.model.state_dict()
@@ -469,7 +524,7 @@ def manager_for(model, flops_per_s: float = 1e6) -> OnDeviceManager:
 
 
 def squeezed(model, dev, cut, trace, steps):
-    return Participant(dev, cut, steps, trace, manager_for(model, dev.flops_per_s), replan=True, move_cut=True)
+    return Spec(dev, cut, steps, trace, manager_for(model, dev.flops_per_s), replan=True, move_cut=True)
 
 
 def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_samples() -> None:

@@ -23,7 +23,7 @@ def finished(tmp_path: Path) -> tuple[Path, Path]:
     """A finished tiny run (2 rounds): its config file and its run folder."""
     config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"], "rounds": ROUNDS})
     summary = run_experiment(load_config(config), progress=False)
-    return config, Path(summary["run_dir"])
+    return config, Path(summary.run_dir)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def test_a_finished_run_is_never_replaced_by_accident(finished, tmp_path: Path) 
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
     replaced = run_experiment(load_config(config), progress=False, overwrite=True)
-    assert metrics(run) == metrics(Path(replaced["run_dir"])) and len(metrics(run)) == ROUNDS  # replaced, not appended
+    assert metrics(run) == metrics(Path(replaced.run_dir)) and len(metrics(run)) == ROUNDS  # replaced, not appended
 
 
 def test_a_run_folder_is_locked_while_a_run_writes(tmp_path: Path) -> None:
@@ -101,11 +101,11 @@ def test_resume_may_only_extend_rounds(finished, tmp_path: Path) -> None:
         run_experiment(resume_config(run, ["training.rounds=1"]), run, progress=False, resume=True)
 
     extended = run_experiment(resume_config(run, [f"training.rounds={ROUNDS + 1}"]), run, progress=False, resume=True)
-    assert extended["rounds"] == ROUNDS + 1 and len(metrics(run)) == ROUNDS + 1
+    assert extended.rounds == ROUNDS + 1 and len(metrics(run)) == ROUNDS + 1
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["rounds"] == ROUNDS + 1
     # the extended run is the run that would have been made with 3 rounds from the start
     whole = run_experiment(load_config(config, [f"training.rounds={ROUNDS + 1}", "name=whole"]), progress=False)
-    assert metrics(run) == metrics(Path(whole["run_dir"]))
+    assert metrics(run) == metrics(Path(whole.run_dir))
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.reports.summary import SUMMARY_HEADERS
 from smartsplit.reports.report import FIGURES, fig_recompute, load_run, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,14 +85,15 @@ def test_report_writes_every_figure_and_the_table(runs: list[Path], tmp_path: Pa
     summary = text.split("## Figures")[0]
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
     assert {"fedavg", "smartsplit"} <= rows.keys()
-    assert "final accuracy" in rows["strategy"] and "simulated time s" in rows["strategy"]
+    headers = [c.strip() for c in rows["strategy"].split("|")[1:-1]]
+    assert headers == list(SUMMARY_HEADERS)  # the same table as the console's and compare --markdown's
     fedavg = [c.strip() for c in rows["fedavg"].split("|")[1:-1]]
     assert fedavg[1] == "2"  # two seeds in one group
-    assert fedavg[3] == "0.560 ± 0.057"  # final accuracy: 0.6 (4 rounds, seed 0) and 0.52 (3 rounds, seed 1)
-    assert fedavg[4] == "83 ± 0%"  # one of six devices excluded each round
+    assert fedavg[2] == "0.560 ± 0.057"  # final accuracy: 0.6 (4 rounds, seed 0) and 0.52 (3 rounds, seed 1)
+    assert fedavg[7] == "83%"  # one of six devices excluded each round
     smartsplit = [c.strip() for c in rows["smartsplit"].split("|")[1:-1]]
-    assert smartsplit[5] == "10.1"  # max measured device peak: 5 + device 2 + cut 3 + 0.1 * seed 1
-    assert smartsplit[8] == "1"  # OOM events over all seeds
+    assert smartsplit[8] == "10.100"  # max measured device peak: 5 + device 2 + cut 3 + 0.1 * seed 1
+    assert smartsplit[9] == "1"  # OOM events over all seeds
     assert dict(matplotlib.rcParams) == before
 
 

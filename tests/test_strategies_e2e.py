@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from smartsplit.config import build_config
-from smartsplit.engine.aggregate import Contribution, aggregate, merge, unit_states
+from smartsplit.engine.aggregate import aggregate, merge, unit_states
+from smartsplit.roles.messages import Update
 from smartsplit.engine.experiment import Experiment
 from smartsplit.strategies import STRATEGIES
 
@@ -27,14 +28,14 @@ TINY = {
 def test_every_strategy_runs_end_to_end(name):
     experiment = Experiment(build_config(TINY, [f"strategy.name={name}"]))
     records = list(experiment.rounds())
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r.round for r in records] == [1, 2]
     for r in records:
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["participants"] + 0 <= 3
-        assert all(1 <= c <= experiment.num_units for c in r["cuts"])
-        assert r["decision"]["strategy"] == experiment.strategy.name
+        assert 0.0 <= r.accuracy <= 1.0
+        assert r.participants + 0 <= 3
+        assert all(1 <= c <= experiment.num_units for c in r.cuts)
+        assert r.decision["strategy"] == experiment.strategy.name
     if name in ("smartsplit", "smartsplit-no-selection", "smartsplit-no-finetuning", "fedavg-ckpt"):
-        assert sum(r["oom_events"] for r in records) == 0  # the on-device manager never crosses a budget
+        assert sum(r.oom_events for r in records) == 0  # the on-device manager never crosses a budget
 
 
 def test_hierarchical_equals_flat_with_one_edge():
@@ -48,9 +49,9 @@ def test_hierarchical_equals_flat_with_one_edge():
                 p.add_(torch.randn_like(p))
         copies.append(trained)
     contributions = [
-        Contribution(unit_states(copies[0], 1, 1), {1: 10}),
-        Contribution(unit_states(copies[1], 1, 2), {1: 30, 2: 30}),
-        Contribution(unit_states(copies[2], 2, 3), {2: 10, 3: 40}),  # the edge copy
+        Update(unit_states(copies[0], 1, 1), {1: 10}),
+        Update(unit_states(copies[1], 1, 2), {1: 30, 2: 30}),
+        Update(unit_states(copies[2], 2, 3), {2: 10, 3: 40}),  # the edge copy
     ]
     flat, hierarchical = copy.deepcopy(base), copy.deepcopy(base)
     aggregate(flat, contributions)
@@ -70,8 +71,8 @@ def test_two_edge_servers_share_the_work():
     experiment = Experiment(config)
     record = experiment.run_round(0)
     by_edge = {0: [], 1: []}
-    for r in record["devices"]:
-        by_edge[r["device"] % 2].append(r["finish_s"])
+    for r in record.devices:
+        by_edge[r.device % 2].append(r.finish_s)
     assert by_edge[0] and by_edge[1]
     assert min(by_edge[1]) > max(by_edge[0])  # the slow edge (1 MFLOP/s) holds its own devices back only
 
@@ -80,7 +81,7 @@ def test_sequential_edge_order_is_slower_than_interleaved():
     common = ["fleet.budgets.kind=constant", "training.devices_per_round=4", "fleet.classes={phone-entry: 1.0}"]
     v1 = Experiment(build_config(TINY, ["strategy.name=splitfed-v1", *common])).run_round(0)
     v2 = Experiment(build_config(TINY, ["strategy.name=splitfed-v2", *common])).run_round(0)
-    assert v2["latency_s"] > 2 * v1["latency_s"]  # one device after another: latencies add up
+    assert v2.latency_s > 2 * v1.latency_s  # one device after another: latencies add up
 
 
 def test_your_own_model_trains_split(monkeypatch):
@@ -91,8 +92,8 @@ def test_your_own_model_trains_split(monkeypatch):
     assert experiment.num_units >= 3
     a = list(Experiment(config).rounds())
     b = list(experiment.rounds())
-    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]  # seeded: the same model twice
-    assert all(r["participants"] > 0 for r in b)
+    assert [r.accuracy for r in a] == [r.accuracy for r in b]  # seeded: the same model twice
+    assert all(r.participants > 0 for r in b)
 
 
 def test_bad_user_model_is_a_clear_error():

@@ -24,12 +24,13 @@ def _run(args: argparse.Namespace) -> None:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
-    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
+    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.table import format_table
 
     summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     if not args.quiet:
-        print(format_table(COMPARE_HEADERS, compare_rows([summary])))
-    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds; results in {summary['run_dir']}")
+        print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
+    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -49,12 +50,11 @@ def _check(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     import shlex
 
+    from smartsplit.api import compare
     from smartsplit.config import load_config
-    from smartsplit.reports.report import write_report
-    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table, markdown_table
-    from smartsplit.runtime.folder import check_run_folder, check_writable
-    from smartsplit.runtime.parallel import run_many
-    from smartsplit.strategies import STRATEGIES
+    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.table import format_table, markdown_table
+    from smartsplit.runtime.folder import check_writable
 
     base = load_config(args.config, args.set)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -62,63 +62,36 @@ def _compare(args: argparse.Namespace) -> None:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
     except ValueError:
         raise SmartSplitError(f"--seeds {args.seeds!r}: expected comma-separated whole numbers, e.g. 0,1,2") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise SmartSplitError(f"--seeds {args.seeds!r}: seeds must be distinct and non-negative")
     if args.workers is not None and args.workers < 1:
         raise SmartSplitError(f"--workers must be at least 1, got {args.workers}")
-    configs = []
-    for name in strategies:
-        for seed in seeds:
-            suffix = f"-s{seed}" if len(seeds) > 1 else ""
-            configs.append(load_config(args.config, [*args.set, f"strategy.name={name}", f"seed={seed}", f"name={base.name}-{name}{suffix}"]))
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:  # before any run starts
-        raise SmartSplitError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
-    for config in configs:
-        check_run_folder(Path(config.output_dir) / config.name, overwrite=args.overwrite)
-    report_dir = Path(base.output_dir) / f"{base.name}-report"
-    check_writable(report_dir, "report folder")
     if args.markdown:
         check_writable(Path(args.markdown).parent, "--markdown")
         if Path(args.markdown).is_dir():
             raise SmartSplitError(f"--markdown {args.markdown}: is a folder; give a file path")
-
-    def done(summary: dict) -> str:
-        return f"done: {summary['name']}: final accuracy {summary['final_accuracy']:.4f} ({summary['wall_s']:.0f} s)"
-
-    if not args.quiet:
-        print(f"running {len(configs)} runs ({len(strategies)} strategies x {len(seeds)} seeds)...", flush=True)
-    summaries = run_many(configs, args.workers, on_done=None if args.quiet else done, progress=not args.quiet,
-                         overwrite=args.overwrite)
-    target = base.target_accuracy
-    rows = compare_rows(summaries)
-    print(format_table(COMPARE_HEADERS, rows))
-    if target is None:
+    summaries = compare(base, strategies, seeds, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    rows = summary_rows(summaries)
+    print(format_table(SUMMARY_HEADERS, rows))
+    if base.target_accuracy is None:
         print("(set target_accuracy in the config for rounds and simulated time to a target)")
-    report = write_report([s["run_dir"] for s in summaries], report_dir)
-    print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {report}")
+    print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {Path(base.output_dir) / f'{base.name}-report'}/report.md")
     if args.markdown:
         command = "smartsplit " + " ".join(shlex.quote(a) for a in args.argv)
         Path(args.markdown).write_text(
-            f"Command: `{command}`\n\nTarget accuracy: {target}\n\n{markdown_table(COMPARE_HEADERS, rows)}\n"
+            f"Command: `{command}`\n\nTarget accuracy: {base.target_accuracy}\n\n{markdown_table(SUMMARY_HEADERS, rows)}\n"
         )
         print(f"table written to {args.markdown}")
 
 
 def _report(args: argparse.Namespace) -> None:
-    import json
-
-    from smartsplit.reports.report import write_report
-    from smartsplit.reports.table import COMPARE_HEADERS, compare_rows, format_table
-
+    from smartsplit.reports.report import load_run, run_summary, write_report
+    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.table import format_table
     from smartsplit.runtime.folder import check_writable
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "report"
     check_writable(out, "report folder")
     report = write_report(args.runs, out)
-    summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in args.runs if (Path(r) / "summary.json").is_file()]
-    if summaries:
-        print(format_table(COMPARE_HEADERS, compare_rows(summaries)))
+    print(format_table(SUMMARY_HEADERS, summary_rows([run_summary(load_run(r)) for r in args.runs])))
     print(f"report: {report}")
 
 
@@ -168,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config field (with --resume: only training.rounds, to extend the run)")
     run.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    run.add_argument("--verbose", action="store_true", help="a line per round, and debug messages")
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a config and build its experiment (data, model, fleet) without training")
@@ -184,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--workers", type=int, help="parallel processes (default: one per core)")
     compare.add_argument("--markdown", metavar="PATH", help="also write the table, with this command, to a markdown file")
     compare.add_argument("--overwrite", action="store_true", help="replace runs already in the run folders")
-    compare.add_argument("--quiet", action="store_true")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    compare.add_argument("--verbose", action="store_true", help="a line per round of every run, and debug messages")
     compare.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="write report.md and figures for one or more run folders")
@@ -204,10 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _logging(verbose: bool, quiet: bool) -> None:
+    """Messages of the ``smartsplit`` loggers on stderr: warnings only (--quiet), progress (default) or all."""
+    import logging
+
+    logger = logging.getLogger("smartsplit")
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "smartsplit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+        handler.smartsplit_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    _logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
         args.func(args)
     except SmartSplitError as exc:

@@ -16,10 +16,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The built-in names (smartsplit.data.DATASETS and SCHEMES hold the same; repeated here so that reading a config
+# does not import torch). Anything with a ':' is a plug-in, ``package.module:factory`` (smartsplit.data.load_data
+# and smartsplit.data.partition load and check it).
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def _builtin_or_plugin(value: str, builtins: tuple[str, ...], what: str, form: str) -> str:
+    if value in builtins:
+        return value
+    module, sep, attr = value.partition(":")
+    if sep and module.strip() and attr.strip() and ":" not in attr:
+        return value
+    raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(builtins)}, "
+                     f"or your own as {form}")
+
+
 class DataConfig(_Section):
-    dataset: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
+    dataset: str = "fashion-mnist"  # a built-in name (DATASETS) or a plug-in, package.module:factory
     root: str | None = None  # None: the dataset's default folder (Fashion-MNIST: Debian's package)
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    partition: str = "dirichlet"  # a built-in scheme (PARTITIONS) or a plug-in, package.module:function
     alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, ge=1)
     train_limit: int | None = Field(None, ge=1)  # subsample the training set (seeded)
@@ -29,6 +46,16 @@ class DataConfig(_Section):
     synthetic_classes: int = Field(10, ge=2)
     synthetic_train: int = Field(2000, ge=10)
     synthetic_test: int = Field(500, ge=10)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        return _builtin_or_plugin(value, DATASETS, "data set", "package.module:factory")
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str) -> str:
+        return _builtin_or_plugin(value, PARTITIONS, "partition scheme", "package.module:function")
 
 
 class ModelConfig(_Section):

@@ -1,7 +1,8 @@
-"""Data sets (Fashion-MNIST, MNIST, CIFAR-10, synthetic) and client partitioners."""
+"""Data sets (Fashion-MNIST, MNIST, CIFAR-10, synthetic, or your own) and client partitioners."""
 
 from smartsplit.data.datasets import DATASETS, FASHION_MNIST_ROOT, Dataset, load_dataset, synthetic
 from smartsplit.data.partition import SCHEMES, dirichlet, iid, label_skew, partition, shards
+from smartsplit.data.sources import load_data
 
 __all__ = [
     "DATASETS",
@@ -11,6 +12,7 @@ __all__ = [
     "dirichlet",
     "iid",
     "label_skew",
+    "load_data",
     "load_dataset",
     "partition",
     "shards",

@@ -2,29 +2,44 @@
 
 Each returns one sorted int64 index array per client; no index appears twice. Bad arguments raise
 :class:`~smartsplit.errors.SmartSplitError` naming the argument.
+
+:func:`partition` also takes your own partitioner, named ``"package.module:function"`` (``data.partition`` in a
+config): see :func:`partition` for what it is given and must return.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 
 from smartsplit.errors import SmartSplitError
-
-SCHEMES = ("iid", "dirichlet", "shards")
+from smartsplit.plugins import call_factory, is_plugin, load_factory
 
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str, *, alpha: float = 0.5,
               shards_per_client: int = 2, seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
-    """Split ``range(len(labels))`` among ``num_clients`` clients with ``scheme`` ("iid", "dirichlet", "shards")."""
-    if scheme == "iid":
-        return iid(labels, num_clients, seed)
-    if scheme == "dirichlet":
-        return dirichlet(labels, num_clients, alpha, seed, min_size=min_size)
-    if scheme == "shards":
-        return shards(labels, num_clients, shards_per_client, seed)
-    raise SmartSplitError(f"unknown partition scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+    """Split ``range(len(labels))`` among ``num_clients`` clients with ``scheme``.
+
+    ``scheme`` is a built-in name (:data:`SCHEMES`: "iid", "dirichlet", "shards") or a plug-in
+    ``"package.module:function"``. The plug-in is called with, by name, those of ``labels`` (a 1-D int64 numpy
+    array, a copy), ``num_clients``, ``seed``, ``alpha``, ``shards_per_client`` and ``min_size`` that its
+    signature accepts (all of them if it takes ``**kwargs``); any other parameter needs a default. It returns a
+    list (or tuple) of exactly ``num_clients`` integer index arrays (or lists), which are checked: every index
+    in ``0 .. len(labels) - 1``, no index twice (within or across clients: overlapping clients are an error,
+    since each sample belongs to one device), every client at least ``min_size`` samples. Samples may be left
+    out. Problems raise :class:`~smartsplit.errors.SmartSplitError` naming ``data.partition``; the result is
+    returned as sorted int64 arrays, like the built-ins'.
+    """
+    if is_plugin(scheme):
+        return _plugin(scheme, labels, num_clients, alpha=alpha, shards_per_client=shards_per_client, seed=seed,
+                       min_size=min_size)
+    run = _SCHEMES.get(scheme)
+    if run is None:
+        raise SmartSplitError(f"unknown partition scheme {scheme!r}: use one of {', '.join(SCHEMES)}, "
+                              "or your own as package.module:function")
+    return run(labels, num_clients, alpha=alpha, shards_per_client=shards_per_client, seed=seed, min_size=min_size)
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -83,6 +98,64 @@ def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: i
     pieces = np.array_split(ordered, total)
     deal = rng.permutation(total).reshape(num_clients, shards_per_client)
     return [np.sort(np.concatenate([pieces[s] for s in row])).astype(np.int64) for row in deal]
+
+
+# The built-ins by name; each takes (labels, num_clients) and, by keyword, alpha, shards_per_client, seed, min_size.
+_SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {
+    "iid": lambda labels, n, *, seed, **_: iid(labels, n, seed),
+    "dirichlet": lambda labels, n, *, alpha, seed, min_size, **_: dirichlet(labels, n, alpha, seed, min_size=min_size),
+    "shards": lambda labels, n, *, shards_per_client, seed, **_: shards(labels, n, shards_per_client, seed),
+}
+SCHEMES = tuple(_SCHEMES)
+
+
+def _plugin(spec: str, labels: np.ndarray, num_clients: int, **options: Any) -> list[np.ndarray]:
+    """Load, call and check the partitioner ``spec`` names (see :func:`partition`)."""
+    field = "data.partition"
+    y = _check(labels, num_clients)
+    factory = load_factory(field, spec)
+    offered = {"labels": y.copy(), "num_clients": int(num_clients), **options}
+    parts = call_factory(field, spec, factory, offered)
+    where = f"{field} {spec!r}"
+    if isinstance(parts, np.ndarray) and parts.ndim == 2:
+        parts = list(parts)
+    if not isinstance(parts, (list, tuple)):
+        raise SmartSplitError(f"{where}: returned {type(parts).__name__}, not a list of {num_clients} index arrays "
+                              "(one per client)")
+    if len(parts) != num_clients:
+        raise SmartSplitError(f"{where}: returned {len(parts)} index arrays for {num_clients} clients; "
+                              "give one per client")
+    out, seen = [], np.zeros(len(y), dtype=bool)
+    min_size = options.get("min_size", 1)
+    for client, part in enumerate(parts):
+        try:
+            idx = np.asarray(part)
+        except Exception as exc:
+            raise SmartSplitError(f"{where}: client {client}'s indices are not an array ({type(exc).__name__})") from None
+        if idx.size == 0:
+            idx = idx.astype(np.int64).reshape(0)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise SmartSplitError(f"{where}: client {client}'s indices must be a 1-D integer array, got shape "
+                                  f"{idx.shape} dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(y)):
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise SmartSplitError(f"{where}: client {client} has index {bad}, outside 0..{len(y) - 1} "
+                                  f"(the {len(y)} training samples)")
+        if len(idx) < min_size:
+            raise SmartSplitError(f"{where}: client {client} has {len(idx)} samples, fewer than {min_size}; "
+                                  "give every client data")
+        idx = np.sort(idx)
+        twice = idx[1:][idx[1:] == idx[:-1]]
+        if twice.size:
+            raise SmartSplitError(f"{where}: client {client} lists index {int(twice[0])} twice; "
+                                  "every sample goes to at most one client, once")
+        if seen[idx].any():
+            raise SmartSplitError(f"{where}: index {int(idx[seen[idx]][0])} is given to client {client} and to an "
+                                  "earlier client; clients must not overlap")
+        seen[idx] = True
+        out.append(idx)
+    return out
 
 
 def label_skew(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) -> float:

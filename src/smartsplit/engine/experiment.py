@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import copy
 import time
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from smartsplit.config import Config
-from smartsplit.data import Dataset, load_dataset, partition, synthetic
-from smartsplit.engine.aggregate import aggregate, merge
+from smartsplit.data import Dataset, load_data, partition
 from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
-from smartsplit.engine.round import OptimizerSpec, Participant, run_round
+from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import (
     AvailabilityTrace,
@@ -39,49 +38,11 @@ from smartsplit.memory.meter import HeapMeter, MeterUnavailable, shim_path
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
-from smartsplit.strategies import make_strategy
-from smartsplit.strategy import Candidate, Strategy
-
-
-@dataclass
-class Evaluation:
-    accuracy: float
-    loss: float
-
-
-def evaluate(units: nn.Sequential, data: Dataset, batch_size: int) -> Evaluation:
-    correct, loss_sum = 0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-            logits = units(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-    return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
-
-
-def load_data(config: Config) -> tuple[Dataset, Dataset]:
-    d = config.data
-    if d.dataset == "synthetic":
-        return (
-            synthetic(d.synthetic_shape, d.synthetic_classes, d.synthetic_train, config.seed, split="train"),
-            synthetic(d.synthetic_shape, d.synthetic_classes, d.synthetic_test, config.seed, split="test"),
-        )
-    train = load_dataset(d.dataset, "train", d.root, limit=d.train_limit, seed=config.seed)
-    test = load_dataset(d.dataset, "test", d.root, limit=d.test_limit, seed=config.seed)
-    if d.pad_to is not None:
-        train, test = _padded(train, d.pad_to), _padded(test, d.pad_to)
-    return train, test
-
-
-def _padded(data: Dataset, side: int) -> Dataset:
-    """``data`` with every image centred on a ``side`` x ``side`` canvas of its background (lowest) value."""
-    h, w = data.x.shape[-2:]
-    if side < max(h, w):
-        raise SmartSplitError(f"data.pad_to: {side} is smaller than the {h}x{w} images; use at least {max(h, w)}")
-    top, left = (side - h) // 2, (side - w) // 2
-    x = F.pad(data.x, (left, side - w - left, top, side - h - top), value=float(data.x.min()))
-    return Dataset(data.name, x, data.y, data.num_classes)
+from smartsplit.records import RoundRecord
+from smartsplit.roles.central import CentralRole
+from smartsplit.roles.device import UNLIMITED, DeviceRole, OptimizerSpec, local_batches
+from smartsplit.roles.edge import EdgeRole
+from smartsplit.strategies import Candidate, Strategy, make_strategy
 
 
 def build_fleet(config: Config) -> list[Device]:
@@ -145,21 +106,6 @@ def build_availability(config: Config, devices: list[Device]) -> list[Availabili
     return traces
 
 
-def local_batches(
-    indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator | None
-) -> list[np.ndarray]:
-    """Sample indices of each local step: reshuffled passes over the device's data (in order without ``rng``)."""
-    total = steps if steps is not None else max(1, math.ceil(epochs * len(indices) / batch_size))
-    batches: list[np.ndarray] = []
-    order = np.empty(0, dtype=np.int64)
-    while len(batches) < total:
-        if len(order) == 0:
-            order = rng.permutation(indices) if rng is not None else np.asarray(indices)
-        batches.append(order[:batch_size])
-        order = order[batch_size:]
-    return batches
-
-
 def _named(field: str, build):
     """``build``, its user errors prefixed with the config field they come from."""
 
@@ -195,13 +141,22 @@ def _start_meter(threads: int) -> HeapMeter | None:
     try:
         shim_path()
     except MeterUnavailable as e:
-        warnings.warn(f"{e}; device peaks will not be measured and plans rest on saved-tensor profiles only", stacklevel=3)
+        log.warning("%s; device peaks will not be measured and plans rest on saved-tensor profiles only", e)
         return None
     return HeapMeter(threads)
 
 
+log = logging.getLogger(__name__)
+
+
 class Experiment:
-    """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round."""
+    """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round.
+
+    The central role holds the global model and the strategy, one device role per device holds its data shard,
+    budget and on-device manager, one edge role per edge server its server-side copies; the round engine
+    (``engine.round``) wires them with SimPy. The central server's view of the fleet (each device's class,
+    data size, budget forecast and predicted plans per cut: ``candidates()``) is built here.
+    """
 
     def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None) -> None:
         self.config = config
@@ -209,7 +164,7 @@ class Experiment:
         self._owns_meter = meter is None
         self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
         self.train, self.test = load_data(config)
-        self.model = _named("model.name", build_model)(
+        model = _named("model.name", build_model)(
             config.model.name,
             in_channels=self.train.shape[0],
             num_classes=self.train.num_classes,
@@ -217,9 +172,10 @@ class Experiment:
             input_size=self.train.shape[1],
             seed=config.seed,
         )
-        _check_on_data(self.model, self.train, config.model.name)
-        self.num_units = len(self.model)
-        self.strategy = strategy or make_strategy(config.strategy, self.num_units)
+        _check_on_data(model, self.train, config.model.name)
+        self.num_units = len(model)
+        self.architecture = copy.deepcopy(model)  # the structure the device and edge roles build their copies from
+        strategy = strategy or make_strategy(config.strategy, self.num_units, config.seed)
         self.devices = build_fleet(config)
         self.shards = partition(
             self.train.y.numpy(),
@@ -240,20 +196,31 @@ class Experiment:
         self.traces = build_traces(config, self.devices)
         self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
-        self.managers = [
-            OnDeviceManager(
-                self.profile_at, t.batch_size, self.optimizer.slots, device.flops_per_s,
-                round_trip_s=2 * config.edge.latency_s, checkpointing=self.strategy.checkpointing,
-            )
+        self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
+        self.predictors = [self._manager(device) for device in self.devices]  # the central server's plan predictions
+        self.device_roles = [
+            DeviceRole(device, self.train, self.shards[device.id], self.traces[device.id], self._manager(device),
+                       self.architecture, self.optimizer, t.batch_size, t.local_steps, t.local_epochs,
+                       measure=self.measured_peak if self.meter is not None else None)
             for device in self.devices
         ]
-        self.sketcher = None
-        if self.strategy.wants_updates:
-            from smartsplit.managers.mec import UpdateSketcher
-
-            self.sketcher = UpdateSketcher(self.model, seed=config.seed)
-        self.rng = np.random.default_rng(config.seed)
+        self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edges))]
         self.clock_s = 0.0  # simulated time since the experiment started
+
+    def _manager(self, device: Device) -> OnDeviceManager:
+        return OnDeviceManager(
+            self.profile_at, self.config.training.batch_size, self.optimizer.slots, device.flops_per_s,
+            round_trip_s=2 * self.config.edge.latency_s, checkpointing=self.strategy.rules.checkpointing,
+        )
+
+    @property
+    def model(self) -> nn.Sequential:
+        """The global model (the central server's)."""
+        return self.central.model
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.central.strategy
 
     def close(self) -> None:
         """Stop the memory meter's child process (if this experiment started it)."""
@@ -266,20 +233,21 @@ class Experiment:
         if key not in self.measured:
             t = self.config.training
             self.measured[key] = self.meter.step_peak(
-                self.model[: plan.cut], self.train.shape, t.batch_size, micro_batch=plan.micro_batch, segments=plan.segments,
-                optimizer=(t.optimizer, t.lr, t.momentum), num_classes=self.train.num_classes, to_edge=plan.cut < self.num_units,
+                self.architecture[: plan.cut], self.train.shape, t.batch_size, micro_batch=plan.micro_batch,
+                segments=plan.segments, optimizer=(t.optimizer, t.lr, t.momentum), num_classes=self.train.num_classes,
+                to_edge=plan.cut < self.num_units,
             )
         return self.measured[key]
 
     def profile_at(self, batch: int) -> ModelProfile:
-        return self.profiles.get(self.config.model.name, self.model, self.train.shape, batch)
+        return self.profiles.get(self.config.model.name, self.architecture, self.train.shape, batch)
 
     @property
     def profile(self) -> ModelProfile:
         return self.profile_at(self.config.training.batch_size)
 
     def edge_of(self, device: Device) -> int:
-        return device.id % len(self.edges)
+        return self.central.edge_of(device.id)
 
     def budget_forecast(self, device: Device) -> int:
         """A low quantile of the budget the device had over the recent window."""
@@ -295,11 +263,11 @@ class Experiment:
             if not self.availability[device.id].online_at(self.clock_s):
                 continue
             edge = self.edges[self.edge_of(device)]
-            budget, manager = self.budget_forecast(device), self.managers[device.id]
+            budget, manager = self.budget_forecast(device), self.predictors[device.id]
             steps = self.local_steps[device.id]
             peaks, times, rounds, edge_load = [], [], [], []
             for cut in range(1, self.num_units + 1):
-                plan = manager.plan(cut, budget) or manager.plan(cut, 2**62)  # unfit: its plain peak, above budget
+                plan = manager.plan(cut, budget) or manager.plan(cut, UNLIMITED)  # unfit: its plain peak, above budget
                 step = step_times(profile, cut, device, edge, 1.0, plan.recompute_flops, plan.round_trips)
                 peaks.append(plan.peak_bytes)
                 times.append(step.total)
@@ -314,11 +282,11 @@ class Experiment:
             )
         return out
 
-    def run_round(self, rnd: int) -> dict:
+    def run_round(self, rnd: int) -> RoundRecord:
         started = time.perf_counter()
         t = self.config.training
         candidates = self.candidates()
-        plan = self.strategy.configure_round(rnd, candidates, t.devices_per_round, self.rng)
+        plan = self.central.plan_round(rnd, candidates, t.devices_per_round)
         by_id = {c.device.id: c for c in candidates}
         decision = {
             "round": rnd + 1,
@@ -338,83 +306,65 @@ class Experiment:
             ],
             **plan.notes,
         }
+        device_instructions, edge_instructions = self.central.instructions(rnd, plan, self.clock_s)
+        observer = self.central.step_observer()
+        for edge, instructions in zip(self.edge_roles, edge_instructions):
+            edge.start_round(instructions, observer)
         participants = [
-            Participant(
-                device=self.devices[a.device_id],
-                cut=a.cut,
-                batches=local_batches(
-                    self.shards[a.device_id], t.batch_size, t.local_steps, t.local_epochs,
-                    np.random.default_rng([self.config.seed, rnd, a.device_id]),
-                ),
-                trace=self.traces[a.device_id],
-                manager=self.managers[a.device_id],
-                edge=self.edge_of(self.devices[a.device_id]),
-                replan=self.strategy.replan,
-                move_cut=self.strategy.move_cut,
-                availability=self.availability[a.device_id],
-            )
-            for a in plan.assignments
+            Participant(self.device_roles[i.device_id], i, self.central.edge_of(i.device_id), self.availability[i.device_id])
+            for i in device_instructions
         ]
-        contributions, reports, updates = run_round(
-            self.model, participants, self.train, self.profile, self.edges, self.optimizer,
-            start_s=self.clock_s, deadline_s=t.round_deadline_s,
-            edge_copies=self.strategy.edge_copies, edge_order=self.strategy.edge_order,
-            sketcher=self.sketcher if self.strategy.wants_updates else None,
-            measure=self.measured_peak if self.meter is not None else None,
-        )
-        aggregate(self.model, [merge(group) for group in contributions if group])  # devices -> edges -> cloud
-        latency = max((r["finish_s"] for r in reports), default=0.0)
+        outcome = run_round(participants, self.edge_roles, self.edges, self.profile, start_s=self.clock_s,
+                            deadline_s=t.round_deadline_s, options=self.strategy.execution, observer=observer)
+        reports = outcome.reports
+        latency = max((r.finish_s for r in reports), default=0.0)
         self.clock_s += latency
-        self.strategy.round_finished(rnd, reports, updates if self.strategy.wants_updates else None)
-        evaluation = evaluate(self.model, self.test, t.eval_batch_size)
-        return {
-            "round": rnd + 1,
-            "accuracy": evaluation.accuracy,
-            "loss": evaluation.loss,
-            "participants": len(participants),
-            "excluded": plan.excluded,
-            "offline": len(self.devices) - len(candidates),
-            "dropouts": sum(r["dropped_out"] for r in reports),
-            "cuts": [r["cut"] for r in reports],
-            "oom_events": sum(r["oom_events"] for r in reports),
-            "peak_predicted_mb": [r["peak_predicted_mb"] for r in reports],
-            "peak_measured_mb": [r["peak_measured_mb"] for r in reports],
-            "peak_measured_by": self.meter.name if self.meter is not None else None,
-            "bytes_up": sum(r["bytes_up"] for r in reports),
-            "bytes_down": sum(r["bytes_down"] for r in reports),
-            "replans": sum(r["replans"] for r in reports),
-            "cut_moves": sum(r["cut_moves"] for r in reports),
-            "pauses": sum(r["pauses"] for r in reports),
-            "recompute_s": sum(r["recompute_s"] for r in reports),
-            "recompute_pct": 100 * sum(r["recompute_s"] for r in reports) / max(sum(r["compute_s"] for r in reports), 1e-12),
-            "unit_importance": plan.notes.get("unit_importance"),  # the MEC manager's scores this round's cuts used
-            "mec_moves": plan.notes.get("mec_moves_by_direction"),
-            "latency_s": latency,
-            "clock_s": self.clock_s,
-            "wall_s": time.perf_counter() - started,
-            "devices": reports,
-            "decision": decision,
-        }
+        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results)
+        compute_s = sum(r.compute_s for r in reports)
+        return RoundRecord(
+            round=rnd + 1,
+            accuracy=evaluation.accuracy,
+            loss=evaluation.loss,
+            participants=len(participants),
+            excluded=plan.excluded,
+            offline=len(self.devices) - len(candidates),
+            dropouts=sum(r.dropped_out for r in reports),
+            cuts=[r.cut for r in reports],
+            oom_events=sum(r.oom_events for r in reports),
+            peak_predicted_mb=[r.peak_predicted_mb for r in reports],
+            peak_measured_mb=[r.peak_measured_mb for r in reports],
+            peak_measured_by=self.meter.name if self.meter is not None else None,
+            bytes_up=sum(r.bytes_up for r in reports),
+            bytes_down=sum(r.bytes_down for r in reports),
+            replans=sum(r.replans for r in reports),
+            cut_moves=sum(r.cut_moves for r in reports),
+            pauses=sum(r.pauses for r in reports),
+            recompute_s=sum(r.recompute_s for r in reports),
+            recompute_pct=100 * sum(r.recompute_s for r in reports) / max(compute_s, 1e-12),
+            unit_importance=plan.notes.get("unit_importance"),  # the MEC manager's scores this round's cuts used
+            mec_moves=plan.notes.get("mec_moves_by_direction"),
+            latency_s=latency,
+            clock_s=self.clock_s,
+            wall_s=time.perf_counter() - started,
+            devices=reports,
+            decision=decision,
+        )
 
     def state_dict(self, rounds_done: int) -> dict:
         """Everything a resumed run needs to continue exactly as this one would have."""
         return {
             "rounds_done": rounds_done,
-            "model": self.model.state_dict(),
-            "rng": self.rng.bit_generator.state,
+            **self.central.state_dict(),
             "clock_s": self.clock_s,
-            "strategy": self.strategy.state_dict(),
             "measured": [[cut, micro, [list(s) for s in segments], peak] for (cut, micro, segments), peak in self.measured.items()],
         }
 
     def load_state_dict(self, state: dict) -> int:
-        self.model.load_state_dict(state["model"])
-        self.rng.bit_generator.state = state["rng"]
+        self.central.load_state_dict(state)
         self.clock_s = state["clock_s"]
-        self.strategy.load_state_dict(state["strategy"])
         self.measured = {(cut, micro, tuple(tuple(s) for s in segments)): peak for cut, micro, segments, peak in state.get("measured", [])}
         return state["rounds_done"]
 
-    def rounds(self, start: int = 0) -> Iterator[dict]:
+    def rounds(self, start: int = 0) -> Iterator[RoundRecord]:
         for rnd in range(start, self.config.training.rounds):
             yield self.run_round(rnd)

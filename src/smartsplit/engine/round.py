@@ -1,343 +1,206 @@
-"""One federated round: the round's devices train against one shared edge, interleaved in simulated time.
+"""One federated round: the round's devices train against their edge servers, interleaved in simulated time.
 
-Each device is a SimPy process. A split step runs for real at the simulated moment the edge serves it, so
-the shared edge copy sees the devices' steps in order of simulated arrival, never one device's whole round
-after another's. Device-side weights are private, so running the device's forward and backward
-at that moment too changes nothing but keeps the whole step in one place.
+The engine wires the roles (``smartsplit.roles``) with SimPy in one process: each device is a SimPy process
+that passes messages between its device role and its edge role at the simulated moments they would travel.
+A split step runs for real at the simulated moment the edge serves it, so a shared edge copy sees the devices'
+steps in order of simulated arrival, never one device's whole round after another's. Device-side weights are
+private, so running the device's forward and backward at that moment too changes nothing.
 
-Before every step the device reads its memory budget and, if its strategy lets it, re-plans:
-a cheaper plan at the same cut, else a shallower cut (its deeper units, with their optimizer state, are run
-by the edge for the rest of the round), else a pause until the budget changes.
+Before every step the device reads its memory budget and, if its rules let it, re-plans: a cheaper plan at
+the same cut, else a shallower cut (its deeper units, with their optimizer state, go to the edge, which
+trains them as the device's for the rest of the round), else a pause until the budget changes.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import simpy
-import torch
-from torch import nn
 
-from smartsplit.data import Dataset
-from smartsplit.engine.aggregate import Contribution, unit_states
 from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
-from smartsplit.engine.step import make_optimizer, split_step
-from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device
-from smartsplit.managers.device import DevicePlan, OnDeviceManager
-from smartsplit.managers.mec import StepSketches
+from smartsplit.engine.options import EngineOptions
+from smartsplit.fleet import AvailabilityTrace
 from smartsplit.memory.measure import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
-
-MB = 2**20
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    lr: float
-    momentum: float
-    slots: int  # optimizer state tensors per parameter
+from smartsplit.roles.device import DeviceRole, SimulatedTimes, StepDone
+from smartsplit.roles.edge import EdgeRole
+from smartsplit.roles.messages import DeviceResult, Observation, RoundInstructions, Update
+from smartsplit.strategies.base import StepObserver
 
 
 @dataclass
 class Participant:
-    device: Device
-    cut: int
-    batches: list[np.ndarray]  # sample indices of each local step
-    trace: BudgetTrace  # memory budget over simulated time (absolute, across rounds)
-    manager: OnDeviceManager
-    replan: bool  # re-plans whenever its budget changes (else keeps its first plan, as the baselines do)
-    move_cut: bool  # when no plan fits at its cut, hands units to the edge instead of pausing
+    role: DeviceRole
+    instructions: RoundInstructions
     edge: int = 0  # index of the edge server the device is attached to
     availability: AvailabilityTrace | None = None  # when it is online (absolute time); None: always
 
 
 @dataclass
-class _Tally:
-    steps: int = 0
-    samples: int = 0
-    losses: list[float] = field(default_factory=list)
-    compute_s: float = 0.0
-    recompute_s: float = 0.0
-    comm_s: float = 0.0
-    wait_s: float = 0.0
-    paused_s: float = 0.0
-    finish_s: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    peak_predicted: int = 0
-    peak_measured: int | None = None  # by the meter; None when no meter measured
-    min_budget: int | None = None
-    oom_events: int = 0
-    replans: int = 0
-    cut_moves: int = 0
-    pauses: int = 0
-    dropped_out: bool = False
-    micro_batches: set[int] = field(default_factory=set)
+class RoundOutcome:
+    updates: list[list[Update]]  # per edge server: its devices' updates and its own copies', for aggregation
+    results: list[DeviceResult]  # per device, by device id
 
+    @property
+    def reports(self):
+        return [r.report for r in self.results]
 
-@dataclass
-class EdgeServer:
-    """An edge server: its throughput, its queue, and the server-side copy its devices train."""
-
-    spec: EdgeSpec
-    queue: simpy.Resource
-    units: nn.Sequential | None  # the shared copy; None when every device gets its own
-    opt: torch.optim.Optimizer | None
-    samples: dict[int, int]  # samples that trained each unit of the shared copy
+    @property
+    def observations(self) -> dict[int, list[Observation]]:
+        return {r.report.device: r.observations for r in self.results if r.observations}
 
 
 def run_round(
-    global_units: nn.Sequential,
     participants: list[Participant],
-    train: Dataset,
+    edges: list[EdgeRole],
+    edge_specs: list[EdgeSpec],
     profile: ModelProfile,
-    edges: list[EdgeSpec],
-    optimizer: OptimizerSpec,
     start_s: float = 0.0,
     deadline_s: float | None = None,
-    edge_copies: str = "shared",
-    edge_order: str = "interleaved",
-    sketcher=None,
-    measure: Callable[[DevicePlan], int] | None = None,
-) -> tuple[list[list[Contribution]], list[dict], dict[int, dict[int, StepSketches]]]:
-    """Train every participant from ``global_units``.
+    options: EngineOptions = EngineOptions(),
+    observer: StepObserver | None = None,
+) -> RoundOutcome:
+    """Train every participant; each edge role must have started the round (``EdgeRole.start_round``).
 
-    Returns the trained copies grouped by edge server (for hierarchical aggregation), one report per device,
-    and, with a ``sketcher``, each device's per-step gradient sketches of every unit it trained through
-    (``StepSketches``, for the MEC manager), each taken right after the step, while the device holds the edge.
     ``start_s`` is the round's start on the experiment's clock (budget traces are read at ``start_s + now``);
     a device still paused at ``deadline_s`` into the round stops there, its finished steps counted.
-    ``edge_copies``: "shared" (one server-side copy per edge, fed by all its devices) or "per-device".
-    ``edge_order``: "interleaved" (steps in simulated arrival order) or "sequential" (one device's whole
-    round after another's, as SplitFed-v2 does).
-    ``measure(plan)`` gives the memory meter's peak of one device step under ``plan``; a step whose measured peak
-    is above the device's budget at that moment is an out-of-memory event. Without it, only the guard counts.
+    ``options.edge_order``: "interleaved" (steps in simulated arrival order) or "sequential" (one device's
+    whole round after another's, as SplitFed-v2 does). ``observer`` is the strategy's step observer, run by
+    the role holding each unit right after every step.
     A device whose availability trace takes it offline mid-round drops out at that moment: a step that would not
     end before it runs neither on the device nor on the edge, the edge queue is let go, its finished steps count
     (its update as of its last finished step is aggregated; the upload's time is not charged), and the round
     goes on without it.
     """
-    num_units = len(global_units)
+    num_units = profile.num_units
     env = simpy.Environment()
-    servers = []
-    for spec in edges:
-        shared = copy.deepcopy(global_units) if edge_copies == "shared" else None
-        opt = make_optimizer(list(shared.parameters()), optimizer.name, optimizer.lr, optimizer.momentum) if shared else None
-        servers.append(EdgeServer(spec, simpy.Resource(env, capacity=1), shared, opt, {i: 0 for i in range(1, num_units + 1)}))
-    contributions: list[list[Contribution]] = [[] for _ in servers]
-    reports: list[dict] = []
-    updates: dict[int, dict[int, StepSketches]] = {}
-
-    def take_sketch(sketch: dict[int, StepSketches], device_side: nn.Sequential, edge_side: nn.Sequential) -> None:
-        """This step's gradient sketch of every unit, device and edge side, for the MEC manager."""
-        if sketcher is None:
-            return
-        for index, unit in enumerate([*device_side, *edge_side], start=1):
-            sketch.setdefault(index, StepSketches(np.zeros(0))).add(sketcher.grad_sketch(index, unit))
+    queues = [simpy.Resource(env, capacity=1) for _ in edges]
+    updates: list[list[Update]] = [[] for _ in edges]
+    results: list[DeviceResult] = []
 
     def device_process(p: Participant, after: simpy.Process | None):
         if after is not None:
             yield after  # sequential order: wait for the previous device's whole round
-        server = servers[p.edge]
-        edge = server.spec
-        dev, tally = p.device, _Tally()
-        units = copy.deepcopy(global_units[: p.cut])  # the device's private copy, trained on its data only
-        opt = make_optimizer(list(units.parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
-        if server.units is not None:
-            server_units, server_opt, server_samples = server.units, server.opt, server.samples
-        else:  # this device's own server-side copy
-            server_units = copy.deepcopy(global_units)
-            server_opt = make_optimizer(list(server_units[p.cut :].parameters()), optimizer.name, optimizer.lr, optimizer.momentum)
-            server_samples = {i: 0 for i in range(1, num_units + 1)}
-        sketch: dict[int, StepSketches] = {}
-        cut = p.cut
+        device, edge, spec, queue = p.role, edges[p.edge], edge_specs[p.edge], queues[p.edge]
+        assigned = p.instructions.cut
+        device.start_round(p.instructions, observer)
+        edge.open(device.id)
+        times, dropped = SimulatedTimes(), False
         offline = p.availability.offline_from(start_s) if p.availability is not None else None
         offline_at = None if offline is None else offline - start_s  # seconds into the round
 
         def stays_online(seconds: float) -> bool:
             return offline_at is None or env.now + seconds <= offline_at
 
-        down_s, up_s = model_transfer_s(profile, p.cut, dev, edge)
+        down_s, up_s = model_transfer_s(profile, assigned, device.device, spec)
         if not stays_online(down_s):
-            tally.dropped_out = True
+            dropped = True
         else:
             yield env.timeout(down_s)
-            tally.comm_s += down_s
-            tally.bytes_down += profile.param_bytes(1, p.cut)
+            times.comm_s += down_s
+            times.bytes_down += profile.param_bytes(1, assigned)
 
-        plan: DevicePlan | None = None
-        planned_for = -1
-        i = 0
-        while i < len(p.batches) and not tally.dropped_out:
-            indices = p.batches[i]
-            budget = p.trace.at(start_s + env.now)
-            tally.min_budget = budget if tally.min_budget is None else min(tally.min_budget, budget)
-            if plan is None or (p.replan and budget != planned_for):
-                new = p.manager.deepest_fitting_cut(cut, budget) if p.move_cut else p.manager.plan(cut, budget)
-                if new is None and not p.replan:
-                    new = p.manager.plan(cut, 2**62)  # a baseline runs its plain plan whatever the budget says
-                if new is None:  # nothing fits, not even cut 1: wait for memory to come back
-                    resume = p.trace.next_change(start_s + env.now)
-                    if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
-                        break
-                    if not stays_online(resume - start_s - env.now):
-                        tally.dropped_out = True
-                        break
-                    tally.pauses += 1
-                    tally.paused_s += resume - start_s - env.now
-                    yield env.timeout(resume - start_s - env.now)
-                    continue
-                if plan is not None and new != plan:
-                    tally.replans += 1
-                if new.cut < cut:
-                    tally.cut_moves += 1
-                plan, planned_for, cut = new, budget, new.cut
-            tally.micro_batches.add(plan.micro_batch)
-            tally.peak_predicted = max(tally.peak_predicted, plan.peak_bytes)
+        i, steps = 0, 0
+        while i < device.batches and not dropped:
+            plan, handoff = device.plan_step(start_s + env.now)
+            if handoff is not None:
+                edge.receive(handoff)
+            if plan is None:  # nothing fits, not even cut 1: wait for memory to come back
+                resume = device.budget_returns_at(start_s + env.now)
+                if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
+                    break
+                if not stays_online(resume - start_s - env.now):
+                    dropped = True
+                    break
+                device.paused()
+                times.paused_s += resume - start_s - env.now
+                yield env.timeout(resume - start_s - env.now)
+                continue
 
-            scale = len(indices) / profile.batch
-            t = step_times(profile, cut, dev, edge, scale, plan.recompute_flops, -(-len(indices) // plan.micro_batch))
-            # units the device gave up mid-round run on the edge, still as this device's copy
-            device_side, edge_side = units[:cut], nn.Sequential(*units[cut:], *server_units[p.cut :])
-            if not stays_online(t.forward_s + (t.uplink_s if edge_side else t.backward_s)):
-                tally.dropped_out = True
+            size = device.batch_len(i)
+            scale = size / profile.batch
+            t = step_times(profile, device.cut, device.device, spec, scale, plan.recompute_flops, -(-size // plan.micro_batch))
+            to_edge = device.cut < num_units  # units past the device's cut (its own handed-over ones too) run on the edge
+            if not stays_online(t.forward_s + (t.uplink_s if to_edge else t.backward_s)):
+                dropped = True
                 break
             yield env.timeout(t.forward_s)
-            if edge_side:
+            if to_edge:
                 yield env.timeout(t.uplink_s)
                 arrived = env.now
-                with server.queue.request() as turn:
+                with queue.request() as turn:
                     if offline_at is None:
                         yield turn
                     elif turn not in (yield turn | env.timeout(max(offline_at - env.now, 0.0))):
-                        tally.dropped_out = True  # went offline in the queue: the request is let go
+                        dropped = True  # went offline in the queue: the request is let go
                         break
-                    tally.wait_s += env.now - arrived
+                    times.wait_s += env.now - arrived
                     if not stays_online(t.edge_s + t.downlink_s + t.backward_s):
-                        tally.dropped_out = True  # would leave before the step ends: it is not run at all
+                        dropped = True  # would leave before the step ends: it is not run at all
                         break
-                    result = _guarded_step(device_side, edge_side, opt, server_opt, train, indices, plan, budget, tally, measure)
-                    if result is not None:  # a step that ran out of memory on the device never reached the edge
-                        take_sketch(sketch, device_side, edge_side)  # now, before another device's step reuses the edge
+                    done = split_step(device, edge, i)
+                    if done is not None:
                         yield env.timeout(t.edge_s)
-                if result is not None:
+                if done is not None:
                     yield env.timeout(t.downlink_s)
             else:
-                result = _guarded_step(device_side, edge_side, opt, None, train, indices, plan, budget, tally, measure)
-                if result is not None:
-                    take_sketch(sketch, device_side, edge_side)
-            if result is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
+                done = split_step(device, None, i)
+            if done is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
                 break
-            i += 1
+            i, steps = i + 1, steps + 1
             yield env.timeout(t.backward_s)
-            tally.compute_s += t.forward_s + t.backward_s
-            tally.recompute_s += plan.recompute_flops * scale / dev.flops_per_s
-            tally.comm_s += t.uplink_s + t.downlink_s
-            tally.bytes_up += result.cut_bytes
-            tally.bytes_down += result.cut_bytes
-            for unit in range(p.cut + 1, num_units + 1):
-                server_samples[unit] += result.samples
+            times.compute_s += t.forward_s + t.backward_s
+            times.recompute_s += plan.recompute_flops * scale / device.device.flops_per_s
+            times.comm_s += t.uplink_s + t.downlink_s
+            times.bytes_up += done.cut_bytes
+            times.bytes_down += done.cut_bytes
 
-        if tally.dropped_out:
+        if dropped:
+            device.dropped_out()
             yield env.timeout(max(offline_at - env.now, 0.0))  # it leaves at that moment
-        if tally.steps:
-            if not tally.dropped_out:
-                yield env.timeout(up_s)
-                tally.comm_s += up_s
-                tally.bytes_up += profile.param_bytes(1, p.cut)
-            contributions[p.edge].append(
-                Contribution(units=unit_states(units, 1, p.cut), samples={i: tally.samples for i in range(1, p.cut + 1)})
-            )
-            if server.units is None and p.cut < num_units:
-                contributions[p.edge].append(_edge_contribution(server_units, server_samples))
-            if sketch:
-                updates[p.device.id] = sketch
-        tally.finish_s = env.now
-        reports.append(_report(p, cut, tally))
+        if steps and not dropped:
+            yield env.timeout(up_s)
+            times.comm_s += up_s
+            times.bytes_up += profile.param_bytes(1, assigned)
+        handed_back, own_copy, seen_by_edge = edge.close(device.id)
+        if handed_back is not None:
+            device.take_back(handed_back)
+        times.finish_s = env.now
+        result = device.finish_round(times)
+        if result.update is not None:
+            updates[p.edge].append(result.update)
+            if own_copy is not None:
+                updates[p.edge].append(own_copy)
+            result = DeviceResult(result.update, result.report, result.observations + seen_by_edge)
+        results.append(result)
 
     previous = None
     for p in participants:
-        process = env.process(device_process(p, previous if edge_order == "sequential" else None))
+        process = env.process(device_process(p, previous if options.edge_order == "sequential" else None))
         previous = process
     env.run()
 
-    for server, group in zip(servers, contributions):
-        if server.units is not None:
-            contribution = _edge_contribution(server.units, server.samples)
-            if contribution is not None:
-                group.append(contribution)
-    reports.sort(key=lambda r: r["device"])
-    return contributions, reports, updates
+    for edge, group in zip(edges, updates):
+        shared = edge.finish_round()
+        if shared is not None:
+            group.append(shared)
+    results.sort(key=lambda r: r.report.device)
+    return RoundOutcome(updates, results)
 
 
-def _edge_contribution(units: nn.Sequential, samples: dict[int, int]) -> Contribution | None:
-    trained = {i: n for i, n in samples.items() if n > 0}
-    if not trained:
-        return None
-    return Contribution(units=unit_states(units, min(trained), len(units)), samples=trained)
-
-
-def _guarded_step(device_side, edge_side, opt, edge_opt, train, indices, plan: DevicePlan, budget, tally, measure):
-    """One split step under the memory guard; updates ``tally``. Returns None on a simulated out-of-memory.
-
-    The guard lets the forward save what the plan predicts it holds plus whatever room the budget leaves above
-    the plan's predicted peak, and the cut activation (which the last unit may save; it is counted apart); a
-    forward that saves more stops before the edge or any weight is touched.
-    """
-    x, y = train.x[indices], train.y[indices]
-    mem = plan.memory
-    if mem.total - mem.activations > budget:  # even with nothing saved the step does not fit: it cannot start
-        tally.oom_events += 1
+def split_step(device: DeviceRole, edge: EdgeRole | None, step: int) -> StepDone | None:
+    """One local step, micro-batch by micro-batch: the device's activation up, the edge's gradient down.
+    None when the step ran out of memory on the device (it cannot start, or the memory guard stopped a
+    forward), in which case the edge drops what it accumulated."""
+    if not device.begin_step(step):
         return None
     try:
-        result = split_step(
-            device_side, edge_side, x, y, opt, edge_opt,
-            micro_batch=plan.micro_batch, segments=plan.segments,
-            saved_limit=max(plan.held_bytes + budget - plan.peak_bytes, 0) + mem.cut_io // 2,
-        )
+        for micro_batch in range(device.micro_batches()):
+            activation = device.forward(micro_batch)
+            if activation is not None:
+                device.backward(edge.serve(activation))
     except DeviceOutOfMemory:
-        tally.oom_events += 1
+        if edge is not None:
+            edge.abort(device.id)
         return None
-    if measure is not None:
-        measured = measure(plan)
-        tally.peak_measured = max(tally.peak_measured or 0, measured)
-        if measured > budget:
-            tally.oom_events += 1
-    tally.steps += 1
-    tally.samples += result.samples
-    tally.losses.append(result.loss)
-    return result
-
-
-def _report(p: Participant, final_cut: int, tally: _Tally) -> dict:
-    return {
-        "device": p.device.id,
-        "class": p.device.device_class,
-        "cut": p.cut,
-        "final_cut": final_cut,
-        "budget_mb": round(p.trace.at(0.0) / MB, 3) if tally.min_budget is None else round(tally.min_budget / MB, 3),
-        "peak_predicted_mb": round(tally.peak_predicted / MB, 3),
-        "peak_measured_mb": round(tally.peak_measured / MB, 3) if tally.peak_measured is not None else None,
-        "micro_batches": sorted(tally.micro_batches),
-        "oom_events": tally.oom_events,
-        "replans": tally.replans,
-        "cut_moves": tally.cut_moves,
-        "pauses": tally.pauses,
-        "dropped_out": tally.dropped_out,
-        "steps": tally.steps,
-        "samples": tally.samples,
-        "loss": float(np.mean(tally.losses)) if tally.losses else None,
-        "loss_rms": float(np.sqrt(np.mean(np.square(tally.losses)))) if tally.losses else None,
-        "compute_s": tally.compute_s,
-        "recompute_s": tally.recompute_s,
-        "comm_s": tally.comm_s,
-        "wait_s": tally.wait_s,
-        "paused_s": tally.paused_s,
-        "finish_s": tally.finish_s,
-        "bytes_up": tally.bytes_up,
-        "bytes_down": tally.bytes_down,
-    }
+    return device.end_step()

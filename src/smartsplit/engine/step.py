@@ -53,20 +53,28 @@ def split_step(
             activation = device_forward(device_units, xb, segments, saved)
         saved.discount(activation)  # the cut activation is counted apart, with its gradient
 
-        received = activation.detach().requires_grad_(True)  # what the edge gets over the link
-        loss = F.cross_entropy(edge_units(received), yb, reduction="sum") / n
-        loss.backward()
-        activation.backward(received.grad)  # the gradient returned over the link
+        loss, grad = edge_backward(edge_units, activation, yb, n)
+        activation.backward(grad)  # the gradient returned over the link
 
-        loss_sum += loss.item()
+        loss_sum += loss
         saved_peak = max(saved_peak, saved.total)
         if len(edge_units):
             crossed += activation.numel() * activation.element_size()
-        del activation, received, loss  # only one micro-batch's cut tensors alive at a time
+        del activation, grad  # only one micro-batch's cut tensors alive at a time
     for opt in (edge_opt, device_opt):
         if opt is not None:
             opt.step()
     return StepResult(loss=loss_sum, samples=n, saved_bytes=saved_peak, cut_bytes=crossed)
+
+
+def edge_backward(units: nn.Sequential, activation: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:
+    """The edge's half of one micro-batch: from the cut activation through ``units`` to the loss (this
+    micro-batch's share of the mean over ``batch_size`` examples) and back; returns the loss share and the
+    gradient to send the device. With no units the activation is the logits: the device's own loss."""
+    received = activation.detach().requires_grad_(True)  # what the edge gets over the link
+    loss = F.cross_entropy(units(received), labels, reduction="sum") / batch_size
+    loss.backward()
+    return loss.item(), received.grad
 
 
 def device_forward(units: nn.Sequential, x: torch.Tensor, segments: tuple[tuple[int, int], ...], saved: SavedBytes | None = None) -> torch.Tensor:

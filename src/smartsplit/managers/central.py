@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from smartsplit.strategy import Assignment, Candidate, RoundPlan, Strategy, sample_eligible
+from smartsplit.records import DeviceReport
+from smartsplit.strategies.base import Assignment, Candidate, Observation, PlanRules, RoundPlan, StepObserver, Strategy
+from smartsplit.strategies.selection import sample_eligible
 
 if TYPE_CHECKING:
     from smartsplit.managers.mec import MecManager
@@ -99,20 +101,20 @@ class DeviceHistory:
         rounds, edge = predicted_times(c)
         self.planned[c.device.id] = (cut, rounds[cut - 1] - edge[cut - 1])
 
-    def observe(self, reports: Sequence[dict]) -> None:
+    def observe(self, reports: Sequence[DeviceReport]) -> None:
         losses = []
         for r in reports:
-            device = r["device"]
-            if r.get("loss_rms") is not None:
-                self.loss_rms[device] = float(r["loss_rms"])
-                losses.append(float(r["loss_rms"]))
+            device = r.device
+            if r.loss_rms is not None:
+                self.loss_rms[device] = float(r.loss_rms)
+                losses.append(float(r.loss_rms))
             cut, predicted = self.planned.get(device, (None, 0.0))
             clean = (
-                r.get("steps") and not r.get("oom_events") and not r.get("pauses") and not r.get("dropped_out")
-                and r.get("cut") == cut and r.get("final_cut", cut) == cut
+                r.steps and not r.oom_events and not r.pauses and not r.dropped_out
+                and r.cut == cut and r.final_cut == cut
             )
             if clean and predicted > 0:
-                ratio = float(np.clip((r.get("compute_s", 0.0) + r.get("comm_s", 0.0)) / predicted, 0.1, 10.0))
+                ratio = float(np.clip((r.compute_s + r.comm_s) / predicted, 0.1, 10.0))
                 old = self.speed.get(device)
                 self.speed[device] = ratio if old is None else self.smoothing * old + (1 - self.smoothing) * ratio
         if losses:
@@ -160,8 +162,7 @@ class SmartSplit(Strategy):
         name: str | None = None,
     ) -> None:
         self.selection, self.cut_finetuning, self.deadline_s, self.mec = selection, cut_finetuning, deadline_s, mec
-        self.checkpointing = self.replan = self.move_cut = checkpointing
-        self.wants_updates = cut_finetuning and mec is not None
+        self.rules = PlanRules(checkpointing=checkpointing, replan=checkpointing, move_cut=checkpointing)
         self.exploration, self.coverage, self.alpha = exploration, coverage, alpha
         self.history = DeviceHistory(speed_smoothing)
         self.importance: dict[int, float] = {}  # the MEC manager's latest unit scores
@@ -320,10 +321,15 @@ class SmartSplit(Strategy):
             notes=notes,
         )
 
-    def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
+    def step_observer(self) -> StepObserver | None:
+        return self.mec.observer() if self.cut_finetuning and self.mec is not None else None
+
+    def round_finished(self, rnd: int, reports: Sequence[DeviceReport], observations: dict[int, list[Observation]] | None = None) -> None:
+        from smartsplit.managers.mec import step_sketches
+
         self.history.observe(reports)
-        if self.mec is not None and updates:
-            self.importance = dict(self.mec.update(updates))
+        if self.mec is not None and observations:
+            self.importance = dict(self.mec.update({device: step_sketches(seen) for device, seen in observations.items()}))
 
     def state_dict(self) -> dict:
         return {"history": self.history.state_dict(), "importance": dict(self.importance),

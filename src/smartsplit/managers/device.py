@@ -65,11 +65,11 @@ class OnDeviceManager:
         self.flops_per_s = flops_per_s
         self.round_trip_s = round_trip_s
         self.checkpointing = checkpointing
-        self._plans: dict[tuple[int, int], DevicePlan | None] = {}
+        self._plans: dict[tuple[int, int, bool], DevicePlan | None] = {}
 
     def plan(self, cut: int, budget: int) -> DevicePlan | None:
         """The fastest plan at ``cut`` whose predicted peak is at most ``budget``; None if none fits."""
-        key = (cut, budget)
+        key = (cut, budget, self.checkpointing)
         if key not in self._plans:
             self._plans[key] = self._best(cut, budget)
         return self._plans[key]

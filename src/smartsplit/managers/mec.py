@@ -10,32 +10,40 @@ import torch
 from torch import nn
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.strategies.base import StepObserver
 
 
 class UpdateSketcher:
     """Fixed random coordinates of each unit's parameters, so per-device updates can be compared cheaply."""
 
-    def __init__(self, model: nn.Sequential, coords_per_unit: int = 1024, seed: int = 0) -> None:
+    def __init__(self, model: nn.Sequential | None = None, coords_per_unit: int = 1024, seed: int = 0) -> None:
         if coords_per_unit < 1:
             raise SmartSplitError(f"coords_per_unit must be at least 1, got {coords_per_unit}")
         self.coords_per_unit = coords_per_unit
         self.seed = seed
+        self.model_units = len(model) if model is not None else None  # None: units are laid out as first seen
         # per 1-based unit: (param index, flat index within that param), sorted, and the unit's param sizes
         self.positions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.sizes: dict[int, tuple[int, ...]] = {}
-        for index, unit in enumerate(model, start=1):
-            sizes = tuple(p.numel() for p in unit.parameters())
-            total = sum(sizes)
-            rng = np.random.default_rng([seed, index])
-            flat = np.sort(rng.choice(total, size=min(coords_per_unit, total), replace=False)).astype(np.int64)
-            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            param = np.searchsorted(starts, flat, side="right") - 1
-            self.positions[index] = (param.astype(np.int64), (flat - starts[param]).astype(np.int64))
-            self.sizes[index] = sizes
+        for index, unit in enumerate(model or [], start=1):
+            self._layout(index, unit)
+
+    def _layout(self, index: int, unit: nn.Module) -> None:
+        """The unit's sketched coordinates: seeded by (seed, unit index), so every role that sketches agrees."""
+        sizes = tuple(p.numel() for p in unit.parameters())
+        total = sum(sizes)
+        rng = np.random.default_rng([self.seed, index])
+        flat = np.sort(rng.choice(total, size=min(self.coords_per_unit, total), replace=False)).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        param = np.searchsorted(starts, flat, side="right") - 1
+        self.positions[index] = (param.astype(np.int64), (flat - starts[param]).astype(np.int64))
+        self.sizes[index] = sizes
 
     def _read(self, index: int, unit: nn.Module, grad: bool) -> np.ndarray:
         if index not in self.positions:
-            raise SmartSplitError(f"unit {index} is not in the sketched model (units 1..{len(self.positions)})")
+            if self.model_units is not None or index < 1:
+                raise SmartSplitError(f"unit {index} is not in the sketched model (units 1..{len(self.positions)})")
+            self._layout(index, unit)
         params = list(unit.parameters())
         if tuple(p.numel() for p in params) != self.sizes[index]:
             raise SmartSplitError(f"unit {index} does not have the parameter shapes it was sketched with")
@@ -125,14 +133,35 @@ def importance(stats: Sequence[StepSketches], weights: Sequence[float] | None = 
     return min(max(1.0 - expected / between, 0.0), 1.0)
 
 
+class GradientSketches(StepObserver):
+    """The MEC manager's view of a split step: each unit's gradient at fixed sketched coordinates."""
+
+    def __init__(self, sketcher: UpdateSketcher) -> None:
+        self.sketcher = sketcher
+
+    def observe(self, unit: int, module: nn.Module) -> np.ndarray:
+        return self.sketcher.grad_sketch(unit, module)
+
+
+def step_sketches(observations: Sequence[tuple[int, int, np.ndarray]]) -> dict[int, StepSketches]:
+    """One device's observations of a round (``(step, unit, sketch)``, from the device and the edge) as
+    ``StepSketches`` per unit, each summed in step order."""
+    out: dict[int, StepSketches] = {}
+    for _, unit, sketch in sorted(observations, key=lambda o: o[0]):
+        out.setdefault(unit, StepSketches(np.zeros(0))).add(sketch)
+    return out
+
+
 class MecManager:
     """Scores units by how much devices' updates of them disagree and nudges cuts one unit at a time, with hysteresis.
 
-    ``state_dict``/``load_state_dict`` carry what it learned across a resume.
+    ``state_dict``/``load_state_dict`` carry what it learned across a resume. ``observer()`` is what the roles
+    holding the units run after every split step (``seed`` fixes the sketched coordinates).
     """
 
     def __init__(
-        self, num_units: int, high: float = 0.6, low: float = 0.3, smoothing: float = 0.5, cooldown: int = 1
+        self, num_units: int, high: float = 0.6, low: float = 0.3, smoothing: float = 0.5, cooldown: int = 1,
+        seed: int = 0,
     ) -> None:
         if num_units < 1:
             raise SmartSplitError(f"num_units must be at least 1, got {num_units}")
@@ -150,6 +179,10 @@ class MecManager:
         self.scores: dict[int, float] = {}
         self.rounds = 0  # calls to update()
         self.last_move: dict[int, tuple[int, int]] = {}  # device id -> (round of its last move, direction -1/+1)
+        self.sketcher = UpdateSketcher(seed=seed)
+
+    def observer(self) -> GradientSketches:
+        return GradientSketches(self.sketcher)
 
     def update(self, per_device: dict[int, dict[int, StepSketches]]) -> dict[int, float]:
         """Score each unit with the importance of the devices' step gradients of it this round (``importance``);

@@ -272,35 +272,13 @@ def build_model(
 
 def _user_model(spec: str, in_channels: int | None, num_classes: int, input_size: int | None, seed: int) -> nn.Sequential:
     """A model from ``"package.module:factory"``, built under a seeded RNG (the global one is restored)."""
-    import importlib
-    import inspect
-
     from smartsplit.models.chain import as_chain
+    from smartsplit.plugins import call_factory, load_factory
 
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # an import runs the user's module: anything can go wrong there
-        raise SmartSplitError(f"model.name {spec!r}: cannot import {attr!r} from {module_name!r} ({type(exc).__name__}: {exc})") from None
-    if not callable(factory):
-        raise SmartSplitError(f"model.name {spec!r}: {attr!r} is a {type(factory).__name__}, not a function or class that builds the model")
-    offered = {"in_channels": in_channels, "num_classes": num_classes}
-    try:
-        accepted = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    missing = [n for n, p in accepted.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and (n not in offered or offered[n] is None)]
-    if missing:
-        raise SmartSplitError(f"model.name {spec!r}: the factory needs {', '.join(missing)}, but SmartSplit can only "
-                              "pass in_channels and num_classes; give the others defaults")
-    kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
+    factory = load_factory("model.name", spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        try:
-            model = factory(**kwargs)
-        except Exception as exc:
-            raise SmartSplitError(f"model.name {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
+        model = call_factory("model.name", spec, factory, {"in_channels": in_channels, "num_classes": num_classes})
     if not isinstance(model, nn.Module):
         raise SmartSplitError(f"model.name {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     batch_norms = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

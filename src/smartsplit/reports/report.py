@@ -23,6 +23,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.records import RoundRecord
+from smartsplit.reports.summary import SUMMARY_HEADERS, RunSummary, summarise, summary_rows
+from smartsplit.reports.table import markdown_table
 
 MB = 2**20  # as in smartsplit.engine.round
 NAN = float("nan")
@@ -35,6 +38,7 @@ class Run:
     seed: object
     fleet_size: int | None
     records: list[dict]
+    target: float | None = None
 
 
 def load_run(path: str | Path) -> Run:
@@ -62,7 +66,8 @@ def load_run(path: str | Path) -> Run:
     label = str(strategy.get("name", path.name))
     if strategy.get("cut") is not None:
         label += f" (cut={strategy['cut']})"
-    return Run(path, label, config.get("seed"), (config.get("fleet") or {}).get("devices"), records)
+    return Run(path, label, config.get("seed"), (config.get("fleet") or {}).get("devices"), records,
+               config.get("target_accuracy"))
 
 
 # ---------------------------------------------------------------- per-round series over seeds
@@ -352,46 +357,10 @@ FIGURES: list[tuple[str, Callable, str]] = [
 # ---------------------------------------------------------------- table and report
 
 
-def _summary(runs: list[Run]) -> list[str]:
-    def per_seed(fn: Callable[[Run], float]) -> np.ndarray:
-        return np.array([fn(run) for run in runs], dtype=float)
-
-    def fmt(values: np.ndarray, digits: int = 1) -> str:
-        values = values[~np.isnan(values)]
-        if not len(values):
-            return "n/a"
-        if len(values) == 1:
-            return f"{values[0]:.{digits}f}"
-        return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-    def participation(run: Run) -> float:
-        if not run.fleet_size:
-            return NAN
-        return 100 * float(np.mean([1 - (_num(r.get("excluded", 0)) + _num(r.get("offline", 0))) / run.fleet_size
-                                    for r in run.records]))
-
-    latencies = [[_num(r.get("latency_s")) for r in run.records] for run in runs]
-    lengths = sorted(len(run.records) for run in runs)
-    peaks = [_num(p) for run in runs for r in run.records for p in r.get("peak_measured_mb") or []]
-    peaks += [_num(d.get("peak_measured_mb")) for run in runs for r in run.records for d in _devices(r)]
-    peaks = [p for p in peaks if not math.isnan(p)]
-    return [
-        str(len(runs)),
-        f"{lengths[0]}" if lengths[0] == lengths[-1] else f"{lengths[0]}–{lengths[-1]}",
-        fmt(per_seed(lambda run: _num(run.records[-1].get("accuracy"))), 3),
-        fmt(per_seed(participation), 0) + ("%" if any(run.fleet_size for run in runs) else ""),
-        f"{max(peaks):.1f}" if peaks else "n/a",
-        fmt(np.array([np.nanmean(lat) for lat in latencies])),
-        f"{np.nanmax([x for lat in latencies for x in lat]):.1f}",
-        str(int(sum(_num(r.get("oom_events", 0)) for run in runs for r in run.records))),
-        str(int(sum(_num(r.get("dropouts", 0)) for run in runs for r in run.records))),
-        fmt(np.array([np.nansum(lat) for lat in latencies]), 0),
-    ]
-
-
-TABLE_HEADERS = ("strategy", "seeds", "rounds", "final accuracy", "participation", "max device peak MB",
-                 "mean round latency s", "peak round latency s", "OOM events (all seeds)", "drop-outs (all seeds)",
-                 "simulated time s")
+def run_summary(run: Run) -> RunSummary:
+    """The run's summary, computed from its metrics as ``run`` and ``compare`` compute it."""
+    return summarise([RoundRecord.from_json(r) for r in run.records], name=run.path.name, strategy=run.strategy,
+                     seed=run.seed, fleet_size=run.fleet_size, target=run.target, run_dir=str(run.path))
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
@@ -408,14 +377,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    targets = sorted({run.target for run in runs if run.target is not None})
     lines = ["# SmartSplit report", "", "## Summary", "",
-             "| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
-    lines += ["| " + " | ".join([name] + _summary(group)) + " |" for name, group in groups.items()]
-    lines += ["", "Mean ± standard deviation over seeds where a strategy has several; participation is the share "
-              "of the fleet not excluded for memory, averaged over rounds; max device peak is the largest "
-              "peak of any participant in any round, measured by the memory meter (a malloc counter in a child process "
-              "that runs the device's step under its plan: every heap byte, library scratch included); simulated time "
-              "is the sum of round latencies.", "",
+             markdown_table(SUMMARY_HEADERS, summary_rows([run_summary(run) for run in runs]))]
+    lines += ["", "Mean ± standard deviation over seeds where a strategy has several; \"to target\" is the first "
+              f"round (and simulated second) at test accuracy {', '.join(map(str, targets)) or '(no target set)'} or above, "
+              "averaged over the seeds that reached it; latencies are simulated seconds per round; participation is the "
+              "share of the fleet neither excluded for memory nor offline, averaged over rounds; max peak is the largest "
+              "device peak in any round, measured by the memory meter (a malloc counter in a child process that runs the "
+              "device's step under its plan: every heap byte, library scratch included).", "",
               "## Figures", ""]
     for number, (filename, draw, caption) in enumerate(FIGURES, 1):
         fig = draw(groups, colours)

@@ -8,6 +8,7 @@ round) and, at the end, ``summary.json``. How folders are guarded and resumes ch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,37 +20,13 @@ from tqdm import tqdm
 from smartsplit.config import Config, build_config
 from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
+from smartsplit.records import RoundRecord
+from smartsplit.reports.summary import RunSummary, summarise
+from smartsplit.strategies import Strategy
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
 
 
-def summarise(config: Config, records: list[dict], num_devices: int, wall_s: float, target: float | None = None) -> dict:
-    reached = next((r for r in records if target is not None and r["accuracy"] >= target), None)
-    peaks = [p for r in records for p in r["peak_measured_mb"] if p is not None]
-    latencies = [r["latency_s"] for r in records]
-    n = max(len(records), 1)
-    return {
-        "name": config.name,
-        "strategy": config.strategy.name,
-        "seed": config.seed,
-        "rounds": len(records),
-        "final_accuracy": records[-1]["accuracy"] if records else None,
-        "best_accuracy": max((r["accuracy"] for r in records), default=None),
-        "participation_rate": sum(1 - (r["excluded"] + r.get("offline", 0)) / num_devices for r in records) / n,
-        "mean_participants": sum(r["participants"] for r in records) / n,
-        "max_peak_measured_mb": max(peaks, default=0.0),
-        "mean_round_latency_s": sum(latencies) / max(len(latencies), 1),
-        "peak_round_latency_s": max(latencies, default=0.0),
-        "simulated_time_s": sum(latencies),
-        "oom_events": sum(r["oom_events"] for r in records),
-        "pauses": sum(r.get("pauses", 0) for r in records),
-        "dropouts": sum(r.get("dropouts", 0) for r in records),
-        "cut_moves": sum(r.get("cut_moves", 0) for r in records),
-        "replans": sum(r.get("replans", 0) for r in records),
-        "recompute_pct": sum(r.get("recompute_pct", 0.0) for r in records) / n,
-        "target_accuracy": target,
-        "to_target": {"round": reached["round"], "clock_s": reached["clock_s"]} if reached else None,
-        "wall_s": wall_s,
-    }
+log = logging.getLogger(__name__)
 
 
 def _read_records(path: Path, limit: int | None) -> list[dict]:
@@ -85,7 +62,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, strategy: Strategy | None = None) -> RunSummary:
     """Run ``config`` round by round, writing every result as soon as it exists.
 
     The run folder (default ``<output_dir>/<name>``) must not hold a run already, unless ``overwrite`` (its run
@@ -100,43 +77,51 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
         with RunLock(run_dir):  # check_run_folder made the folder
             if overwrite and not resume:
                 clear_run(run_dir)
-            return _run(config, run_dir, progress, resume)
+            return _run(config, run_dir, progress, resume, strategy)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: Config, run_dir: Path, progress: bool, resume: bool) -> dict:
+def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: Strategy | None) -> RunSummary:
     started = time.perf_counter()
     metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
     written = _read_records(metrics_path, None)
     state = load_state(run_dir, config, len(written)) if resume else None
-    experiment = Experiment(config)
+    experiment = Experiment(config, strategy)
     try:
         start = experiment.load_state_dict(state) if state is not None else 0
-        records = written[:start]
+        records = [RoundRecord.from_json(r) for r in written[:start]]
         # rounds after the saved state (if the run died between writing them and saving) are run again
-        _rewrite(metrics_path, records)
+        _rewrite(metrics_path, written[:start])
         _rewrite(decisions_path, _read_records(decisions_path, start))
         (run_dir / "config.yaml").write_text(config.to_yaml())
         started_as = fingerprint(config)
 
+        log.info("%s: %s on %s, %d devices, rounds %d..%d, into %s", config.name, experiment.strategy.name,
+                 config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
         bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
         with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
             for record in experiment.rounds(start):
-                decisions.write(json.dumps(record.pop("decision")) + "\n")
+                decisions.write(json.dumps(record.decision) + "\n")
                 decisions.flush()
                 records.append(record)
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps(record.to_json()) + "\n")
                 metrics.flush()
                 tmp = state_path.with_suffix(".tmp")
-                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(record["round"])}, tmp)
+                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(record.round)}, tmp)
                 os.replace(tmp, state_path)
-                bar.set_postfix(acc=f"{record['accuracy']:.3f}", sim=f"{record['clock_s']:.0f}s")
+                bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
+                log.debug("%s round %d: accuracy %.4f, loss %.4f, %d devices, cuts %s, latency %.1f s (simulated), "
+                          "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, record.accuracy, record.loss,
+                          record.participants, record.cuts, record.latency_s, record.oom_events, record.dropouts,
+                          record.wall_s)
                 bar.update()
         bar.close()
+        torch.save(experiment.model.state_dict(), run_dir / "model.pt")  # the final global model, plain tensors
     finally:
         experiment.close()
-    summary = summarise(config, records, len(experiment.devices), time.perf_counter() - started, config.target_accuracy)
-    summary["run_dir"] = str(run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = summarise(records, name=config.name, strategy=config.strategy.name, seed=config.seed,
+                        fleet_size=len(experiment.devices), target=config.target_accuracy,
+                        wall_s=time.perf_counter() - started, run_dir=str(run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import signal
@@ -13,11 +14,19 @@ from typing import Callable
 from tqdm import tqdm
 
 from smartsplit.config import Config
+from smartsplit.reports.summary import RunSummary
 
 
-def _run_one(config_json: str, overwrite: bool) -> dict:
-    from smartsplit.config import Config
+def _run_one(config_json: str, overwrite: bool, log_level: int) -> RunSummary:
     from smartsplit.runtime.embedded import run_experiment
+
+    logger = logging.getLogger("smartsplit")  # a spawned worker: messages as the parent's settings want them
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(log_level)
 
     return run_experiment(Config.model_validate_json(config_json), progress=False, overwrite=overwrite)
 
@@ -37,9 +46,9 @@ def _rounds_written(configs: list[Config], since: float) -> int:
 
 
 def run_many(
-    configs: list[Config], workers: int | None = None, on_done: Callable[[dict], None] | None = None, progress: bool = False,
+    configs: list[Config], workers: int | None = None, on_done: Callable[[RunSummary], None] | None = None, progress: bool = False,
     overwrite: bool = False,
-) -> list[dict]:
+) -> list[RunSummary]:
     """Run ``configs`` in ``workers`` processes (default: one per core); summaries in the order given.
 
     ``overwrite``: replace runs already in their folders (else such a folder is refused).
@@ -53,9 +62,9 @@ def run_many(
         for config in configs:
             results.append(run_experiment(config, progress=progress, overwrite=overwrite))
             if on_done:
-                print(on_done(results[-1]) or "", flush=True)
+                on_done(results[-1])
         return results
-    results: list[dict | None] = [None] * len(configs)
+    results: list[RunSummary | None] = [None] * len(configs)
     total = sum(c.training.rounds for c in configs)
     started = time.time()
     # A terminated or interrupted compare takes its workers with it: none may go on writing into run folders.
@@ -63,7 +72,9 @@ def run_many(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     try:
         with tqdm(total=total, desc=f"{len(configs)} runs", unit="round", disable=not progress) as bar:
-            futures = {pool.submit(_run_one, c.model_dump_json(), overwrite): i for i, c in enumerate(configs)}
+            level = logging.getLogger("smartsplit").getEffectiveLevel()
+            level = level if level <= logging.DEBUG else logging.WARNING  # workers' progress lines only when verbose
+            futures = {pool.submit(_run_one, c.model_dump_json(), overwrite, level): i for i, c in enumerate(configs)}
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
@@ -71,7 +82,8 @@ def run_many(
                 for future in finished:
                     results[futures[future]] = future.result()
                     if on_done:
-                        bar.write(on_done(results[futures[future]]) or "")
+                        with tqdm.external_write_mode():
+                            on_done(results[futures[future]])
     except BaseException:
         for process in list(getattr(pool, "_processes", {}).values()):
             process.terminate()

@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.managers.central import DeviceHistory, statistical_utility, system_penalty
-from smartsplit.strategy import Assignment, Candidate, RoundPlan, Strategy, sample_eligible
+from smartsplit.records import DeviceReport
+from smartsplit.strategies.base import Assignment, Candidate, RoundPlan, Strategy
+from smartsplit.strategies.selection import sample_eligible
 
 
 class Oort(Strategy):
@@ -84,7 +86,7 @@ class Oort(Strategy):
         picked = rng.choice(len(pool), size=n, replace=False, p=weights / weights.sum())
         return [pool[i] for i in sorted(picked)]
 
-    def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
+    def round_finished(self, rnd: int, reports: Sequence[DeviceReport], observations: dict | None = None) -> None:
         self.history.observe(reports)
 
     def state_dict(self) -> dict:

@@ -8,7 +8,13 @@ from typing import Sequence
 
 import numpy as np
 
+from torch import nn
+
+from smartsplit.engine.options import EngineOptions
 from smartsplit.fleet import Device
+from smartsplit.records import DeviceReport
+
+Observation = tuple[int, int, object]  # (local step, unit, what the step observer returned)
 
 
 @dataclass(frozen=True)
@@ -46,24 +52,48 @@ class RoundPlan:
     notes: dict = field(default_factory=dict)  # the inputs of the decision, logged to decisions.jsonl
 
 
+@dataclass(frozen=True)
+class PlanRules:
+    """How a strategy's devices may plan their steps (what the on-device manager is allowed to do)."""
+
+    checkpointing: bool = False  # micro-batches and recomputation to fit the budget (else the plain step only)
+    replan: bool = False  # re-plan whenever the budget changes mid-round (else keep the first plan)
+    move_cut: bool = False  # when nothing fits at its cut, hand units to the edge instead of pausing
+
+
+class StepObserver(ABC):
+    """What a strategy wants to see of every split step, taken by the role that holds each unit (the device its
+    units, the edge the rest) right after the step, while no other step has touched them. It returns plain data
+    (numbers, arrays, lists), which is what travels to the central server with the round's results."""
+
+    @abstractmethod
+    def observe(self, unit: int, module: nn.Module) -> object:
+        """Look at 1-based ``unit`` (its weights and fresh ``.grad``) after a step."""
+
+
 class Strategy(ABC):
-    """Chooses each round's participants and cuts; may learn from the rounds it has seen."""
+    """Chooses each round's participants and cuts; may learn from the rounds it has seen.
+
+    Policy only: ``configure_round`` decides, ``round_finished`` learns. How the engine runs a strategy's rounds
+    (one shared server-side copy or one per device, devices interleaved or one after another) is its
+    ``execution``; how devices may plan is its ``rules``.
+    """
 
     name: str = "strategy"
-    checkpointing: bool = False  # devices plan micro-batches and recomputation (the on-device manager)
-    replan: bool = False  # devices re-plan whenever their budget changes mid-round
-    move_cut: bool = False  # a squeezed device hands units to the edge mid-round instead of pausing
-    edge_copies: str = "shared"  # one server-side copy per edge server, or "per-device"
-    edge_order: str = "interleaved"  # devices' steps reach the edge in simulated arrival order, or "sequential"
-    wants_updates: bool = False  # round_finished receives per-device gradient sketches per unit
+    rules: PlanRules = PlanRules()
+    execution: EngineOptions = EngineOptions()
 
     @abstractmethod
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         """Pick up to ``k`` of ``candidates`` and a cut for each."""
 
-    def round_finished(self, rnd: int, reports: Sequence[dict], updates: dict | None = None) -> None:
-        """Called with the per-device reports of the round that just ended (and, if ``wants_updates``, each
-        device's summed gradient sketch per unit: ``updates[device_id][unit]``)."""
+    def step_observer(self) -> StepObserver | None:
+        """An observer for every unit of every split step (None: the strategy needs none)."""
+        return None
+
+    def round_finished(self, rnd: int, reports: Sequence[DeviceReport], observations: dict[int, list[Observation]] | None = None) -> None:
+        """Called with the reports of the round that just ended and, with a ``step_observer``, what it returned
+        for each device: ``observations[device_id]``, in step order, each ``(step, unit, value)``."""
 
     def state_dict(self) -> dict:
         """What the strategy learned so far, as plain data (numbers, strings, lists, dicts), saved with a run so
@@ -72,11 +102,3 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned (the strategy is built afresh from the config first)."""
-
-
-def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
-    """``k`` candidates chosen uniformly without replacement, in a seeded, order-stable way."""
-    if len(eligible) <= k:
-        return list(eligible)
-    chosen = rng.choice(len(eligible), size=k, replace=False)
-    return [eligible[i] for i in sorted(chosen)]

@@ -10,20 +10,19 @@ from typing import Sequence
 
 import numpy as np
 
-from smartsplit.strategy import Assignment, Candidate, RoundPlan, Strategy, sample_eligible
+from smartsplit.engine.options import EngineOptions
+from smartsplit.strategies.base import Assignment, Candidate, PlanRules, RoundPlan, Strategy
+from smartsplit.strategies.selection import sample_eligible
 
 
 class FixedCut(Strategy):
     """Every participant cuts at ``cut``; a device whose predicted peak there exceeds its budget cannot take part."""
 
-    def __init__(
-        self, name: str, cut: int, checkpointing: bool = False, edge_copies: str = "shared", edge_order: str = "interleaved"
-    ) -> None:
+    def __init__(self, name: str, cut: int, checkpointing: bool = False, execution: EngineOptions = EngineOptions()) -> None:
         self.name = name
         self.cut = cut
-        self.checkpointing = self.replan = checkpointing
-        self.edge_copies = edge_copies
-        self.edge_order = edge_order
+        self.rules = PlanRules(checkpointing=checkpointing, replan=checkpointing)
+        self.execution = execution
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         eligible = [c for c in candidates if c.fits(self.cut)]
@@ -47,5 +46,5 @@ def splitfed(num_units: int, cut: int | None = None, version: int = 1) -> FixedC
     """SplitFed at ``cut`` (default: the middle unit); ``version`` 1 or 2 (see the module docstring)."""
     cut = cut if cut is not None else max(1, num_units // 2)
     if version == 1:
-        return FixedCut("splitfed-v1", cut, edge_copies="per-device")
-    return FixedCut("splitfed-v2", cut, edge_order="sequential")
+        return FixedCut("splitfed-v1", cut, execution=EngineOptions(edge_copies="per-device"))
+    return FixedCut("splitfed-v2", cut, execution=EngineOptions(edge_order="sequential"))

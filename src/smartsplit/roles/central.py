@@ -1,0 +1,100 @@
+"""The central role: the global model, the strategy that picks who trains where, aggregation and evaluation.
+
+Each round it asks the strategy for a plan over the round's candidates, turns it into ``RoundInstructions``
+for each chosen device and ``EdgeInstructions`` for each edge server, and at the round's end aggregates the
+``Update``s (devices and edge copies, merged per edge server, then across edges), lets the strategy learn from
+the devices' reports and step observations, and evaluates the new global model on the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smartsplit.data import Dataset
+from smartsplit.engine.aggregate import aggregate, merge, unit_states
+from smartsplit.roles.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
+from smartsplit.strategies.base import Candidate, RoundPlan, StepObserver, Strategy
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+
+
+def evaluate(units: nn.Sequential, data: Dataset, batch_size: int) -> Evaluation:
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+            logits = units(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
+
+
+class CentralRole:
+    """The central server. ``edge_of(device_id)`` says which edge server a device trains through."""
+
+    def __init__(self, model: nn.Sequential, strategy: Strategy, test: Dataset, eval_batch_size: int, seed: int,
+                 num_edges: int) -> None:
+        self.model = model
+        self.strategy = strategy
+        self.test = test
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_edges = num_edges
+        self.rng = np.random.default_rng(seed)
+
+    def edge_of(self, device_id: int) -> int:
+        return device_id % self.num_edges
+
+    def step_observer(self) -> StepObserver | None:
+        return self.strategy.step_observer()
+
+    def plan_round(self, rnd: int, candidates: Sequence[Candidate], k: int) -> RoundPlan:
+        return self.strategy.configure_round(rnd, candidates, k, self.rng)
+
+    def instructions(self, rnd: int, plan: RoundPlan, start_s: float) -> tuple[list[RoundInstructions], list[EdgeInstructions]]:
+        """What each chosen device and each edge server needs to run the round."""
+        rules = self.strategy.rules
+        devices = [
+            RoundInstructions(
+                round=rnd, device_id=a.device_id, cut=a.cut, weights=unit_states(self.model, 1, a.cut),
+                checkpointing=rules.checkpointing, replan=rules.replan, move_cut=rules.move_cut,
+                batch_seed=(self.seed, rnd, a.device_id), start_s=start_s,
+            )
+            for a in plan.assignments
+        ]
+        edges = [
+            EdgeInstructions(
+                round=rnd, weights=unit_states(self.model, 1, len(self.model)),
+                cuts={a.device_id: a.cut for a in plan.assignments if self.edge_of(a.device_id) == e},
+                copies=self.strategy.execution.edge_copies,
+            )
+            for e in range(self.num_edges)
+        ]
+        return devices, edges
+
+    def finish_round(self, rnd: int, edge_updates: list[list[Update]], results: Sequence[DeviceResult]) -> Evaluation:
+        """Aggregate (devices and edge copies merged per edge server, then across edges), let the strategy
+        learn from the reports and observations, and evaluate the new global model."""
+        aggregate(self.model, [merge(group) for group in edge_updates if group])
+        observations = {r.report.device: r.observations for r in results if r.observations}
+        self.strategy.round_finished(rnd, [r.report for r in results],
+                                     observations if self.strategy.step_observer() is not None else None)
+        return evaluate(self.model, self.test, self.eval_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.rng.bit_generator.state = state["rng"]
+        self.strategy.load_state_dict(state["strategy"])

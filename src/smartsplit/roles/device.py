@@ -1,0 +1,345 @@
+"""The device role: its data, its memory budget, the on-device manager and, for a round, its units.
+
+Each round the device loads the units up to its cut from ``RoundInstructions``, and before every local step
+reads its budget and plans (``plan_step``): the fastest plan that fits, re-planned when the budget changes if
+the rules allow; squeezed below anything at its cut, it hands its deepest units to the edge (``UnitHandoff``)
+or pauses. A step runs micro-batch by micro-batch: ``forward`` gives the ``Activation`` to send, ``backward``
+takes the edge's ``Gradient``; the memory guard stops a forward that saves more than the plan allows
+(``DeviceOutOfMemory``), and the memory meter (``measure``) gives the real peak of the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from smartsplit.data import Dataset
+from smartsplit.engine.aggregate import unit_state, unit_states
+from smartsplit.engine.step import device_forward, edge_backward, make_optimizer
+from smartsplit.fleet import BudgetTrace, Device
+from smartsplit.managers.device import DevicePlan, OnDeviceManager
+from smartsplit.memory.measure import DeviceOutOfMemory, count_saved_bytes
+from smartsplit.records import DeviceReport
+from smartsplit.roles.messages import (
+    Activation, DeviceResult, Gradient, Observation, RoundInstructions, UnitHandoff, Update,
+)
+from smartsplit.strategies.base import StepObserver
+
+MB = 2**20
+UNLIMITED = 2**62  # a budget no plan exceeds: the plain plan, whatever memory says
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    lr: float
+    momentum: float
+    slots: int  # optimizer state tensors per parameter
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A finished local step, as the device saw it."""
+
+    loss: float  # mean over the step's examples
+    samples: int
+    cut_bytes: int  # bytes of activations sent to the edge, all micro-batches together
+
+
+@dataclass
+class SimulatedTimes:
+    """The engine's clock figures for a device's round (seconds, and bytes on the simulated links)."""
+
+    compute_s: float = 0.0
+    recompute_s: float = 0.0
+    comm_s: float = 0.0
+    wait_s: float = 0.0
+    paused_s: float = 0.0
+    finish_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class _RoundState:
+    instructions: RoundInstructions
+    units: nn.Sequential
+    optimizer: torch.optim.Optimizer | None
+    batches: list[np.ndarray]
+    observer: StepObserver | None
+    cut: int  # where the device cuts now (shallower than assigned after a hand-off)
+    plan: DevicePlan | None = None
+    planned_for: int = -1  # the budget the plan was made for
+    planned_at: int = 0  # the budget when the latest step was planned
+    steps: int = 0  # finished
+    samples: int = 0
+    losses: list[float] = field(default_factory=list)
+    peak_predicted: int = 0
+    peak_measured: int | None = None
+    min_budget: int | None = None
+    oom_events: int = 0
+    replans: int = 0
+    cut_moves: int = 0
+    pauses: int = 0
+    dropped_out: bool = False
+    micro_batches: set[int] = field(default_factory=set)
+    observations: list[Observation] = field(default_factory=list)
+    # the step under way
+    step: int = 0
+    budget: int = 0
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    crossed: int = 0
+    pending: torch.Tensor | None = None  # the micro-batch's cut activation, waiting for its gradient
+
+
+def local_batches(
+    indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator | None
+) -> list[np.ndarray]:
+    """Sample indices of each local step: reshuffled passes over the device's data (in order without ``rng``)."""
+    total = steps if steps is not None else max(1, math.ceil(epochs * len(indices) / batch_size))
+    batches: list[np.ndarray] = []
+    order = np.empty(0, dtype=np.int64)
+    while len(batches) < total:
+        if len(order) == 0:
+            order = rng.permutation(indices) if rng is not None else np.asarray(indices)
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches
+
+
+class DeviceRole:
+    """One device. ``architecture`` is the model's structure (its weights are never read: every round's come
+    in the instructions); ``data[shard]`` is the device's own data; ``measure(plan)`` is its memory meter (the
+    peak of one step under ``plan``), or None where no meter runs."""
+
+    def __init__(
+        self, device: Device, data: Dataset, shard: np.ndarray, trace: BudgetTrace, manager: OnDeviceManager,
+        architecture: nn.Sequential, optimizer: OptimizerSpec, batch_size: int, local_steps: int | None,
+        local_epochs: float | None, measure: Callable[[DevicePlan], int] | None = None,
+    ) -> None:
+        self.device = device
+        self.data = data
+        self.shard = shard
+        self.trace = trace
+        self.manager = manager
+        self.architecture = architecture
+        self.optimizer = optimizer
+        self.batch_size, self.local_steps, self.local_epochs = batch_size, local_steps, local_epochs
+        self.measure = measure
+        self._round: _RoundState | None = None
+
+    @property
+    def id(self) -> int:
+        return self.device.id
+
+    # ---- a round
+
+    def start_round(self, instructions: RoundInstructions, observer: StepObserver | None = None) -> None:
+        units = copy.deepcopy(self.architecture[: instructions.cut])
+        for index, state in instructions.weights.items():
+            units[index - 1].load_state_dict(state)
+        batches = self.local_batches(instructions)
+        opt = make_optimizer(list(units.parameters()), self.optimizer.name, self.optimizer.lr, self.optimizer.momentum)
+        self.manager.checkpointing = instructions.checkpointing
+        self._round = _RoundState(instructions, units, opt, batches, observer, instructions.cut)
+
+    def local_batches(self, instructions: RoundInstructions) -> list[np.ndarray]:
+        """The sample indices of each local step this round: seeded passes over the device's shard."""
+        return local_batches(self.shard, self.batch_size, self.local_steps, self.local_epochs,
+                             np.random.default_rng(list(instructions.batch_seed)))
+
+    @property
+    def batches(self) -> int:
+        return len(self._state.batches)
+
+    @property
+    def cut(self) -> int:
+        return self._state.cut
+
+    def batch_len(self, step: int) -> int:
+        """Examples in local step ``step`` (a short last batch has fewer)."""
+        return len(self._state.batches[step])
+
+    def budget_at(self, clock_s: float) -> int:
+        return self.trace.at(clock_s)
+
+    def budget_returns_at(self, clock_s: float) -> float | None:
+        """When the budget next changes after ``clock_s`` (None: never)."""
+        return self.trace.next_change(clock_s)
+
+    def plan_step(self, clock_s: float) -> tuple[DevicePlan | None, UnitHandoff | None]:
+        """The plan for the next step at the budget of ``clock_s`` (None: nothing fits, not even cut 1), and the
+        units to hand the edge if the plan cuts shallower than the device does now."""
+        r, rules = self._state, self._state.instructions
+        budget = self.trace.at(clock_s)
+        r.min_budget = budget if r.min_budget is None else min(r.min_budget, budget)
+        r.planned_at = budget
+        handoff = None
+        if r.plan is None or (rules.replan and budget != r.planned_for):
+            new = self.manager.deepest_fitting_cut(r.cut, budget) if rules.move_cut else self.manager.plan(r.cut, budget)
+            if new is None and not rules.replan:
+                new = self.manager.plan(r.cut, UNLIMITED)  # a baseline runs its plain plan whatever the budget says
+            if new is None:
+                return None, None
+            if r.plan is not None and new != r.plan:
+                r.replans += 1
+            if new.cut < r.cut:
+                r.cut_moves += 1
+                handoff = self._hand_off(new.cut + 1, r.cut)
+            r.plan, r.planned_for, r.cut = new, budget, new.cut
+        r.micro_batches.add(r.plan.micro_batch)
+        r.peak_predicted = max(r.peak_predicted, r.plan.peak_bytes)
+        return r.plan, handoff
+
+    def paused(self) -> None:
+        self._state.pauses += 1
+
+    def dropped_out(self) -> None:
+        self._state.dropped_out = True
+
+    # ---- a step: begin_step, then forward (and backward with the edge's gradient) per micro-batch, then end_step
+
+    def begin_step(self, step: int) -> bool:
+        """Start local step ``step`` under the plan ``plan_step`` made; False when even with nothing saved the
+        plan does not fit the budget it was made at (an out-of-memory event: the step cannot start)."""
+        r = self._state
+        budget, plan = r.planned_at, r.plan
+        memory = plan.memory
+        if memory.total - memory.activations > budget:
+            r.oom_events += 1
+            return False
+        if r.optimizer is not None:
+            r.optimizer.zero_grad(set_to_none=True)
+        indices = r.batches[step]
+        r.x, r.y = self.data.x[indices], self.data.y[indices]
+        r.loss_sum, r.crossed, r.budget, r.step = 0.0, 0, budget, step
+        return True
+
+    def micro_batches(self) -> int:
+        r = self._state
+        return -(-len(r.y) // r.plan.micro_batch)
+
+    def forward(self, micro_batch: int) -> Activation | None:
+        """Run micro-batch ``micro_batch`` to the cut: the ``Activation`` for the edge, or None when the device
+        holds every unit (it then computes the loss and runs backward itself). Raises ``DeviceOutOfMemory``
+        (and records the event) when the forward saves more than the plan and the budget allow."""
+        r, plan = self._state, self._state.plan
+        n, size = len(r.y), plan.micro_batch
+        start = micro_batch * size
+        xb, yb = r.x[start : start + size], r.y[start : start + size]
+        # the guard: what the plan predicts the forward holds, plus the room the budget leaves above its peak, plus
+        # the cut activation (which the last unit may save; it is counted apart)
+        limit = max(plan.held_bytes + r.budget - plan.peak_bytes, 0) + plan.memory.cut_io // 2
+        try:
+            with count_saved_bytes(exclude=[*r.units[: r.cut].parameters(), xb], limit=limit) as saved:
+                activation = device_forward(r.units[: r.cut], xb, plan.segments, saved)
+        except DeviceOutOfMemory:
+            r.oom_events += 1
+            raise
+        saved.discount(activation)
+        if r.cut == len(self.architecture):
+            loss, grad = edge_backward(nn.Sequential(), activation, yb, n)
+            activation.backward(grad)
+            r.loss_sum += loss
+            return None
+        r.pending = activation
+        r.crossed += activation.numel() * activation.element_size()
+        return Activation(self.id, r.step, micro_batch, start + size >= n, activation.detach(), yb, n)
+
+    def backward(self, gradient: Gradient) -> None:
+        r = self._state
+        r.pending.backward(gradient.tensor)
+        r.pending = None
+        r.loss_sum += gradient.loss
+
+    def end_step(self) -> StepDone:
+        """Step the optimizer; measure the plan's real peak; let the strategy's observer see the units."""
+        r = self._state
+        if r.optimizer is not None:
+            r.optimizer.step()
+        for index, unit in enumerate(r.units[: r.cut], start=1):
+            if r.observer is not None:
+                r.observations.append((r.step, index, r.observer.observe(index, unit)))
+        if self.measure is not None:
+            measured = self.measure(r.plan)
+            r.peak_measured = max(r.peak_measured or 0, measured)
+            if measured > r.budget:
+                r.oom_events += 1
+        done = StepDone(loss=r.loss_sum, samples=len(r.y), cut_bytes=r.crossed)
+        r.steps += 1
+        r.samples += done.samples
+        r.losses.append(done.loss)
+        r.x = r.y = None
+        return done
+
+    # ---- units moving to and from the edge
+
+    def _hand_off(self, first: int, last: int) -> UnitHandoff:
+        r = self._state
+        weights, state = {}, {}
+        for index in range(first, last + 1):
+            unit = r.units[index - 1]
+            weights[index] = unit_state(unit)
+            if r.optimizer is not None:
+                state[index] = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in r.optimizer.state[p].items()}
+                                for name, p in unit.named_parameters() if p in r.optimizer.state}
+        return UnitHandoff(self.id, weights, state)
+
+    def take_back(self, handoff: UnitHandoff) -> None:
+        """Units the edge trained for this device since it handed them over."""
+        for index, state in handoff.weights.items():
+            self._state.units[index - 1].load_state_dict(state)
+
+    # ---- the round's end
+
+    def finish_round(self, times: SimulatedTimes) -> DeviceResult:
+        r = self._state
+        update = None
+        if r.steps:
+            update = Update(units=unit_states(r.units, 1, r.instructions.cut),
+                            samples={i: r.samples for i in range(1, r.instructions.cut + 1)})
+        budget = self.trace.at(0.0) if r.min_budget is None else r.min_budget
+        report = DeviceReport(
+            device=self.id,
+            device_class=self.device.device_class,
+            cut=r.instructions.cut,
+            final_cut=r.cut,
+            budget_mb=round(budget / MB, 3),
+            peak_predicted_mb=round(r.peak_predicted / MB, 3),
+            peak_measured_mb=round(r.peak_measured / MB, 3) if r.peak_measured is not None else None,
+            micro_batches=sorted(r.micro_batches),
+            oom_events=r.oom_events,
+            replans=r.replans,
+            cut_moves=r.cut_moves,
+            pauses=r.pauses,
+            dropped_out=r.dropped_out,
+            steps=r.steps,
+            samples=r.samples,
+            loss=float(np.mean(r.losses)) if r.losses else None,
+            loss_rms=float(np.sqrt(np.mean(np.square(r.losses)))) if r.losses else None,
+            compute_s=times.compute_s,
+            recompute_s=times.recompute_s,
+            comm_s=times.comm_s,
+            wait_s=times.wait_s,
+            paused_s=times.paused_s,
+            finish_s=times.finish_s,
+            bytes_up=times.bytes_up,
+            bytes_down=times.bytes_down,
+        )
+        observations = r.observations if r.steps else []
+        self._round = None
+        return DeviceResult(update, report, observations)
+
+    @property
+    def _state(self) -> _RoundState:
+        if self._round is None:
+            raise RuntimeError(f"device {self.id}: no round under way (start_round first)")
+        return self._round

@@ -1,0 +1,11 @@
+"""Strategies: the interface the server loop is built around, the registry of names, and the baselines.
+
+SmartSplit's own strategy (the central manager, with the MEC manager's cut fine-tuning) is in ``managers``.
+"""
+
+from smartsplit.strategies.base import Assignment, Candidate, PlanRules, RoundPlan, StepObserver, Strategy
+from smartsplit.strategies.registry import STRATEGIES, make_strategy
+from smartsplit.strategies.selection import sample_eligible
+
+__all__ = ["STRATEGIES", "Assignment", "Candidate", "PlanRules", "RoundPlan", "StepObserver", "Strategy",
+           "make_strategy", "sample_eligible"]
