@@ -6,7 +6,7 @@ At batch 32 on 32x32x3 inputs, for vgg16, resnet18 and mobilenetv2:
   the on-device manager (``OnDeviceManager.deepest_fitting_cut``) picks the deepest cut and the plan
   (micro-batch, checkpointed segments) whose predicted peak fits that budget;
   (b) the meter's peak of one device step under that plan.
-Every figure in (a) and (b) comes from the memory meter (``smartsplit.memory.meter``: a malloc counter
+Every figure in (a) and (b) comes from the memory meter (``smartsplit.meter.heap``: a malloc counter
 preloaded into a child process, oneDNN on), none from the memory model. The run fails if (b) exceeds the budget.
 Printed besides: the plan's recompute overhead in FLOPs (extra forward FLOPs over the step's forward + backward
 FLOPs at that cut) and in wall time (the device side of a real step under the plan against the whole-batch,
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from smartsplit.engine.step import split_step
-from smartsplit.managers.device import OnDeviceManager
-from smartsplit.memory.meter import HeapMeter
+from smartsplit.memory.ondevice import OnDeviceManager
+from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.profile import BACKWARD_FLOPS, ProfileCache
 from smartsplit.models.zoo import build_model, default_input_shape
 

@@ -6,7 +6,7 @@ plan (nothing recomputed) and the optimal checkpoint plan for a budget of half t
 of one whole steady-state device step (SGD with momentum; forward to the cut, the returned gradient, backward,
 micro-batches accumulated, optimizer step).
 
-The meter (``smartsplit.memory.meter``): a malloc counter preloaded into a child process, so it sees every heap
+The meter (``smartsplit.meter.heap``): a malloc counter preloaded into a child process, so it sees every heap
 byte of the step, oneDNN's and BLAS's scratch and autograd's graph included, with the kernels training runs
 with (oneDNN on, torch's default). It does not see mmap'd memory outside malloc (Python's small-object arenas,
 code, stacks) or heap fragmentation.
@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from smartsplit.managers.device import micro_batch_sizes
-from smartsplit.memory.meter import HeapMeter
+from smartsplit.memory.ondevice import micro_batch_sizes
+from smartsplit.meter.heap import HeapMeter
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models.profile import ProfileCache

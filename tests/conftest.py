@@ -24,7 +24,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def meter():
     """One memory-meter child process for the tests that measure (starting one costs a torch import)."""
-    from smartsplit.memory.meter import HeapMeter, MeterUnavailable, shim_path
+    from smartsplit.meter.heap import HeapMeter, MeterUnavailable, shim_path
 
     try:
         shim_path()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smartsplit.config import build_config
-from smartsplit.engine.clock import step_times
+from smartsplit.fleet.clock import step_times
 from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, load_availability_csv, on_off_trace, save_availability_csv

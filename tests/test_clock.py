@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_engine import BATCH, SGD, SHAPE, batches, chain, dataset, part, play_round
 
-from smartsplit.engine.clock import EdgeSpec
+from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.fleet import Device
 from smartsplit.models.profile import profile_chain
 

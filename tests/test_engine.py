@@ -15,14 +15,14 @@ import smartsplit.engine.round as round_mod
 from smartsplit.config import build_config
 from smartsplit.data import Dataset
 from smartsplit.engine.aggregate import aggregate, unit_states
-from smartsplit.engine.clock import EdgeSpec, step_times
+from smartsplit.fleet.clock import EdgeSpec, step_times
 from smartsplit.engine.experiment import Experiment
 from smartsplit.engine.options import EngineOptions
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.engine.step import split_step
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
 from smartsplit.managers.central import SmartSplit
-from smartsplit.managers.device import OnDeviceManager
+from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.models.profile import ProfileCache, profile_chain
 from smartsplit.roles.device import DeviceRole, OptimizerSpec
@@ -571,3 +571,30 @@ def test_device_pauses_while_nothing_fits_and_resumes() -> None:
         model, [squeezed(model, device(0), 2, trace, batches(BATCH, BATCH))], data, profile, EDGE, SGD, deadline_s=20.0
     )
     assert r["steps"] <= 1 and r["oom_events"] == 0 and r["finish_s"] < 20
+
+
+def test_a_pause_ends_when_the_budget_returns_even_where_clock_sums_round_down() -> None:
+    """The round's clock is relative (``start_s + now``); a pause that waits ``resume - start_s - now`` can land an
+    ulp short of ``resume``, where the budget has not changed yet, and must not wait again (nor forever)."""
+    import signal
+
+    from smartsplit.fleet.clock import model_transfer_s
+
+    model, data = chain(), dataset()
+    profile = profile_chain(model, SHAPE, BATCH)
+    probe = manager_for(model)
+    ample = probe.plan(2, 10**12).peak_bytes
+    dev = device(0)
+    down = model_transfer_s(profile, 2, dev, EDGE)[0]  # the device plans its first step at `down` into the round
+    draws = np.random.default_rng(0).uniform((0.0, 0.5), (5000.0, 60.0), (100_000, 2))
+    start_s, resume = next((float(s), float(s + down + u)) for s, u in draws
+                           if s + (down + ((s + down + u - s) - down)) < s + down + u)  # the relative clock falls short
+    trace = BudgetTrace((0.0, start_s + down / 2, resume), (ample, 10, ample))  # nothing fits until `resume`
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("the pause never ended")))
+    signal.alarm(60)
+    try:
+        _, (r,) = round_on_one_edge(model, [squeezed(model, dev, 2, trace, batches(BATCH, BATCH))], data, profile,
+                                    EDGE, SGD, start_s=start_s)
+    finally:
+        signal.alarm(0)
+    assert r["pauses"] == 1 and r["steps"] == 2 and r["paused_s"] == pytest.approx(resume - start_s - down)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from smartsplit.managers.device import OnDeviceManager
+from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models.profile import ProfileCache

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smartsplit.engine.step import split_step
-from smartsplit.managers.device import OnDeviceManager, micro_batch_sizes
+from smartsplit.memory.ondevice import OnDeviceManager, micro_batch_sizes
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
 from smartsplit.memory import planner
 from smartsplit.memory.planner import plan_segments

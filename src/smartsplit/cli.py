@@ -96,7 +96,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from smartsplit.memory.meter import HeapMeter
+    from smartsplit.meter.heap import HeapMeter
     from smartsplit.memory.model import device_memory, optimizer_slots
     from smartsplit.models.profile import profile_chain
     from smartsplit.models.zoo import build_model, default_input_shape

@@ -16,7 +16,7 @@ from torch import nn
 
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_data, partition
-from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
+from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import (
@@ -33,8 +33,8 @@ from smartsplit.fleet import (
     on_off_trace,
     sample_fleet,
 )
-from smartsplit.managers.device import DevicePlan, OnDeviceManager
-from smartsplit.memory.meter import HeapMeter, MeterUnavailable, shim_path
+from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
+from smartsplit.meter.heap import HeapMeter, MeterUnavailable, shim_path
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model

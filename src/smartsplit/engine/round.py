@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import simpy
 
-from smartsplit.engine.clock import EdgeSpec, model_transfer_s, step_times
+from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
 from smartsplit.engine.options import EngineOptions
 from smartsplit.fleet import AvailabilityTrace
-from smartsplit.memory.measure import DeviceOutOfMemory
+from smartsplit.meter.saved import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
 from smartsplit.roles.device import DeviceRole, SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
@@ -100,21 +100,25 @@ def run_round(
             times.comm_s += down_s
             times.bytes_down += profile.param_bytes(1, assigned)
 
-        i, steps = 0, 0
+        i, steps, resumed_at = 0, 0, 0.0
         while i < device.batches and not dropped:
-            plan, handoff = device.plan_step(start_s + env.now)
+            # after a pause, the budget is read at the very moment it changed: start_s + now may fall an ulp short
+            clock = max(start_s + env.now, resumed_at)
+            plan, handoff = device.plan_step(clock)
             if handoff is not None:
                 edge.receive(handoff)
             if plan is None:  # nothing fits, not even cut 1: wait for memory to come back
-                resume = device.budget_returns_at(start_s + env.now)
+                resume = device.budget_returns_at(clock)
                 if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
                     break
-                if not stays_online(resume - start_s - env.now):
+                wait = max(resume - start_s - env.now, 0.0)
+                if not stays_online(wait):
                     dropped = True
                     break
                 device.paused()
-                times.paused_s += resume - start_s - env.now
-                yield env.timeout(resume - start_s - env.now)
+                times.paused_s += wait
+                yield env.timeout(wait)
+                resumed_at = resume
                 continue
 
             size = device.batch_len(i)
@@ -150,7 +154,7 @@ def run_round(
             i, steps = i + 1, steps + 1
             yield env.timeout(t.backward_s)
             times.compute_s += t.forward_s + t.backward_s
-            times.recompute_s += plan.recompute_flops * scale / device.device.flops_per_s
+            times.recompute_s += recompute_s(plan.recompute_flops, device.device.flops_per_s, scale)
             times.comm_s += t.uplink_s + t.downlink_s
             times.bytes_up += done.cut_bytes
             times.bytes_down += done.cut_bytes

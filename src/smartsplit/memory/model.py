@@ -1,12 +1,12 @@
 """Predicted device peak memory for a cut, a micro-batch size and a checkpoint plan: an upper bound of what the
-meter measures (``memory.meter``), built from per-unit figures the meter measured once."""
+meter measures (``meter``), built from per-unit figures the meter measured once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.memory.meter import UnitCost
+from smartsplit.meter.heap import UnitCost
 from smartsplit.models.profile import ModelProfile, UnitProfile
 
 

@@ -23,8 +23,8 @@ from smartsplit.data import Dataset
 from smartsplit.engine.aggregate import unit_state, unit_states
 from smartsplit.engine.step import device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
-from smartsplit.managers.device import DevicePlan, OnDeviceManager
-from smartsplit.memory.measure import DeviceOutOfMemory, count_saved_bytes
+from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
+from smartsplit.meter.saved import DeviceOutOfMemory, count_saved_bytes
 from smartsplit.records import DeviceReport
 from smartsplit.roles.messages import (
     Activation, DeviceResult, Gradient, Observation, RoundInstructions, UnitHandoff, Update,

@@ -1,5 +1,5 @@
 """Counting the bytes autograd keeps for backward, with saved-tensor hooks: the profiles' exact tensor sizes and
-the live step's guard. (Device memory itself is measured by ``memory.meter``.)"""
+the live step's guard. (Device memory itself is measured by ``meter``.)"""
 
 from __future__ import annotations
 

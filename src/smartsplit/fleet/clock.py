@@ -1,4 +1,5 @@
-"""Simulated time of a split step: device compute, link transfers and edge compute."""
+"""The time model, in one place: device compute, link transfers and edge compute of a split step (the engine's
+simulated clock and the on-device manager's plan times both come from here)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ class StepTimes:
     @property
     def total(self) -> float:
         return self.forward_s + self.uplink_s + self.edge_s + self.downlink_s + self.backward_s
+
+
+def device_compute_s(profile: ModelProfile, cut: int, flops_per_s: float, scale: float = 1.0) -> float:
+    """Seconds of a device's forward and backward through units 1..cut, for ``scale`` times the profiled batch."""
+    return (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale / flops_per_s
+
+
+def recompute_s(recompute_flops: float, flops_per_s: float, scale: float = 1.0) -> float:
+    """Seconds a device spends recomputing checkpointed activations (``recompute_flops`` per profiled batch)."""
+    return recompute_flops * scale / flops_per_s
 
 
 def transfer_s(nbytes: int, bytes_per_s: float, latency_s: float) -> float:

@@ -8,7 +8,8 @@ from typing import Callable
 
 from smartsplit.memory.model import MemoryBreakdown, Segments, activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.planner import plan_segments
-from smartsplit.models.profile import BACKWARD_FLOPS, ModelProfile
+from smartsplit.fleet.clock import device_compute_s, recompute_s
+from smartsplit.models.profile import ModelProfile
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ class OnDeviceManager:
                     continue
                 segments, recompute, memory = found
             scale = self.batch / m  # FLOPs are profiled per micro-batch
-            compute_s = (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale / self.flops_per_s
-            recompute_s = recompute * scale / self.flops_per_s
+            compute_s = device_compute_s(profile, cut, self.flops_per_s, scale)
+            recompute_time = recompute_s(recompute, self.flops_per_s, scale)
             plan = DevicePlan(
                 cut=cut,
                 micro_batch=m,
@@ -107,8 +108,8 @@ class OnDeviceManager:
                 memory=memory,
                 held_bytes=activation_peaks(profile, cut, segments)[0],
                 recompute_flops=int(recompute * scale),
-                compute_s=compute_s + recompute_s,
-                recompute_s=recompute_s,
+                compute_s=compute_s + recompute_time,
+                recompute_s=recompute_time,
                 round_trips=rounds,
             )
             if best is None or self._time(plan) < self._time(best):

@@ -197,7 +197,7 @@ class HeapMeter:
         env["SMARTSPLIT_METER_THREADS"] = str(self.threads)
         # the child's stderr goes to a file, never a pipe nobody reads while it runs (a full pipe would stall it)
         self._stderr = tempfile.TemporaryFile()
-        return subprocess.Popen([sys.executable, "-m", "smartsplit.memory.meter"], stdin=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "smartsplit.meter.heap"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=self._stderr, env=env)
 
     def _call(self, op: str, **kwargs) -> Any:
@@ -248,15 +248,21 @@ def _receive(stream) -> Any:
 # the child process
 
 
-class _Heap:
+class Heap:
+    """The child's view of the malloc counter: ``live()`` and ``peak()`` bytes, ``reset_peak()``, and
+    ``settle()`` before a baseline (see ``_rebuild_interned_strings``). What a measurement procedure gets."""
+
     def __init__(self) -> None:
         lib = ctypes.CDLL(os.environ["LD_PRELOAD"])  # the preloaded copy: dlopen returns the same library
         lib.heapmeter_live.restype = ctypes.c_int64
         lib.heapmeter_peak.restype = ctypes.c_int64
         self.live, self.peak, self.reset_peak = lib.heapmeter_live, lib.heapmeter_peak, lib.heapmeter_reset_peak
 
+    def settle(self) -> None:
+        _rebuild_interned_strings(self)
 
-def _rebuild_interned_strings(heap: _Heap) -> None:
+
+def _rebuild_interned_strings(heap: Heap) -> None:
     """Make Python rebuild its table of interned strings now, so that it does not rebuild it inside a measurement.
 
     Every pybind11 call with keyword arguments interns a string that is freed after the call (checkpointing
@@ -273,155 +279,19 @@ def _rebuild_interned_strings(heap: _Heap) -> None:
             return
 
 
-def _device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) -> None:
-    """The device's side of a split step, as ``engine.step.split_step`` runs it, with one micro-batch loaded at
-    a time; the edge's answer is a fresh gradient tensor."""
-    import torch
-    import torch.nn.functional as F
-
-    from smartsplit.engine.step import device_forward
-
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    n = len(y)
-    for start in range(0, n, micro_batch):
-        xb = x[start : start + micro_batch].clone()
-        activation = device_forward(units, xb, segments)
-        if to_edge:
-            returned = torch.randn(activation.shape, generator=returned_gen)
-            activation.backward(returned)
-            del returned
-        else:
-            loss = F.cross_entropy(activation, y[start : start + micro_batch], reduction="sum") / n
-            loss.backward()
-            del loss
-        del activation, xb
-    if opt is not None:
-        opt.step()
+# What the parent's ``step_peak`` and ``unit_costs`` run in the child: the device's step lives with the engine.
+PROCEDURES = {"step_peak": "smartsplit.engine.measured:step_peak", "unit_costs": "smartsplit.engine.measured:unit_costs"}
 
 
-def _step_peak(heap: _Heap, blob, input_shape, batch, micro_batch, segments, optimizer, num_classes, to_edge, warmup=1) -> int:
-    import torch
-
-    from smartsplit.engine.step import make_optimizer
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *input_shape), generator=g)
-    y = torch.randint(0, num_classes, (batch,), generator=g)
-    # Two steps of a throw-away copy first: what the process keeps after its first steps of a shape or a plan
-    # (oneDNN's primitive cache, autograd's engine, and a one-time growth of about 2 MB seen with non-reentrant
-    # checkpointing in its first few hundred calls) is the runtime's footprint, not the step's.
-    units = pickle.loads(blob)
-    opt = make_optimizer(list(units.parameters()), *optimizer)
-    for _ in range(2):
-        _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
-    del units, opt
-    gc.collect()
-    _rebuild_interned_strings(heap)
-    base = heap.live()
-    units = pickle.loads(blob)
-    opt = make_optimizer(list(units.parameters()), *optimizer)
-    for _ in range(warmup):
-        _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
-    gc.collect()
-    heap.reset_peak()
-    _device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
-    peak = heap.peak() - base
-    del units, opt
-    return peak
-
-
-def _unit_costs(heap: _Heap, blob, input_shape, micro_batch, optimizer) -> list[dict]:
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from smartsplit.engine.step import make_optimizer
-
-    g = torch.Generator().manual_seed(0)
-    units = pickle.loads(blob)
-    h = torch.randn((micro_batch, *input_shape), generator=g)
-
-    def exercise(u, x, opt) -> None:  # forward, backward and optimizer step, twice
-        for _ in range(2):
-            out = u(x)
-            out.backward(torch.randn(out.shape, generator=g))
-            if opt is not None:
-                opt.step()
-            del out
-            x.grad = None
-
-    rows = []
-    for index, unit in enumerate(units):
-        unit_blob = pickle.dumps(unit)
-        x = h.detach().requires_grad_(index > 0)  # in the chain, only the raw batch needs no gradient
-        spare = pickle.loads(unit_blob)  # a throw-away copy first, so the runtime's one-time caches exist
-        exercise(spare, x, make_optimizer(list(spare.parameters()), *optimizer))
-        del spare
-        gc.collect()
-        _rebuild_interned_strings(heap)
-        base = heap.live()
-        u = pickle.loads(unit_blob)
-        opt = make_optimizer(list(u.parameters()), *optimizer)
-        exercise(u, x, opt)  # as mid-training: optimizer state exists
-        gc.collect()
-        static = heap.live() - base
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        grads = static - (heap.live() - base)
-
-        before = heap.live()
-        heap.reset_peak()
-        out = u(x)
-        forward_peak, forward_kept = heap.peak() - before, heap.live() - before
-        del out
-
-        def backward_peak(at_cut: bool) -> int:
-            out = u(x)
-            if at_cut:  # the output is the activation sent and the gradient comes from the caller: both stay
-                top, grad = out, torch.randn(out.shape, generator=g)
-            else:  # the gradient reaches the unit as the next unit would hand it over, made by autograd and let
-                # go once used, with the output itself held only by what saved it
-                top = out * 1.0
-                grad = torch.randn(top.shape, generator=g)
-            del out
-            before = heap.live()
-            heap.reset_peak()
-            top.backward(grad)
-            x.grad = None
-            return heap.peak() - before
-
-        # each with no gradients yet (the first micro-batch), then with them (they accumulate)
-        below_first, below_accumulating = backward_peak(False), backward_peak(False)
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        at_cut_first, at_cut_accumulating = backward_peak(True), backward_peak(True)
-        # checkpointed, the unit holds its graph and the checkpoint's own bookkeeping until its backward
-        before = heap.live()
-        out = checkpoint(u, x, use_reentrant=False)
-        checkpoint_kept = heap.live() - before
-        out.backward(torch.randn(out.shape, generator=g))
-        del out
-        x.grad = None
-        before = heap.live()  # the gradients exist, as at the end of a step
-        heap.reset_peak()
-        if opt is not None:
-            opt.step()
-        optimizer_peak = heap.peak() - before
-        rows.append(dict(static=static, grads=grads, forward_peak=forward_peak, forward_kept=forward_kept,
-                         backward_first=below_first, backward_accumulating=below_accumulating,
-                         backward_first_at_cut=at_cut_first, backward_accumulating_at_cut=at_cut_accumulating,
-                         checkpoint_kept=checkpoint_kept, optimizer_peak=optimizer_peak))
-        with torch.no_grad():
-            h = u(h)
-        del u, opt, x
-    return rows
-
-
-def _custom(heap: _Heap, target: str, kwargs: dict) -> Any:
+def _procedure(target: str):
     import importlib
 
     module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)(heap.live, heap.peak, heap.reset_peak, **kwargs)
+    return getattr(importlib.import_module(module), name)
+
+
+def _custom(heap: Heap, target: str, kwargs: dict) -> Any:
+    return _procedure(target)(heap.live, heap.peak, heap.reset_peak, **kwargs)
 
 
 def _serve() -> None:
@@ -431,8 +301,8 @@ def _serve() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("SMARTSPLIT_METER_THREADS", "1")))
-    heap = _Heap()
-    ops = {"step_peak": _step_peak, "unit_costs": _unit_costs, "custom": _custom}
+    heap = Heap()
+    ops = {"custom": _custom, **{op: _procedure(target) for op, target in PROCEDURES.items()}}
     stdin = sys.stdin.buffer
     while True:
         try:
