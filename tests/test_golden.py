@@ -1,8 +1,8 @@
 """The shipped configs and every strategy give the metrics they gave before the engine was split into roles.
 
 ``tests/golden/shipped-configs.json`` holds, for every config in ``configs/`` (and every strategy on
-``configs/fmnist.yaml``), the metrics and decisions of a small run (2 rounds, 12 devices) made with the memory
-meter off, so that plans rest on saved-tensor sizes alone and do not depend on the machine's allocator. On the
+``configs/fmnist.yaml``, and runs whose budgets swing hard or whose devices come and go), the metrics and
+decisions of a small run (2 rounds, 12 devices) made with the memory meter off, so that plans rest on saved-tensor sizes alone and do not depend on the machine's allocator. On the
 machine kind the file was written on (same torch, CPU architecture and kernel capability) every figure must be
 equal, bit for bit; elsewhere floating-point kernels may round differently, so floats are compared to a
 tolerance and everything else exactly.
@@ -37,18 +37,28 @@ def fingerprint() -> dict:
     return {"torch": torch.__version__, "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def jobs() -> list[tuple[str, list[str]]]:
+# Budgets that swing hard (re-plans and pauses) and devices that come and go (drop-outs, offline devices)
+SQUEEZED = ["fleet.budgets.mean_gap_s=0.5", "fleet.budgets.mean_hold_s=1", "fleet.budgets.max_take=0.95",
+            "fleet.budgets.floor=0.01"]
+ON_OFF = ["fleet.availability.kind=on_off", "fleet.availability.mean_on_s=8", "fleet.availability.mean_off_s=4"]
+
+
+def jobs() -> list[tuple[str, str, list[str]]]:
+    """(key, config file, overrides) of every golden run."""
     out = []
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         overrides = list(SMALL)
         if path.stem == "latency-vgg":  # synthetic data: smaller sets instead of limits
             overrides = [o for o in overrides if not o.startswith("data.")] + ["data.synthetic_train=600", "data.synthetic_test=100"]
-        out.append((path.name, overrides))
-    out += [("fmnist.yaml", SMALL + [f"strategy.name={s}"]) for s in STRATEGIES]
+        out.append((f"{path.stem}/smartsplit", path.name, overrides))
+    out += [(f"fmnist/{s}", "fmnist.yaml", SMALL + [f"strategy.name={s}"]) for s in STRATEGIES]
+    out += [(f"fmnist-dynamic/{s}+squeezed", "fmnist-dynamic.yaml", SMALL + SQUEEZED + [f"strategy.name={s}"])
+            for s in ("smartsplit", "fedavg-ckpt")]
+    out += [(f"fmnist/{s}+on-off", "fmnist.yaml", SMALL + ON_OFF + [f"strategy.name={s}"]) for s in ("smartsplit", "splitfed-v1")]
     return out
 
 
-def run_small(config_name: str, overrides: list[str], run_dir: Path, monkeypatch) -> tuple[str, dict]:
+def run_small(config_name: str, overrides: list[str], run_dir: Path, monkeypatch) -> dict:
     import smartsplit.engine.experiment as experiment
     from smartsplit.runtime.embedded import run_experiment
 
@@ -59,7 +69,7 @@ def run_small(config_name: str, overrides: list[str], run_dir: Path, monkeypatch
     for record in metrics:
         record.pop("wall_s", None)
     decisions = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
-    return f"{Path(config_name).stem}/{config.strategy.name}", {"overrides": overrides, "metrics": metrics, "decisions": decisions}
+    return {"overrides": overrides, "metrics": metrics, "decisions": decisions}
 
 
 def assert_same(got, want, exact: bool, where: str = "") -> None:
@@ -78,10 +88,10 @@ def assert_same(got, want, exact: bool, where: str = "") -> None:
 
 
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed (`bash scripts/install-data.sh`)")
-@pytest.mark.parametrize("config_name,overrides", jobs(), ids=lambda v: v if isinstance(v, str) else v[-1])
-def test_shipped_configs_give_the_golden_metrics(config_name, overrides, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key,config_name,overrides", jobs(), ids=[key for key, _, _ in jobs()])
+def test_shipped_configs_give_the_golden_metrics(key, config_name, overrides, tmp_path, monkeypatch):
     golden = json.loads(GOLDEN.read_text())
-    key, got = run_small(config_name, overrides, tmp_path / "run", monkeypatch)
+    got = run_small(config_name, overrides, tmp_path / "run", monkeypatch)
     assert key in golden["runs"], f"{key}: no golden run; regenerate with `python tests/test_golden.py --write`"
     exact = golden["fingerprint"] == fingerprint()
     assert_same(got, golden["runs"][key], exact, key)
@@ -95,9 +105,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
             setattr(obj, name, value)
 
     runs = {}
-    for name, overrides in jobs():
+    for key, name, overrides in jobs():
         with tempfile.TemporaryDirectory() as d:
-            key, run = run_small(name, overrides, Path(d) / "run", _Patch())
-        runs[key] = run
+            runs[key] = run = run_small(name, overrides, Path(d) / "run", _Patch())
         print(key, [r["accuracy"] for r in run["metrics"]], flush=True)
     GOLDEN.write_text(json.dumps({"fingerprint": fingerprint(), "runs": runs}, sort_keys=True))
