@@ -66,6 +66,18 @@ def test_plugin_strategy_dataset_and_partitioner_named_in_yaml_run_end_to_end(tm
     assert "final accuracy" in capsys.readouterr().out
 
 
+def test_verbose_and_quiet(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "plugged.yaml"
+    path.write_text(yaml.safe_dump({**PLUGGED, "output_dir": str(tmp_path / "runs")}))
+    assert main(["run", str(path), "--verbose", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "DEBUG plugged round 1: accuracy" in err and "DEBUG plugged round 2: accuracy" in err
+    assert "INFO plugged: deepest-fit on user_models:tiny_residual, 6 devices, rounds 1..2" in err
+    assert main(["run", str(path), "--quiet", "--overwrite"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "final accuracy" in captured.out
+
+
 def test_a_strategy_object_from_python_gives_the_yaml_plugins_metrics(tmp_path: Path) -> None:
     import plugin_examples
 

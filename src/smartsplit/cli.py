@@ -185,12 +185,14 @@ def _logging(verbose: bool, quiet: bool) -> None:
 
     logger = logging.getLogger("smartsplit")
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    if not any(getattr(h, "smartsplit_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    handler = next((h for h in logger.handlers if getattr(h, "smartsplit_cli", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
         handler.smartsplit_cli = True
         logger.addHandler(handler)
         logger.propagate = False
+    handler.stream = sys.stderr  # this call's (main may run several times in one process; an old one may be closed)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 import time
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smartsplit.config import Config

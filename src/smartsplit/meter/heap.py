@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import hashlib
 import json
 import os

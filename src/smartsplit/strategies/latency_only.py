@@ -10,9 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from smartsplit.managers.central import predicted_times
 from smartsplit.strategies.base import Assignment, Candidate, RoundPlan, Strategy
-from smartsplit.strategies.selection import sample_eligible
+from smartsplit.strategies.selection import predicted_times, sample_eligible
 
 
 def fastest_cut(c: Candidate) -> int:

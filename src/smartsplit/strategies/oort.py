@@ -16,10 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from smartsplit.managers.central import DeviceHistory, statistical_utility, system_penalty
 from smartsplit.records import DeviceReport
 from smartsplit.strategies.base import Assignment, Candidate, RoundPlan, Strategy
-from smartsplit.strategies.selection import sample_eligible
+from smartsplit.strategies.selection import DeviceHistory, sample_eligible, statistical_utility, system_penalty
 
 
 class Oort(Strategy):
