@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -325,14 +325,7 @@ class DeviceRole:
             samples=r.samples,
             loss=float(np.mean(r.losses)) if r.losses else None,
             loss_rms=float(np.sqrt(np.mean(np.square(r.losses)))) if r.losses else None,
-            compute_s=times.compute_s,
-            recompute_s=times.recompute_s,
-            comm_s=times.comm_s,
-            wait_s=times.wait_s,
-            paused_s=times.paused_s,
-            finish_s=times.finish_s,
-            bytes_up=times.bytes_up,
-            bytes_down=times.bytes_down,
+            **asdict(times),
         )
         observations = r.observations if r.steps else []
         self._round = None
