@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from smartsplit.memory.ondevice import micro_batch_sizes
-from smartsplit.meter.heap import HeapMeter
 from smartsplit.memory.model import activation_bytes, device_memory
+from smartsplit.memory.ondevice import micro_batch_sizes
 from smartsplit.memory.planner import plan_segments
+from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.profile import ProfileCache
 from smartsplit.models.zoo import MODELS, build_model, default_input_shape
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from smartsplit.config import build_config
-from smartsplit.fleet.clock import step_times
 from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, load_availability_csv, on_off_trace, save_availability_csv
+from smartsplit.fleet.clock import step_times
 from smartsplit.models.profile import profile_chain
 from test_engine import BATCH, EDGE, SGD, SHAPE, batches, chain, dataset, device, part, play_round
 

@@ -8,12 +8,12 @@ import pickle
 import numpy as np
 import pytest
 
-from smartsplit.strategies.latency_only import LatencyOnly
-from smartsplit.strategies.oort import Oort
 from smartsplit.fleet import Device
 from smartsplit.managers.central import SmartSplit, coverage_bonus, statistical_utility, system_penalty
 from smartsplit.records import DeviceReport
 from smartsplit.strategies import Candidate, sample_eligible
+from smartsplit.strategies.latency_only import LatencyOnly
+from smartsplit.strategies.oort import Oort
 
 L = 3
 

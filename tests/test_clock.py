@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_engine import BATCH, SGD, SHAPE, batches, chain, dataset, part, play_round
 
-from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.fleet import Device
+from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.models.profile import profile_chain
 
 EDGE = EdgeSpec(flops_per_s=1e6, latency_s=0.05)  # slow enough that the edge matters

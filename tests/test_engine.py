@@ -15,15 +15,15 @@ import smartsplit.engine.round as round_mod
 from smartsplit.config import build_config
 from smartsplit.data import Dataset
 from smartsplit.engine.aggregate import aggregate, unit_states
-from smartsplit.fleet.clock import EdgeSpec, step_times
 from smartsplit.engine.experiment import Experiment
 from smartsplit.engine.options import EngineOptions
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.engine.step import split_step
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
+from smartsplit.fleet.clock import EdgeSpec, step_times
 from smartsplit.managers.central import SmartSplit
-from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.memory.model import activation_bytes, device_memory
+from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.models.profile import ProfileCache, profile_chain
 from smartsplit.roles.device import DeviceRole, OptimizerSpec
 from smartsplit.roles.edge import EdgeRole

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.memory.model import activation_bytes, device_memory
+from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models.profile import ProfileCache
 from smartsplit.models.zoo import MODELS, build_model, default_input_shape

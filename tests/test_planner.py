@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from smartsplit.engine.step import split_step
-from smartsplit.memory.ondevice import OnDeviceManager, micro_batch_sizes
-from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
 from smartsplit.memory import planner
+from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
+from smartsplit.memory.ondevice import OnDeviceManager, micro_batch_sizes
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models import build_model, profile_chain
 from smartsplit.models.profile import ModelProfile, ProfileCache, UnitProfile

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.reports.summary import SUMMARY_HEADERS
 from smartsplit.reports.report import FIGURES, fig_recompute, load_run, write_report
+from smartsplit.reports.summary import SUMMARY_HEADERS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,8 +9,8 @@ import torch
 
 from smartsplit.config import build_config
 from smartsplit.engine.aggregate import aggregate, merge, unit_states
-from smartsplit.roles.messages import Update
 from smartsplit.engine.experiment import Experiment
+from smartsplit.roles.messages import Update
 from smartsplit.strategies import STRATEGIES
 
 TINY = {

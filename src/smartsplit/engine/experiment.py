@@ -14,9 +14,9 @@ from torch import nn
 
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_data, partition
-from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import SmartSplitError
+from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.fleet import (
     AvailabilityTrace,
     BudgetTrace,
@@ -31,9 +31,9 @@ from smartsplit.fleet import (
     on_off_trace,
     sample_fleet,
 )
+from smartsplit.memory.model import optimizer_slots
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.meter.heap import HeapMeter, MeterUnavailable, shim_path
-from smartsplit.memory.model import optimizer_slots
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
 from smartsplit.records import RoundRecord

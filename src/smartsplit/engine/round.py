@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import simpy
 
-from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
 from smartsplit.engine.options import EngineOptions
 from smartsplit.fleet import AvailabilityTrace
+from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
 from smartsplit.meter.saved import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
 from smartsplit.roles.device import DeviceRole, SimulatedTimes, StepDone

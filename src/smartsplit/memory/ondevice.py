@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from smartsplit.fleet.clock import device_compute_s, recompute_s
 from smartsplit.memory.model import MemoryBreakdown, Segments, activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.planner import plan_segments
-from smartsplit.fleet.clock import device_compute_s, recompute_s
 from smartsplit.models.profile import ModelProfile
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from smartsplit.meter.saved import count_saved_bytes
 from smartsplit.meter.heap import HeapMeter, UnitCost
+from smartsplit.meter.saved import count_saved_bytes
 
 
 BACKWARD_FLOPS = 2  # a unit's backward costs about twice its forward FLOPs

@@ -22,8 +22,8 @@ from smartsplit.engine.experiment import Experiment
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
 from smartsplit.reports.summary import RunSummary, summarise
-from smartsplit.strategies import Strategy
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
+from smartsplit.strategies import Strategy
 
 
 log = logging.getLogger(__name__)
