@@ -119,3 +119,22 @@ def test_the_readme_example_runs_as_printed(tmp_path: Path, monkeypatch, capsys)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert re.search(r"round 2: mean loss \d", out) and re.search(r"^0\.\d+ ", out.splitlines()[-1])
+
+
+def test_a_run_of_a_strategy_object_resumes_exactly(tmp_path: Path) -> None:
+    import plugin_examples
+
+    from smartsplit import run
+    from smartsplit.config import build_config
+
+    config = build_config({**PLUGGED, "output_dir": str(tmp_path), "training": {**PLUGGED["training"], "rounds": 3}})
+    whole = run(config, strategy=plugin_examples.first_fit(num_units=5, seed=5), run_dir=tmp_path / "whole")
+    two = build_config({**PLUGGED, "output_dir": str(tmp_path)})
+    run(two, strategy=plugin_examples.first_fit(num_units=5, seed=5), run_dir=tmp_path / "resumed")
+    resumed = run(config, strategy=plugin_examples.first_fit(num_units=5, seed=5), run_dir=tmp_path / "resumed", resume=True)
+    a, b = lines(tmp_path / "whole" / "metrics.jsonl"), lines(tmp_path / "resumed" / "metrics.jsonl")
+    for record in a + b:
+        record.pop("wall_s")
+    assert a == b and resumed.rounds == whole.rounds == 3
+    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    assert state["strategy"] == {"seen": [0, 1, 2] * 3}  # what it learned before the resume was given back

@@ -40,12 +40,13 @@ def run(
 
     ``config`` is a ``Config`` or a YAML file; ``overrides`` are ``key.path=value`` strings as for ``--set``.
     ``strategy`` runs your own ``Strategy`` object instead of the one ``strategy.name`` names (the name then
-    labels the run). ``resume`` continues the run in ``run_dir`` after its last finished round.
+    labels the run). ``resume`` continues the run in ``run_dir`` after its last finished round (with a strategy
+    object: pass the same config and a fresh object of the same class; its ``load_state_dict`` gets what it saved).
     """
     from smartsplit.runtime.embedded import run_experiment
 
     config = _config(config, overrides)
-    if strategy is not None and not resume:  # the run is labelled, in its files and summary, by the object's name
+    if strategy is not None:  # the run is labelled, in its files and summary, by the object's name
         config = config.model_copy(update={"strategy": config.strategy.model_copy(update={"name": str(strategy.name)})})
     return run_experiment(config, run_dir, progress=progress, resume=resume, overwrite=overwrite, strategy=strategy)
 
