@@ -168,9 +168,6 @@ class DeviceRole:
         """Examples in local step ``step`` (a short last batch has fewer)."""
         return len(self._state.batches[step])
 
-    def budget_at(self, clock_s: float) -> int:
-        return self.trace.at(clock_s)
-
     def budget_returns_at(self, clock_s: float) -> float | None:
         """When the budget next changes after ``clock_s`` (None: never)."""
         return self.trace.next_change(clock_s)
