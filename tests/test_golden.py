@@ -5,7 +5,7 @@
 decisions of a small run (2 rounds, 12 devices) made with the memory meter off, so that plans rest on saved-tensor sizes alone and do not depend on the machine's allocator. On the
 machine kind the file was written on (same torch, CPU architecture and kernel capability) every figure must be
 equal, bit for bit; elsewhere floating-point kernels may round differently, so floats are compared to a
-tolerance and everything else exactly.
+tolerance (0.1%, or 0.01 absolute: a test example or two) and everything else exactly.
 
 Regenerate (only when a deliberate change alters results, and say so in the commit):
 ``python tests/test_golden.py --write``.
@@ -82,7 +82,8 @@ def assert_same(got, want, exact: bool, where: str = "") -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             assert_same(g, w, exact, f"{where}[{i}]")
     elif isinstance(want, float) and not exact:
-        assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-6), f"{where}: {got} != {want}"
+        # another CPU kind may round a logit differently: one or two of the 300 test examples may flip
+        assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-2), f"{where}: {got} != {want}"
     else:
         assert got == want and type(got) is type(want), f"{where}: {got!r} != {want!r}"
 
