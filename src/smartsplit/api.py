@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from smartsplit.config import Config, load_config
+from smartsplit.config import Config, build_config, load_config
 from smartsplit.errors import SmartSplitError
 from smartsplit.plugins import is_plugin, load_factory
 from smartsplit.reports.summary import RunSummary
@@ -19,8 +19,6 @@ def _config(config: Config | str | Path, overrides: Sequence[str]) -> Config:
     if isinstance(config, Config):
         if not overrides:
             return config
-        from smartsplit.config import build_config
-
         return build_config(config.model_dump(mode="json"), list(overrides))
     return load_config(config, list(overrides))
 
@@ -92,8 +90,6 @@ def compare(
                                   "as package.module:factory")
     base_raw = base.model_dump(mode="json")
     configs = []
-    from smartsplit.config import build_config
-
     for name in strategies:
         for seed in seeds:
             configs.append(build_config(base_raw, [f"strategy.name={name}", f"seed={seed}",

@@ -51,12 +51,15 @@ class CentralRole:
         self.seed = seed
         self.num_edges = num_edges
         self.rng = np.random.default_rng(seed)
+        self._observer: StepObserver | None = None  # the one handed out for the round under way
 
     def edge_of(self, device_id: int) -> int:
         return device_id % self.num_edges
 
     def step_observer(self) -> StepObserver | None:
-        return self.strategy.step_observer()
+        """The strategy's observer for this round's steps (the roles holding units run it)."""
+        self._observer = self.strategy.step_observer()
+        return self._observer
 
     def plan_round(self, rnd: int, candidates: Sequence[Candidate], k: int) -> RoundPlan:
         return self.strategy.configure_round(rnd, candidates, k, self.rng)
@@ -88,7 +91,7 @@ class CentralRole:
         aggregate(self.model, [merge(group) for group in edge_updates if group])
         observations = {r.report.device: r.observations for r in results if r.observations}
         self.strategy.round_finished(rnd, [r.report for r in results],
-                                     observations if self.strategy.step_observer() is not None else None)
+                                     observations if self._observer is not None else None)
         return evaluate(self.model, self.test, self.eval_batch_size)
 
     def state_dict(self) -> dict:

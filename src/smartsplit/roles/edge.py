@@ -32,6 +32,13 @@ class _Session:
     handed: dict[int, nn.Module] = field(default_factory=dict)  # units the device gave up, by index
     handed_optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     observations: list[Observation] = field(default_factory=list)
+    chain: nn.Sequential | None = None  # what it trains for the device: handed units, then units past its cut
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+
+    def rebuild(self) -> None:
+        """After the session opens or units are handed over (not per micro-batch: serving is the hot path)."""
+        self.chain = nn.Sequential(*(self.handed[i] for i in sorted(self.handed)), *self.units[self.cut :])
+        self.optimizers = [o for o in (self.optimizer, *self.handed_optimizers) if o is not None]
 
 
 class EdgeRole:
@@ -66,11 +73,13 @@ class EdgeRole:
         cut = self._cuts[device_id]
         if self._shared is not None:
             shared = self._shared
-            self._sessions[device_id] = _Session(cut, shared.units, shared.optimizer, shared.samples)
+            session = _Session(cut, shared.units, shared.optimizer, shared.samples)
         else:  # the device's own server-side copy
             units = copy.deepcopy(self._global)
-            self._sessions[device_id] = _Session(cut, units, self._optimizer(list(units[cut:].parameters())),
-                                                 {i: 0 for i in range(1, len(units) + 1)})
+            session = _Session(cut, units, self._optimizer(list(units[cut:].parameters())),
+                               {i: 0 for i in range(1, len(units) + 1)})
+        session.rebuild()
+        self._sessions[device_id] = session
 
     def receive(self, handoff: UnitHandoff) -> None:
         """Units a squeezed device gives up mid-round: the edge trains them, as that device's copy, from now on."""
@@ -90,13 +99,13 @@ class EdgeRole:
                     if saved:
                         optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items()}
             session.handed_optimizers.append(optimizer)
+        session.rebuild()
 
     def serve(self, activation: Activation) -> Gradient:
         """Forward from the cut activation through the units past the device's cut, loss, backward."""
         session = self._sessions[activation.device_id]
         first = min(session.handed, default=session.cut + 1)
-        units = nn.Sequential(*(session.handed[i] for i in sorted(session.handed)), *session.units[session.cut :])
-        optimizers = [o for o in (session.optimizer, *session.handed_optimizers) if o is not None]
+        units, optimizers = session.chain, session.optimizers
         if activation.micro_batch == 0:
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
@@ -113,10 +122,8 @@ class EdgeRole:
 
     def abort(self, device_id: int) -> None:
         """The device's step stopped part-way (out of memory on the device): drop what it accumulated."""
-        session = self._sessions[device_id]
-        for optimizer in (session.optimizer, *session.handed_optimizers):
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
+        for optimizer in self._sessions[device_id].optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def close(self, device_id: int) -> tuple[UnitHandoff | None, Update | None, list[Observation]]:
         """The device's round is over: the units it handed over (to take back), its own server-side copy's update
