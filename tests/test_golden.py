@@ -62,7 +62,7 @@ def run_small(config_name: str, overrides: list[str], run_dir: Path, monkeypatch
     import smartsplit.engine.experiment as experiment
     from smartsplit.runtime.embedded import run_experiment
 
-    monkeypatch.setattr(experiment, "_start_meter", lambda threads: None)
+    monkeypatch.setattr(experiment, "start_meter", lambda threads: None)
     config = load_config(ROOT / "configs" / config_name, overrides)
     run_experiment(config, run_dir, progress=False)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

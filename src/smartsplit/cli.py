@@ -1,4 +1,4 @@
-"""``smartsplit run | compare | profile``."""
+"""``smartsplit run | check | compare | report | profile`` and the deployment: ``certs | server | edge | device | launch``."""
 
 from __future__ import annotations
 
@@ -130,6 +130,118 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"measured: {meter.name}" if metered is not None else "predicted from saved-tensor profiles only (--no-meter): no bound")
 
 
+def _deployment():
+    """The deployment's modules need grpcio, protobuf and cryptography (the ``deploy`` extra)."""
+    try:
+        import cryptography  # noqa: F401
+        import grpc  # noqa: F401
+        import google.protobuf  # noqa: F401
+    except ImportError as exc:
+        raise SmartSplitError(f"the deployment commands need the 'deploy' extra ({exc}); install it with: "
+                              "pip install 'smartsplit[deploy]'") from None
+
+
+def _security(args: argparse.Namespace) -> Path | None:
+    """The certificate folder, or None with --insecure (the link then says loudly that it is insecure)."""
+    if args.insecure:
+        if args.certs:
+            raise SmartSplitError("give either --certs DIR or --insecure, not both")
+        return None
+    if not args.certs:
+        raise SmartSplitError("give --certs DIR (made by: smartsplit certs DIR --devices N --edges M), or --insecure "
+                              "on a lab network you trust")
+    return Path(args.certs)
+
+
+def _certs(args: argparse.Namespace) -> None:
+    _deployment()
+    from smartsplit.deploy.certs import write_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    paths = write_certs(args.dir, devices=args.devices, edges=args.edges, hosts=hosts, days=args.days,
+                        overwrite=args.overwrite)
+    print(f"wrote {len(paths)} files to {args.dir}: a private authority (ca.pem, ca.key), server, edge-0..edge-"
+          f"{args.edges - 1}, device-0..device-{args.devices - 1}; valid {args.days} days for {', '.join(hosts)}")
+    print("give each machine ca.pem and its own .pem and .key only; keep ca.key off the machines")
+
+
+def _server(args: argparse.Namespace) -> None:
+    _deployment()
+    from smartsplit.config import load_config
+    from smartsplit.deploy.server import run_server
+
+    certs = _security(args)
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.out) if args.out else Path(config.output_dir) / config.name
+    resume = args.resume and (run_dir / "state.pt").exists()
+    summary = run_server(config, args.listen, certs, run_dir, resume=resume, overwrite=args.overwrite and not resume,
+                         progress=not args.quiet and sys.stderr.isatty())
+    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+
+
+def _edge(args: argparse.Namespace) -> None:
+    _deployment()
+    from smartsplit.deploy.edge import run_edge
+
+    certs = _security(args)
+    name = args.name or _only_identity(certs, "edge")
+    run_edge(args.server, args.listen, certs, name, timeout_s=args.timeout)
+
+
+def _only_identity(certs: Path | None, kind: str) -> str:
+    found = sorted(p.stem for p in certs.glob(f"{kind}-*.pem")) if certs is not None else []
+    if len(found) != 1:
+        raise SmartSplitError(f"--name: {certs} holds {len(found)} {kind} certificates; say which one this is "
+                              f"(--name {kind}-0)" if certs is not None else f"--name {kind}-N is needed with --insecure")
+    return found[0]
+
+
+def _device(args: argparse.Namespace) -> None:
+    _deployment()
+    import os
+
+    from smartsplit.deploy.device import DeviceOptions, run_device
+
+    certs = _security(args)
+    if args.enforce_budget:
+        from smartsplit.deploy.limits import enforcement_unavailable
+
+        reason = enforcement_unavailable()
+        if reason is not None:
+            raise SmartSplitError(f"--enforce-budget: {reason}")
+    if not args.no_meter and "heapmeter" not in os.environ.get("LD_PRELOAD", ""):
+        from smartsplit.meter.heap import MeterUnavailable, shim_path
+
+        try:  # run again with the heap meter's counter preloaded, so each real step's peak is measured
+            env = dict(os.environ, LD_PRELOAD=str(shim_path()))
+            os.execve(sys.executable, [sys.executable, "-m", "smartsplit.cli", *args.argv], env)
+        except MeterUnavailable as exc:
+            print(f"warning: {exc}; this device's peaks will not be measured", file=sys.stderr)
+    options = DeviceOptions(budget=args.budget, data_root=args.data, enforce_budget=args.enforce_budget)
+    run_device(args.edge, args.id, certs, options)
+
+
+def _launch(args: argparse.Namespace) -> None:
+    _deployment()
+    from smartsplit.config import load_config
+    from smartsplit.deploy.launch import launch_local
+    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.table import format_table
+
+    if not args.local:
+        raise SmartSplitError("launch starts every role on this machine and needs --local; on real machines start "
+                              "`smartsplit server`, `smartsplit edge` and `smartsplit device` on each (README: Deploy "
+                              "on real devices)")
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.out) if args.out else Path(config.output_dir) / config.name
+    summary = launch_local(args.config, args.set, config, run_dir, overwrite=args.overwrite, resume=args.resume,
+                           insecure=args.insecure, meter=not args.no_meter, timeout_s=args.timeout,
+                           progress=not args.quiet)
+    if not args.quiet:
+        print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
+    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartsplit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,10 +288,71 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--momentum", type=float, default=0.0)
     profile.add_argument("--no-meter", action="store_true", help="skip the memory meter (faster; the prediction is then no bound)")
     profile.set_defaults(func=_profile)
+
+    def secured(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--certs", metavar="DIR", help="certificate folder (smartsplit certs)")
+        command.add_argument("--insecure", action="store_true",
+                             help="no TLS, no certificates: for a lab network you trust, never the internet")
+        command.add_argument("--quiet", action="store_true", help="warnings only")
+        command.add_argument("--verbose", action="store_true", help="debug messages")
+
+    certs = sub.add_parser("certs", help="write a private certificate authority and a certificate per server, edge and device")
+    certs.add_argument("dir")
+    certs.add_argument("--devices", type=int, required=True)
+    certs.add_argument("--edges", type=int, required=True)
+    certs.add_argument("--hosts", default="localhost,127.0.0.1",
+                       help="comma-separated names and addresses the server and edges are reached at")
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--overwrite", action="store_true", help="replace the authority already in DIR")
+    certs.set_defaults(func=_certs)
+
+    server = sub.add_parser("server", help="run the central server of a deployment (edges and devices in other processes)")
+    server.add_argument("config")
+    server.add_argument("--listen", required=True, metavar="HOST:PORT")
+    server.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    server.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
+    server.add_argument("--resume", action="store_true", help="continue the run in the run folder after its last saved round")
+    server.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
+    secured(server)
+    server.set_defaults(func=_server)
+
+    edge = sub.add_parser("edge", help="run an edge server of a deployment")
+    edge.add_argument("--server", required=True, metavar="HOST:PORT")
+    edge.add_argument("--listen", required=True, metavar="HOST:PORT", help="where its devices connect")
+    edge.add_argument("--name", help="its identity, edge-<index> (default: the one edge certificate in --certs)")
+    edge.add_argument("--timeout", type=float, default=60.0, help="seconds a device may take to answer before it is dropped")
+    secured(edge)
+    edge.set_defaults(func=_edge)
+
+    device = sub.add_parser("device", help="run one device of a deployment")
+    device.add_argument("--edge", required=True, metavar="HOST:PORT")
+    device.add_argument("--id", type=int, required=True, help="its device id (its certificate is device-<id>)")
+    device.add_argument("--data", metavar="DIR", help="its copy of the data set (default: the config's data.root)")
+    device.add_argument("--budget", default="trace",
+                        help="memory budget: 'trace' (the run's, from the server), 'available' (what the OS says), or bytes")
+    device.add_argument("--enforce-budget", action="store_true",
+                        help="run under a kernel memory limit (cgroup) of the idle footprint plus the budget (root)")
+    device.add_argument("--no-meter", action="store_true", help="do not measure the real steps' peaks")
+    secured(device)
+    device.set_defaults(func=_device)
+
+    launch = sub.add_parser("launch", help="run a config as a deployment: server, edges and devices as processes")
+    launch.add_argument("config")
+    launch.add_argument("--local", action="store_true", help="every process on this machine, on loopback")
+    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    launch.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
+    launch.add_argument("--overwrite", action="store_true")
+    launch.add_argument("--resume", action="store_true")
+    launch.add_argument("--insecure", action="store_true", help="no TLS (a lab only)")
+    launch.add_argument("--no-meter", action="store_true", help="devices do not measure their real steps' peaks")
+    launch.add_argument("--timeout", type=float, default=60.0, help="seconds a device may take to answer")
+    launch.add_argument("--quiet", action="store_true")
+    launch.add_argument("--verbose", action="store_true")
+    launch.set_defaults(func=_launch)
     return parser
 
 
-def _logging(verbose: bool, quiet: bool) -> None:
+def _logging(verbose: bool, quiet: bool, stamped: bool = False) -> None:
     """Messages of the ``smartsplit`` loggers on stderr: warnings only (--quiet), progress (default) or all."""
     import logging
 
@@ -192,14 +365,16 @@ def _logging(verbose: bool, quiet: bool) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     handler.stream = sys.stderr  # this call's (main may run several times in one process; an old one may be closed)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    form = "%(levelname)s %(message)s" if verbose else "%(message)s"
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {form}" if stamped else form))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    _logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    _logging(getattr(args, "verbose", False), getattr(args, "quiet", False),
+             stamped=args.command in ("server", "edge", "device"))  # a deployment's logs are read side by side
     try:
         args.func(args)
     except SmartSplitError as exc:

@@ -191,6 +191,9 @@ class Config(_Section):
     # torch threads per run: results depend on it (reduction order), so it is part of the config; the
     # simulation's many small tensors run fastest on one, and `compare` runs in parallel processes instead
     threads: int = Field(1, ge=1)
+    # measure device memory with the heap meter (profiles calibrated, peaks measured); false: plans rest on
+    # saved-tensor profiles alone and no peak is measured (faster, and the same on every machine)
+    meter: bool = True
 
     @field_validator("name")
     @classmethod

@@ -6,3 +6,7 @@ class SmartSplitError(Exception):
 
     The message names the field or file and says what to do.
     """
+
+
+class DeviceLost(SmartSplitError):
+    """A device in another process disconnected or stopped answering mid-round: it drops out of the round."""

@@ -75,13 +75,16 @@ class RoundRecord:
     mec_moves: dict | None
     latency_s: float  # simulated seconds of the round
     clock_s: float  # simulated seconds since the run started
-    wall_s: float
+    wall_s: float  # wall-clock seconds of the round (across processes when deployed)
+    faults: dict[str, int] | None = None  # deployed runs: what went wrong this round, by kind (None: nothing)
+    wire: dict[str, int] | None = None  # deployed runs: bytes that crossed device-edge links, by kind
     devices: list[DeviceReport] = field(default_factory=list)
     decision: dict = field(default_factory=dict, repr=False)  # who trained where and why: decisions.jsonl
 
     def to_json(self) -> dict[str, Any]:
         """The round's line of ``metrics.jsonl`` (the decision goes to ``decisions.jsonl``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decision"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "decision" and not (f.name in ("faults", "wire") and getattr(self, f.name) is None)}
         out["devices"] = [d.to_json() for d in self.devices]
         return out
 

@@ -6,7 +6,7 @@ import copy
 import time
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_data, partition
-from smartsplit.engine.round import Participant, run_round
+from smartsplit.engine.round import Participant, RoundOutcome, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.fleet import (
@@ -40,7 +40,9 @@ from smartsplit.records import RoundRecord
 from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import UNLIMITED, DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
+from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, Strategy, make_strategy
+from smartsplit.strategies.base import StepObserver
 
 
 def build_fleet(config: Config) -> list[Device]:
@@ -133,7 +135,36 @@ def _check_on_data(model: nn.Sequential, data: Dataset, name: str) -> None:
                               f"(batch, {data.num_classes}), one score per class of {data.name}")
 
 
-def _start_meter(threads: int) -> HeapMeter | None:
+def build_architecture(config: Config, train: Dataset) -> nn.Sequential:
+    """The config's model for ``train``'s examples, checked on two of them (seeded weights)."""
+    model = _named("model.name", build_model)(
+        config.model.name,
+        in_channels=train.shape[0],
+        num_classes=train.num_classes,
+        width=config.model.width,
+        input_size=train.shape[1],
+        seed=config.seed,
+    )
+    _check_on_data(model, train, config.model.name)
+    return model
+
+
+def device_manager(config: Config, profile_at: Callable[[int], ModelProfile], optimizer: OptimizerSpec,
+                   device: Device, checkpointing: bool) -> OnDeviceManager:
+    """The on-device manager of ``device`` (the central server keeps one per device too, to predict plans)."""
+    return OnDeviceManager(profile_at, config.training.batch_size, optimizer.slots, device.flops_per_s,
+                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing)
+
+
+class RoundExecutor(Protocol):
+    """Runs a round's training from the central server's instructions: here (``Experiment.train_here``) or on
+    edge servers and devices in other processes (``smartsplit.deploy``)."""
+
+    def __call__(self, experiment: Experiment, device_instructions: list[RoundInstructions],
+                 edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome: ...
+
+
+def start_meter(threads: int) -> HeapMeter | None:
     """The memory meter, or None (with a warning) where it cannot run: runs then plan with uncalibrated
     profiles and record no measured peaks."""
     try:
@@ -156,21 +187,15 @@ class Experiment:
     data size, budget forecast and predicted plans per cut: ``candidates()``) is built here.
     """
 
-    def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None) -> None:
+    def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None,
+                 executor: RoundExecutor | None = None) -> None:
         self.config = config
-        self.meter = meter if meter is not None else _start_meter(config.threads)
+        self.meter = meter if meter is not None else start_meter(config.threads) if config.meter else None
         self._owns_meter = meter is None
         self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
+        self.executor = executor
         self.train, self.test = load_data(config)
-        model = _named("model.name", build_model)(
-            config.model.name,
-            in_channels=self.train.shape[0],
-            num_classes=self.train.num_classes,
-            width=config.model.width,
-            input_size=self.train.shape[1],
-            seed=config.seed,
-        )
-        _check_on_data(model, self.train, config.model.name)
+        model = build_architecture(config, self.train)
         self.num_units = len(model)
         self.architecture = copy.deepcopy(model)  # the structure the device and edge roles build their copies from
         strategy = strategy or make_strategy(config.strategy, self.num_units, config.seed)
@@ -206,10 +231,7 @@ class Experiment:
         self.clock_s = 0.0  # simulated time since the experiment started
 
     def _manager(self, device: Device) -> OnDeviceManager:
-        return OnDeviceManager(
-            self.profile_at, self.config.training.batch_size, self.optimizer.slots, device.flops_per_s,
-            round_trip_s=2 * self.config.edge.latency_s, checkpointing=self.strategy.rules.checkpointing,
-        )
+        return device_manager(self.config, self.profile_at, self.optimizer, device, self.strategy.rules.checkpointing)
 
     @property
     def model(self) -> nn.Sequential:
@@ -306,14 +328,7 @@ class Experiment:
         }
         device_instructions, edge_instructions = self.central.instructions(rnd, plan, self.clock_s)
         observer = self.central.step_observer()
-        for edge, instructions in zip(self.edge_roles, edge_instructions):
-            edge.start_round(instructions, observer)
-        participants = [
-            Participant(self.device_roles[i.device_id], i, self.central.edge_of(i.device_id), self.availability[i.device_id])
-            for i in device_instructions
-        ]
-        outcome = run_round(participants, self.edge_roles, self.edges, self.profile, start_s=self.clock_s,
-                            deadline_s=t.round_deadline_s, options=self.strategy.execution, observer=observer)
+        outcome = (self.executor or self.train_here)(self, device_instructions, edge_instructions, observer)
         reports = outcome.reports
         latency = max((r.finish_s for r in reports), default=0.0)
         self.clock_s += latency
@@ -323,7 +338,7 @@ class Experiment:
             round=rnd + 1,
             accuracy=evaluation.accuracy,
             loss=evaluation.loss,
-            participants=len(participants),
+            participants=len(device_instructions),
             excluded=plan.excluded,
             offline=len(self.devices) - len(candidates),
             dropouts=sum(r.dropped_out for r in reports),
@@ -344,9 +359,26 @@ class Experiment:
             latency_s=latency,
             clock_s=self.clock_s,
             wall_s=time.perf_counter() - started,
+            faults=outcome.faults or None,
+            wire=outcome.wire or None,
             devices=reports,
             decision=decision,
         )
+
+    @staticmethod
+    def train_here(experiment: Experiment, device_instructions: list[RoundInstructions],
+                   edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome:
+        """The round's training in this process: every device and edge role, wired by the round engine."""
+        self = experiment
+        for edge, instructions in zip(self.edge_roles, edge_instructions):
+            edge.start_round(instructions, observer)
+        participants = [
+            Participant(self.device_roles[i.device_id], i, self.central.edge_of(i.device_id), self.availability[i.device_id])
+            for i in device_instructions
+        ]
+        return run_round(participants, self.edge_roles, self.edges, self.profile, start_s=self.clock_s,
+                         deadline_s=self.config.training.round_deadline_s, options=self.strategy.execution,
+                         observer=observer)
 
     def state_dict(self, rounds_done: int) -> dict:
         """Everything a resumed run needs to continue exactly as this one would have."""

@@ -13,11 +13,12 @@ trains them as the device's for the rest of the round), else a pause until the b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
 from smartsplit.engine.options import EngineOptions
+from smartsplit.errors import DeviceLost
 from smartsplit.fleet import AvailabilityTrace
 from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
 from smartsplit.meter.saved import DeviceOutOfMemory
@@ -40,6 +41,8 @@ class Participant:
 class RoundOutcome:
     updates: list[list[Update]]  # per edge server: its devices' updates and its own copies', for aggregation
     results: list[DeviceResult]  # per device, by device id
+    faults: dict[str, int] = field(default_factory=dict)  # deployed runs: device disconnects, timeouts, edge rejoins
+    wire: dict[str, int] = field(default_factory=dict)  # deployed runs: bytes that crossed the links, by kind
 
     @property
     def reports(self):
@@ -83,7 +86,6 @@ def run_round(
             yield after  # sequential order: wait for the previous device's whole round
         device, edge, spec, queue = p.role, edges[p.edge], edge_specs[p.edge], queues[p.edge]
         assigned = p.instructions.cut
-        device.start_round(p.instructions, observer)
         edge.open(device.id)
         times, dropped = SimulatedTimes(), False
         offline = p.availability.offline_from(start_s) if p.availability is not None else None
@@ -92,76 +94,82 @@ def run_round(
         def stays_online(seconds: float) -> bool:
             return offline_at is None or env.now + seconds <= offline_at
 
-        down_s, up_s = model_transfer_s(profile, assigned, device.device, spec)
-        if not stays_online(down_s):
-            dropped = True
-        else:
-            yield env.timeout(down_s)
-            times.comm_s += down_s
-            times.bytes_down += profile.param_bytes(1, assigned)
-
         i, steps, resumed_at = 0, 0, 0.0
-        while i < device.batches and not dropped:
-            # after a pause, the budget is read at the very moment it changed: start_s + now may fall an ulp short
-            clock = max(start_s + env.now, resumed_at)
-            plan, handoff = device.plan_step(clock)
-            if handoff is not None:
-                edge.receive(handoff)
-            if plan is None:  # nothing fits, not even cut 1: wait for memory to come back
-                resume = device.budget_returns_at(clock)
-                if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
-                    break
-                wait = max(resume - start_s - env.now, 0.0)
-                if not stays_online(wait):
+        try:
+            device.start_round(p.instructions, observer)
+            down_s, up_s = model_transfer_s(profile, assigned, device.device, spec)
+            if not stays_online(down_s):
+                dropped = True
+            else:
+                yield env.timeout(down_s)
+                times.comm_s += down_s
+                times.bytes_down += profile.param_bytes(1, assigned)
+
+            while i < device.batches and not dropped:
+                # after a pause, the budget is read at the very moment it changed: start_s + now may fall an ulp short
+                clock = max(start_s + env.now, resumed_at)
+                plan, handoff = device.plan_step(clock)
+                if handoff is not None:
+                    edge.receive(handoff)
+                if plan is None:  # nothing fits, not even cut 1: wait for memory to come back
+                    resume = device.budget_returns_at(clock)
+                    if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
+                        break
+                    wait = max(resume - start_s - env.now, 0.0)
+                    if not stays_online(wait):
+                        dropped = True
+                        break
+                    device.paused()
+                    times.paused_s += wait
+                    yield env.timeout(wait)
+                    resumed_at = resume
+                    continue
+
+                size = device.batch_len(i)
+                scale = size / profile.batch
+                t = step_times(profile, device.cut, device.device, spec, scale, plan.recompute_flops, -(-size // plan.micro_batch))
+                to_edge = device.cut < num_units  # units past the device's cut (its own handed-over ones too) run on the edge
+                if not stays_online(t.forward_s + (t.uplink_s if to_edge else t.backward_s)):
                     dropped = True
                     break
-                device.paused()
-                times.paused_s += wait
-                yield env.timeout(wait)
-                resumed_at = resume
-                continue
-
-            size = device.batch_len(i)
-            scale = size / profile.batch
-            t = step_times(profile, device.cut, device.device, spec, scale, plan.recompute_flops, -(-size // plan.micro_batch))
-            to_edge = device.cut < num_units  # units past the device's cut (its own handed-over ones too) run on the edge
-            if not stays_online(t.forward_s + (t.uplink_s if to_edge else t.backward_s)):
-                dropped = True
-                break
-            yield env.timeout(t.forward_s)
-            if to_edge:
-                yield env.timeout(t.uplink_s)
-                arrived = env.now
-                with queue.request() as turn:
-                    if offline_at is None:
-                        yield turn
-                    elif turn not in (yield turn | env.timeout(max(offline_at - env.now, 0.0))):
-                        dropped = True  # went offline in the queue: the request is let go
-                        break
-                    times.wait_s += env.now - arrived
-                    if not stays_online(t.edge_s + t.downlink_s + t.backward_s):
-                        dropped = True  # would leave before the step ends: it is not run at all
-                        break
-                    done = split_step(device, edge, i)
+                yield env.timeout(t.forward_s)
+                if to_edge:
+                    yield env.timeout(t.uplink_s)
+                    arrived = env.now
+                    with queue.request() as turn:
+                        if offline_at is None:
+                            yield turn
+                        elif turn not in (yield turn | env.timeout(max(offline_at - env.now, 0.0))):
+                            dropped = True  # went offline in the queue: the request is let go
+                            break
+                        times.wait_s += env.now - arrived
+                        if not stays_online(t.edge_s + t.downlink_s + t.backward_s):
+                            dropped = True  # would leave before the step ends: it is not run at all
+                            break
+                        done = split_step(device, edge, i)
+                        if done is not None:
+                            yield env.timeout(t.edge_s)
                     if done is not None:
-                        yield env.timeout(t.edge_s)
-                if done is not None:
-                    yield env.timeout(t.downlink_s)
-            else:
-                done = split_step(device, None, i)
-            if done is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
-                break
-            i, steps = i + 1, steps + 1
-            yield env.timeout(t.backward_s)
-            times.compute_s += t.forward_s + t.backward_s
-            times.recompute_s += recompute_s(plan.recompute_flops, device.device.flops_per_s, scale)
-            times.comm_s += t.uplink_s + t.downlink_s
-            times.bytes_up += done.cut_bytes
-            times.bytes_down += done.cut_bytes
+                        yield env.timeout(t.downlink_s)
+                else:
+                    done = split_step(device, None, i)
+                if done is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
+                    break
+                i, steps = i + 1, steps + 1
+                yield env.timeout(t.backward_s)
+                times.compute_s += t.forward_s + t.backward_s
+                times.recompute_s += recompute_s(plan.recompute_flops, device.device.flops_per_s, scale)
+                times.comm_s += t.uplink_s + t.downlink_s
+                times.bytes_up += done.cut_bytes
+                times.bytes_down += done.cut_bytes
+        except DeviceLost:  # a device in another process disconnected or stopped answering: it drops out now
+            edge.abort(device.id)
+            dropped = True
 
         if dropped:
             device.dropped_out()
-            yield env.timeout(max(offline_at - env.now, 0.0))  # it leaves at that moment
+            if offline_at is not None:
+                yield env.timeout(max(offline_at - env.now, 0.0))  # it leaves at that moment
         if steps and not dropped:
             yield env.timeout(up_s)
             times.comm_s += up_s

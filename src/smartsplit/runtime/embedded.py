@@ -18,7 +18,7 @@ import yaml
 from tqdm import tqdm
 
 from smartsplit.config import Config, build_config
-from smartsplit.engine.experiment import Experiment
+from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
 from smartsplit.reports.summary import RunSummary, summarise
@@ -62,7 +62,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-                   overwrite: bool = False, strategy: Strategy | None = None) -> RunSummary:
+                   overwrite: bool = False, strategy: Strategy | None = None,
+                   executor: RoundExecutor | None = None) -> RunSummary:
     """Run ``config`` round by round, writing every result as soon as it exists.
 
     The run folder (default ``<output_dir>/<name>``) must not hold a run already, unless ``overwrite`` (its run
@@ -77,17 +78,18 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
         with RunLock(run_dir):  # check_run_folder made the folder
             if overwrite and not resume:
                 clear_run(run_dir)
-            return _run(config, run_dir, progress, resume, strategy)
+            return _run(config, run_dir, progress, resume, strategy, executor)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: Strategy | None) -> RunSummary:
+def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: Strategy | None,
+         executor: RoundExecutor | None) -> RunSummary:
     started = time.perf_counter()
     metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
     written = _read_records(metrics_path, None)
     state = load_state(run_dir, config, len(written)) if resume else None
-    experiment = Experiment(config, strategy)
+    experiment = Experiment(config, strategy, executor=executor)
     try:
         start = experiment.load_state_dict(state) if state is not None else 0
         records = [RoundRecord.from_json(r) for r in written[:start]]

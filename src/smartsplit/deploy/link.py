@@ -1,0 +1,84 @@
+"""The authenticated link: gRPC servers and channels with mutual TLS from a certificate folder, or plain text
+in a lab (``insecure``), and who the peer at the other end is.
+
+With certificates, a peer's identity is its certificate's common name, checked by TLS against the private
+authority (``smartsplit certs``): a connection without a certificate, with an expired one or with one from
+another authority never reaches SmartSplit's code (gRPC refuses it in the handshake). Without certificates
+(``--insecure``), a peer's identity is what it claims, in the ``smartsplit-identity`` header: anyone on the
+network can join, impersonate a device and read every tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from smartsplit.deploy.certs import load_identity
+from smartsplit.deploy.wire import STREAM_LIMIT, UNARY_LIMIT
+
+log = logging.getLogger(__name__)
+
+IDENTITY_HEADER = "smartsplit-identity"
+INSECURE_WARNING = ("INSECURE: no TLS and no certificates; any machine that can reach this port can join, claim any "
+                    "identity and read every tensor. Use it only on a lab network you trust.")
+
+
+def _options(limit: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
+def start_server(servicer_adders, listen: str, certs: Path | None, name: str, workers: int = 32,
+                 unary: bool = True) -> tuple[grpc.Server, int]:
+    """A gRPC server for ``name`` (its certificate in ``certs``; None: insecure) on ``listen`` (HOST:PORT, port
+    0 for any free one); returns it started, and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=_options(UNARY_LIMIT if unary else STREAM_LIMIT))
+    for add in servicer_adders:
+        add(server)
+    if certs is None:
+        log.warning(INSECURE_WARNING)
+        port = server.add_insecure_port(listen)
+    else:
+        me = load_identity(certs, name)
+        credentials = grpc.ssl_server_credentials([(me.key, me.certificate)], root_certificates=me.authority,
+                                                  require_client_auth=True)
+        port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        from smartsplit.errors import SmartSplitError
+
+        raise SmartSplitError(f"--listen {listen}: cannot listen there (address in use, or not this machine's?)")
+    server.start()
+    return server, port
+
+
+def open_channel(address: str, certs: Path | None, name: str, unary: bool = True) -> grpc.Channel:
+    """A channel to ``address`` as ``name`` (its certificate in ``certs``; None: insecure)."""
+    options = _options(UNARY_LIMIT if unary else STREAM_LIMIT)
+    if certs is None:
+        log.warning(INSECURE_WARNING)
+        return grpc.insecure_channel(address, options=options)
+    me = load_identity(certs, name)
+    credentials = grpc.ssl_channel_credentials(root_certificates=me.authority, private_key=me.key,
+                                               certificate_chain=me.certificate)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def claimed(name: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that names the caller on an insecure link (ignored where TLS names it)."""
+    return ((IDENTITY_HEADER, name),)
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The caller's identity: its certificate's common name, or on an insecure link what it claims."""
+    names = context.auth_context().get("x509_common_name")
+    if names:
+        return names[0].decode()
+    for key, value in context.invocation_metadata():
+        if key == IDENTITY_HEADER:
+            return value
+    return None
