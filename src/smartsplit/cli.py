@@ -185,7 +185,7 @@ def _edge(args: argparse.Namespace) -> None:
 
     certs = _security(args)
     name = args.name or _only_identity(certs, "edge")
-    run_edge(args.server, args.listen, certs, name, timeout_s=args.timeout)
+    run_edge(args.server, args.listen, certs, name, timeout_s=args.timeout, connect_s=args.connect_timeout)
 
 
 def _only_identity(certs: Path | None, kind: str) -> str:
@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--listen", required=True, metavar="HOST:PORT", help="where its devices connect")
     edge.add_argument("--name", help="its identity, edge-<index> (default: the one edge certificate in --certs)")
     edge.add_argument("--timeout", type=float, default=60.0, help="seconds a device may take to answer before it is dropped")
+    edge.add_argument("--connect-timeout", type=float, default=120.0,
+                      help="seconds to wait for a round's device to connect before it is dropped for the round")
     secured(edge)
     edge.set_defaults(func=_edge)
 

@@ -53,6 +53,7 @@ class _Link:
         self.outgoing: queue.Queue = queue.Queue()
         self.replies: queue.Queue = queue.Queue()
         self.ready = threading.Event()
+        self.closed = False  # the stream ended, or the edge gave up on it: the device must connect again
         self.frame_bytes = {"up": 0, "down": 0}
 
     def call(self, payload, timeout_s: float):
@@ -68,6 +69,7 @@ class _Link:
         return reply
 
     def close(self, farewell=None) -> None:
+        self.closed = True
         if farewell is not None:
             self.outgoing.put(farewell)
         self.outgoing.put(None)
@@ -90,7 +92,7 @@ class EdgeService(rpc.EdgeServicer):
         with self._changed:
             while True:
                 link = self._links.get(device_id)
-                if link is not None and link.ready.is_set():
+                if link is not None and link.ready.is_set() and not link.closed:
                     return link
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -149,6 +151,7 @@ class EdgeService(rpc.EdgeServicer):
             except grpc.RpcError:
                 pass
             finally:
+                link.closed = True
                 link.replies.put(None)
                 log.info("device %d: stream closed", device_id)
 
@@ -157,7 +160,13 @@ class EdgeService(rpc.EdgeServicer):
         yield from frames(encode("welcome", {**self.assigned[device_id], "config": self.config_text,
                                              "optimizer": self.optimizer}))
         while True:
-            payload = link.outgoing.get()
+            try:
+                payload = link.outgoing.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():  # the device went away: free this thread
+                    link.close()
+                    return
+                continue
             if payload is None:
                 return
             yield from frames(payload)
@@ -263,6 +272,7 @@ class RemoteDevice:
 
     def end_step(self) -> StepDone:
         done = self._call("end_step")
+        log.debug("device %d: step %d done, loss %.4f", self.id, self._seen["steps"] + 1, done.loss)
         self._seen["steps"] += 1
         self._seen["samples"] += done.samples
         self._seen["losses"].append(done.loss)

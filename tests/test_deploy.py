@@ -1,0 +1,287 @@
+"""The deployment: roles as processes over gRPC with mutual TLS, on loopback.
+
+A ``launch --local`` run must train exactly what the embedded engine trains (the edges pace their devices on the
+simulated clock), count on the wire the bytes the simulator counts, survive a device killed mid-round and a
+central server restarted mid-run, and refuse devices that cannot prove who they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+grpc = pytest.importorskip("grpc", reason="the deployment needs grpcio: pip install 'smartsplit[deploy]'")
+pytest.importorskip("cryptography", reason="the deployment needs cryptography: pip install 'smartsplit[deploy]'")
+
+from smartsplit.deploy import smartsplit_pb2 as pb  # noqa: E402
+from smartsplit.deploy import smartsplit_pb2_grpc as rpc  # noqa: E402
+from smartsplit.deploy.certs import issue, load_identity, write_certs  # noqa: E402
+from smartsplit.deploy.device import DeviceOptions, run_device  # noqa: E402
+from smartsplit.deploy.edge import EdgeService  # noqa: E402
+from smartsplit.deploy.launch import free_port  # noqa: E402
+from smartsplit.deploy.link import claimed, open_channel, start_server  # noqa: E402
+from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, tensor_bytes  # noqa: E402
+from smartsplit.errors import SmartSplitError  # noqa: E402
+from smartsplit.fleet import constant_trace  # noqa: E402
+from smartsplit.records import DeviceReport  # noqa: E402
+from smartsplit.roles.device import SimulatedTimes  # noqa: E402
+from smartsplit.roles.messages import Activation, DeviceResult, RoundInstructions, UnitHandoff, Update  # noqa: E402
+
+TINY = {
+    "name": "tiny", "seed": 3, "meter": True,
+    "data": {"dataset": "synthetic", "synthetic_train": 240, "synthetic_test": 60},
+    "model": {"name": "cnn", "width": 0.25},
+    "fleet": {"devices": 4, "classes": {"phone-entry": 1.0}},
+    "training": {"rounds": 2, "devices_per_round": 4, "local_steps": 3, "batch_size": 16},
+    "strategy": {"name": "smartsplit"},
+    "edge": {"servers": 2},
+}
+# figures the device measures on its own real steps, where the embedded engine asks its meter's child process
+MEASURED = {"peak_measured_mb", "peak_measured_by", "oom_events"}
+DEPLOYED_ONLY = {"wall_s", "faults", "wire"}
+
+
+def write_config(folder: Path, **changes) -> Path:
+    config = {**TINY, "output_dir": str(folder / "runs")}
+    for section, values in changes.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smartsplit.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "smartsplit.cli", *args], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def comparable(record: dict, skip: set[str]) -> dict:
+    out = {k: v for k, v in record.items() if k not in skip}
+    out["devices"] = [{k: v for k, v in d.items() if k not in skip} for d in record["devices"]]
+    return out
+
+
+def test_launch_local_trains_what_the_embedded_engine_trains_and_counts_its_bytes(tmp_path):
+    config = write_config(tmp_path)
+    embedded = cli("run", str(config), "--out", str(tmp_path / "embedded"), "--quiet")
+    assert embedded.returncode == 0, embedded.stderr
+    launched = cli("launch", str(config), "--local", "--out", str(tmp_path / "deployed"), "--quiet")
+    assert launched.returncode == 0, launched.stderr + "\n".join(
+        p.read_text() for p in sorted((tmp_path / "deployed" / "logs").glob("*.log")))
+
+    ours, theirs = records(tmp_path / "embedded"), records(tmp_path / "deployed")
+    assert len(ours) == len(theirs) == 2
+    skip = MEASURED | DEPLOYED_ONLY
+    for a, b in zip(ours, theirs):
+        assert comparable(a, skip) == comparable(b, skip)  # accuracy, loss, cuts, simulated times, bytes: exactly
+    assert (tmp_path / "embedded" / "decisions.jsonl").read_text() == (tmp_path / "deployed" / "decisions.jsonl").read_text()
+    for record in theirs:
+        wire = record["wire"]
+        # the tensors that crossed are the simulator's bytes: model down and up, activations up, gradients down
+        assert wire["model_down"] + wire["gradients_down"] == record["bytes_down"] > 0
+        assert wire["activations_up"] + wire["model_up"] == record["bytes_up"] > 0
+        assert wire["frames_up"] > wire["activations_up"] + wire["labels_up"] + wire["model_up"]  # plus framing, reports
+        assert "faults" not in record  # nothing went wrong
+        # each device measured its own real steps with the heap counter preloaded into its process
+        assert all(d["peak_measured_mb"] and d["peak_measured_mb"] > 0 for d in record["devices"])
+    logs = {p.name for p in (tmp_path / "deployed" / "logs").iterdir()}
+    assert logs == {"server.log", "edge-0.log", "edge-1.log", *(f"device-{d}.log" for d in range(4))}
+    assert (tmp_path / "deployed" / "certs" / "ca.pem").exists()
+
+
+def test_a_device_killed_mid_round_drops_out_and_the_run_completes(tmp_path):
+    config = write_config(tmp_path, meter=False, training={"rounds": 3, "local_steps": 60, "devices_per_round": 2},
+                          fleet={"devices": 2}, edge={"servers": 1})
+    certs = tmp_path / "certs"
+    write_certs(certs, devices=2, edges=1)
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    secured = ["--certs", str(certs)]
+    processes = [
+        start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), *secured, log=tmp_path / "server.log"),
+        start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+              "--timeout", "10", "--connect-timeout", "5", "--verbose", *secured, log=tmp_path / "edge.log"),
+    ]
+    victim = start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", "1", "--no-meter", *secured, log=tmp_path / "d1.log")
+    processes += [victim, start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", "0", "--no-meter", *secured,
+                                log=tmp_path / "d0.log")]
+    try:
+        deadline = time.monotonic() + 120
+        while "device 1: step 5 done" not in (tmp_path / "edge.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)  # mid-round: 5 of its 60 steps done
+        assert processes[0].wait(timeout=180) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    rounds = records(run)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    first = rounds[0]
+    assert first["faults"] == {"device_disconnects": 1}
+    gone = next(d for d in first["devices"] if d["device"] == 1)
+    assert gone["dropped_out"] and 0 < gone["steps"] < 60
+    kept = next(d for d in first["devices"] if d["device"] == 0)
+    assert kept["steps"] == 60 and not kept["dropped_out"]
+    assert all(r["faults"] == {"device_absent": 1} for r in rounds[1:])  # it never came back
+    assert "device 1 disconnected; it drops out of the round" in (tmp_path / "edge.log").read_text()
+
+
+def test_a_restarted_server_resumes_and_the_run_matches_an_uninterrupted_one(tmp_path):
+    config = write_config(tmp_path, meter=False, training={"rounds": 4, "local_steps": 20, "devices_per_round": 2},
+                          fleet={"devices": 2}, edge={"servers": 1})
+    embedded = cli("run", str(config), "--out", str(tmp_path / "embedded"), "--quiet")
+    assert embedded.returncode == 0, embedded.stderr
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    server_args = ["server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), "--insecure"]
+    server = start(*server_args, log=tmp_path / "server.log")
+    others = [start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+                    "--insecure", log=tmp_path / "edge.log")]
+    others += [start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", str(d), "--no-meter", "--insecure",
+                     log=tmp_path / f"d{d}.log") for d in range(2)]
+    restarted = None
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").exists() and records(run)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGKILL)  # mid-run: round 2 is under way on the edge
+        server.wait()
+        assert len(records(run)) < 4
+        restarted = start(*server_args, "--resume", log=tmp_path / "server.log")
+        assert restarted.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for p in [server, *others, *([restarted] if restarted else [])]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    ours, theirs = records(tmp_path / "embedded"), records(run)
+    assert [r["round"] for r in theirs] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+        assert comparable(a, DEPLOYED_ONLY) == comparable(b, DEPLOYED_ONLY)
+    assert "INSECURE" in (tmp_path / "edge.log").read_text()
+
+
+@pytest.fixture
+def edge_for_device_0(tmp_path):
+    """An edge server that device 0 (only) is assigned to, its certificates, and a second, unrelated authority."""
+    write_certs(tmp_path / "ours", devices=3, edges=1)
+    write_certs(tmp_path / "theirs", devices=3, edges=1)
+    service = EdgeService({0: {}}, "", None)
+    server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0",
+                                tmp_path / "ours", "edge-0", unary=False)
+    yield f"localhost:{port}", tmp_path, service
+    server.stop(grace=None)
+
+
+def say_hello(address: str, certs: Path, name: str, device: int):
+    with open_channel(address, certs, name, unary=False) as channel:
+        replies = rpc.EdgeStub(channel).Session(frames(encode("hello", {"device": device})), metadata=claimed(name),
+                                                timeout=5)
+        return next(iter(replies))
+
+
+def test_the_edge_refuses_a_device_with_another_devices_identity_or_not_assigned_to_it(edge_for_device_0, caplog):
+    address, folder, service = edge_for_device_0
+    with pytest.raises(grpc.RpcError) as refused:
+        say_hello(address, folder / "ours", "device-1", device=0)  # device 1's certificate, claiming to be device 0
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "identity is 'device-1'" in refused.value.details()
+    with pytest.raises(SmartSplitError, match="refused device-2: device 2 is not assigned to this edge server"):
+        run_device(address, 2, folder / "ours", DeviceOptions(retry_s=5))
+    assert service.refusals == 2
+    assert sum("refused a device connection" in r.getMessage() for r in caplog.records) == 2
+    assert isinstance(say_hello(address, folder / "ours", "device-0", device=0), pb.Frame)  # the real device 0 gets in
+
+
+def test_tls_refuses_no_certificate_another_authority_and_an_expired_certificate(edge_for_device_0, capfd):
+    address, folder, service = edge_for_device_0
+    port = address.rsplit(":", 1)[1]
+    ours = load_identity(folder / "ours", "device-0")
+    theirs = load_identity(folder / "theirs", "device-0")
+    issue(folder / "ours", "device-1", days=1, not_before=__import__("datetime").datetime(2020, 1, 1))
+    expired = load_identity(folder / "ours", "device-1")
+    attempts = {
+        "no certificate": grpc.ssl_channel_credentials(root_certificates=ours.authority),
+        "another authority": grpc.ssl_channel_credentials(ours.authority, theirs.key, theirs.certificate),
+        "expired": grpc.ssl_channel_credentials(ours.authority, expired.key, expired.certificate),
+    }
+    for why, credentials in attempts.items():
+        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                next(iter(rpc.EdgeStub(channel).Session(frames(encode("hello", {"device": 0})), timeout=5)))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, why
+    assert service.refusals == 0  # refused in the handshake: none of them reached SmartSplit's code
+    logged = capfd.readouterr().err
+    assert logged.count("Handshake failed") >= 2, logged  # gRPC logs the server's refusals on its stderr
+
+
+def test_messages_cross_the_wire_unchanged_and_only_as_data():
+    weights = {1: {"0.weight": torch.randn(4, 1, 3, 3), "0.bias": torch.zeros(4)}, 2: {"w": torch.randn(2, 2).double()}}
+    report = DeviceReport(device=3, device_class="phone", cut=2, final_cut=1, budget_mb=1.5, peak_predicted_mb=0.1,
+                          peak_measured_mb=None, micro_batches=[8, 16], oom_events=0, replans=1, cut_moves=1, pauses=0,
+                          dropped_out=False, steps=3, samples=48, loss=0.1 + 0.2, loss_rms=None, **vars(SimulatedTimes()))
+    sent = {
+        "instructions": RoundInstructions(1, 3, 2, weights, True, True, False, (7, 1, 3), 1e-300),
+        "activation": Activation(3, 0, 1, True, torch.randn(8, 4, 13, 13), torch.arange(8), 16),
+        "handoff": UnitHandoff(3, {2: weights[2]}, {2: {"w": {"momentum_buffer": torch.ones(2, 2)}}}),
+        "result": DeviceResult(Update(weights, {1: 48, 2: 48}), report, [(0, 1, np.arange(5.0))]),
+        "odd": [torch.empty(0, 3), torch.tensor([True, False]), torch.randn(3).half(), torch.randn(2).bfloat16()],
+    }
+    payload = pb.Payload.FromString(encode("test", sent).SerializeToString())
+    assembly, whole = Reassembly(), None
+    for frame in frames(payload, chunk=1000):
+        assert len(frame.chunk) <= 1000
+        whole = assembly.add(frame) or whole
+    kind, got = decode(whole)
+    assert kind == "test"
+    assert got["instructions"].batch_seed == (7, 1, 3) and got["instructions"].start_s == 1e-300
+    assert list(got["instructions"].weights) == [1, 2]  # int keys stay ints
+    for unit, state in weights.items():
+        for name, tensor in state.items():
+            assert torch.equal(got["instructions"].weights[unit][name], tensor)
+            assert got["instructions"].weights[unit][name].dtype == tensor.dtype
+    assert torch.equal(got["activation"].tensor, sent["activation"].tensor)
+    assert got["result"].report == report and got["result"].report.loss == 0.1 + 0.2
+    assert np.array_equal(got["result"].observations[0][2], np.arange(5.0))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got["odd"], sent["odd"]))
+    activation = sent["activation"]
+    assert tensor_bytes(encode("a", activation)) == activation.tensor.nbytes + activation.labels.nbytes
+
+
+def test_a_payload_cannot_name_a_type_outside_the_messages():
+    evil = pb.Payload(kind="call", body=json.dumps({"$dc": "Popen", "fields": {"args": ["rm", "-rf", "/"]}}))
+    with pytest.raises(WireError, match="unknown message type 'Popen'"):
+        decode(evil)
+    with pytest.raises(WireError, match="cannot travel"):
+        encode("x", {"trace": constant_trace})  # a function is code, not data
+    with pytest.raises(WireError, match="could not be read"):
+        decode(pb.Payload(kind="call", body="{not json"))
+
+
+def test_deployment_commands_explain_what_is_missing(tmp_path):
+    out = cli("edge", "--server", "127.0.0.1:1", "--listen", "127.0.0.1:0")
+    assert out.returncode == 2 and "give --certs DIR (made by: smartsplit certs DIR --devices N --edges M)" in out.stderr
+    out = cli("device", "--edge", "127.0.0.1:1", "--id", "0", "--certs", str(tmp_path / "nowhere"), "--no-meter")
+    assert out.returncode == 2 and "nowhere" in out.stderr and "smartsplit certs" in out.stderr
+    out = cli("launch", str(write_config(tmp_path)))
+    assert out.returncode == 2 and "needs --local" in out.stderr
+    out = cli("certs", str(tmp_path / "certs"), "--devices", "2", "--edges", "1")
+    assert out.returncode == 0 and (tmp_path / "certs" / "device-1.pem").exists()
+    out = cli("certs", str(tmp_path / "certs"), "--devices", "2", "--edges", "1")
+    assert out.returncode == 2 and "ca.pem" in out.stderr
