@@ -285,3 +285,35 @@ def test_deployment_commands_explain_what_is_missing(tmp_path):
     assert out.returncode == 0 and (tmp_path / "certs" / "device-1.pem").exists()
     out = cli("certs", str(tmp_path / "certs"), "--devices", "2", "--edges", "1")
     assert out.returncode == 2 and "ca.pem" in out.stderr
+
+
+def test_a_device_over_its_enforced_budget_is_killed_by_the_kernel_and_dropped(tmp_path):
+    from smartsplit.deploy.limits import enforcement_unavailable
+
+    reason = enforcement_unavailable()
+    if reason is not None:
+        pytest.skip(f"--enforce-budget cannot run here: {reason}")
+    # fedavg trusts its plain plan whatever the budget says; 1 MB above the idle footprint cannot hold its step
+    config = write_config(tmp_path, meter=False, strategy={"name": "fedavg"}, fleet={"devices": 1},
+                          edge={"servers": 1}, model={"name": "cnn", "width": 1.0},
+                          training={"rounds": 1, "devices_per_round": 1, "local_steps": 20, "batch_size": 128})
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    processes = [
+        start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), "--insecure",
+              log=tmp_path / "server.log"),
+        start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+              "--insecure", log=tmp_path / "edge.log"),
+    ]
+    device = start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", "0", "--no-meter", "--insecure",
+                   "--budget", str(2**20), "--enforce-budget", log=tmp_path / "device.log")
+    try:
+        assert device.wait(timeout=180) == -signal.SIGKILL, (tmp_path / "device.log").read_text()
+        assert processes[0].wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for p in [*processes, device]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert "kernel memory limit" in (tmp_path / "device.log").read_text()
+    (record,) = records(run)
+    assert record["faults"] == {"device_disconnects": 1}
+    assert record["devices"][0]["dropped_out"] and record["devices"][0]["steps"] == 0

@@ -12,6 +12,7 @@ process's heap held above what it held before the round's units were loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -70,7 +71,8 @@ class _Device:
         self.role: DeviceRole | None = None
         self.strategy = None
         self.counter = _HeapCounter.here()
-        self.limit = None
+        self.limit = None  # the kernel memory limit it runs under (--enforce-budget)
+        self.budget = 0
 
     def welcome(self, info: dict) -> None:
         if self.role is not None:
@@ -105,9 +107,24 @@ class _Device:
                  self.options.budget)
 
     def _enforce(self, budget: int) -> None:
-        limit = idle_footprint() + budget
-        self.limit = enforce_budget(limit, name=f"device-{self.id}")
-        log.info("device %d: kernel memory limit %.1f MB (idle footprint + budget)", self.id, limit / 2**20)
+        """Limit this process to its idle footprint (what it held when it was ready) plus ``budget``."""
+        if self.limit is None:
+            self.limit = enforce_budget(budget, name=f"device-{self.id}", above_usage=True)
+            self.budget = budget
+            log.info("device %d: kernel memory limit %.1f MB (its footprint when ready %.1f MB, as charged to the "
+                     "cgroup, + budget %.1f MB; resident set %.1f MB)", self.id, self.limit.limit / 2**20,
+                     self.limit.base / 2**20, budget / 2**20, idle_footprint() / 2**20)
+        elif budget != self.budget:
+            base = self.limit.base
+            self.limit = enforce_budget(base + budget, name=f"device-{self.id}")
+            self.limit = dataclasses.replace(self.limit, base=base)
+            self.budget = budget
+            log.info("device %d: kernel memory limit now %.1f MB (budget %.1f MB)", self.id, self.limit.limit / 2**20,
+                     budget / 2**20)
+
+    def close(self) -> None:
+        if self.limit is not None:
+            self.limit.leave()
 
     def _real_peak(self, plan) -> int:
         return max(self.counter.heap.peak() - self.counter.baseline, 0)
@@ -163,7 +180,13 @@ def run_device(edge: str, device_id: int, certs: Path | None, options: DeviceOpt
     """Serve as device ``device_id`` through the edge at ``edge`` until the run ends. Reconnects when the link
     drops (an edge restarting); gives up after ``options.retry_s`` without reaching it."""
     me = _Device(device_id, options)
-    name = f"device-{device_id}"
+    try:
+        _serve(edge, certs, f"device-{device_id}", me, options)
+    finally:
+        me.close()
+
+
+def _serve(edge: str, certs: Path | None, name: str, me: _Device, options: DeviceOptions) -> None:
     last_contact = time.monotonic()
     while True:
         try:

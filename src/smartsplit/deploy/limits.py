@@ -256,6 +256,11 @@ class MemoryLimit:
     path: Path
     limit: int
     version: int
+    base: int = 0  # bytes charged here when the process came in (``enforce_budget(..., above_usage=True)``)
+
+    def usage(self) -> int | None:
+        """Bytes charged to this cgroup now."""
+        return _read_int(self.path / ("memory.current" if self.version == 2 else "memory.usage_in_bytes"))
 
     def oom_kills(self) -> int:
         """Processes the kernel killed here for going over the limit.
@@ -273,6 +278,13 @@ class MemoryLimit:
         """The most memory used here, bytes (v2: memory.peak, None where absent; v1: memory.max_usage_in_bytes)."""
         return _read_int(self.path / ("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"))
 
+    def leave(self, pid: int | None = None) -> None:
+        """Move process ``pid`` (default: this one) back to the parent cgroup, then remove this one."""
+        with contextlib.suppress(OSError):
+            (self.path.parent / "cgroup.procs").write_text(str(os.getpid() if pid is None else int(pid)))
+        with contextlib.suppress(OSError):
+            self.remove()
+
     def remove(self) -> None:
         """Remove the cgroup once its processes are gone; moves no process out. A cgroup still busy stays."""
         for _ in range(20):
@@ -287,12 +299,16 @@ class MemoryLimit:
                 time.sleep(0.05)
 
 
-def enforce_budget(limit_bytes: int, pid: int | None = None, name: str | None = None) -> MemoryLimit:
+def enforce_budget(limit_bytes: int, pid: int | None = None, name: str | None = None,
+                   above_usage: bool = False) -> MemoryLimit:
     """Put process ``pid`` (default: this one) under a kernel memory limit of ``limit_bytes``, swap included.
 
     Creates (or reuses) the child cgroup ``smartsplit-<name or pid>`` of this process's own memory cgroup, sets
     its limit (v2: memory.max and memory.swap.max=0; v1: memory.limit_in_bytes and memory.memsw.limit_in_bytes,
-    where present) and moves ``pid`` into it. Memory the process already holds may stay charged elsewhere.
+    where present) and moves ``pid`` into it. The kernel charges a cgroup only what its processes allocate
+    after they join (v2, and v1 unless memory.move_charge_at_immigrate moves their pages along, which is asked
+    for where it exists): with ``above_usage`` the limit is ``limit_bytes`` above what is charged to the cgroup
+    once the process is in, so a budget means memory the process may take beyond what it holds now.
     """
     if int(limit_bytes) <= 0:
         raise SmartSplitError(f"a memory limit must be > 0 bytes, got {limit_bytes}")
@@ -314,6 +330,18 @@ def enforce_budget(limit_bytes: int, pid: int | None = None, name: str | None = 
         path.mkdir(exist_ok=True)
         if group.version == 1 and swap_file.exists():
             swap_file.write_text("-1")  # memsw may not go below the memory limit: lift it before lowering that
+        base = 0
+        if above_usage:
+            limit_file.write_text("max" if group.version == 2 else "-1")
+            immigrate = path / "memory.move_charge_at_immigrate"
+            if group.version == 1 and immigrate.exists():
+                with contextlib.suppress(OSError):
+                    immigrate.write_text("3")
+            (path / "cgroup.procs").write_text(str(pid))
+            base = _read_int(path / ("memory.current" if group.version == 2 else "memory.usage_in_bytes")) or 0
+            limit_bytes = base + int(limit_bytes)
+            if swap_file.exists() and group.version == 1:
+                swap_value = str(int(limit_bytes))
         limit_file.write_text(str(int(limit_bytes)))
         if swap_file.exists():
             swap_file.write_text(swap_value)
@@ -323,4 +351,4 @@ def enforce_budget(limit_bytes: int, pid: int | None = None, name: str | None = 
             MemoryLimit(path, 0, group.version).remove()
         reason = exc.strerror or exc
         raise SmartSplitError(f"cannot put process {pid} under a memory limit in {path} ({reason})") from None
-    return MemoryLimit(path, _read_int(limit_file) or int(limit_bytes), group.version)
+    return MemoryLimit(path, _read_int(limit_file) or int(limit_bytes), group.version, base)

@@ -10,6 +10,7 @@ network can join, impersonate a device and read every tensor.
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent import futures
 from pathlib import Path
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 IDENTITY_HEADER = "smartsplit-identity"
 INSECURE_WARNING = ("INSECURE: no TLS and no certificates; any machine that can reach this port can join, claim any "
                     "identity and read every tensor. Use it only on a lab network you trust.")
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_insecure() -> None:
+    """Once per process, loudly."""
+    log.warning(INSECURE_WARNING)
 
 
 def _options(limit: int) -> list[tuple[str, int]]:
@@ -41,7 +48,7 @@ def start_server(servicer_adders, listen: str, certs: Path | None, name: str, wo
     for add in servicer_adders:
         add(server)
     if certs is None:
-        log.warning(INSECURE_WARNING)
+        _warn_insecure()
         port = server.add_insecure_port(listen)
     else:
         me = load_identity(certs, name)
@@ -60,7 +67,7 @@ def open_channel(address: str, certs: Path | None, name: str, unary: bool = True
     """A channel to ``address`` as ``name`` (its certificate in ``certs``; None: insecure)."""
     options = _options(UNARY_LIMIT if unary else STREAM_LIMIT)
     if certs is None:
-        log.warning(INSECURE_WARNING)
+        _warn_insecure()
         return grpc.insecure_channel(address, options=options)
     me = load_identity(certs, name)
     credentials = grpc.ssl_channel_credentials(root_certificates=me.authority, private_key=me.key,
