@@ -317,3 +317,40 @@ def test_a_device_over_its_enforced_budget_is_killed_by_the_kernel_and_dropped(t
     (record,) = records(run)
     assert record["faults"] == {"device_disconnects": 1}
     assert record["devices"][0]["dropped_out"] and record["devices"][0]["steps"] == 0
+
+
+def test_an_edge_that_restarts_mid_round_rejoins_and_the_run_matches_an_uninterrupted_one(tmp_path):
+    config = write_config(tmp_path, meter=False, training={"rounds": 3, "local_steps": 40, "devices_per_round": 2},
+                          fleet={"devices": 2}, edge={"servers": 1})
+    embedded = cli("run", str(config), "--out", str(tmp_path / "embedded"), "--quiet")
+    assert embedded.returncode == 0, embedded.stderr
+    certs = tmp_path / "certs"
+    write_certs(certs, devices=2, edges=1)
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    secured = ["--certs", str(certs)]
+    edge_args = ["edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+                 "--verbose", *secured]
+    server = start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), *secured,
+                   log=tmp_path / "server.log")
+    edge = start(*edge_args, log=tmp_path / "edge.log")
+    devices = [start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", str(d), "--no-meter", *secured,
+                     log=tmp_path / f"d{d}.log") for d in range(2)]
+    restarted = None
+    try:
+        deadline = time.monotonic() + 120
+        while "device 0: step 10 done" not in (tmp_path / "edge.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(edge.pid, signal.SIGKILL)  # mid-round 1
+        edge.wait()
+        restarted = start(*edge_args, log=tmp_path / "edge-again.log")
+        assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for p in [server, edge, *devices, *([restarted] if restarted else [])]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    ours, theirs = records(tmp_path / "embedded"), records(run)
+    assert [r["round"] for r in theirs] == [1, 2, 3]
+    assert theirs[0]["faults"] == {"edge_rejoins": 1} and all("faults" not in r for r in theirs[1:])
+    for a, b in zip(ours, theirs):  # the round was handed out again and trained from its instructions again
+        assert comparable(a, DEPLOYED_ONLY) == comparable(b, DEPLOYED_ONLY)
+    assert "edge-0 registered again" in (tmp_path / "server.log").read_text()

@@ -173,8 +173,9 @@ def _server(args: argparse.Namespace) -> None:
     certs = _security(args)
     config = load_config(args.config, args.set)
     run_dir = Path(args.out) if args.out else Path(config.output_dir) / config.name
-    resume = args.resume and (run_dir / "state.pt").exists()
-    summary = run_server(config, args.listen, certs, run_dir, resume=resume, overwrite=args.overwrite and not resume,
+    resume = args.resume and (run_dir / "state.pt").exists()  # no state yet: no round was trained, start afresh
+    summary = run_server(config, args.listen, certs, run_dir, resume=resume,
+                         overwrite=(args.overwrite or args.resume) and not resume,
                          progress=not args.quiet and sys.stderr.isatty())
     print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
 
@@ -236,7 +237,7 @@ def _launch(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else Path(config.output_dir) / config.name
     summary = launch_local(args.config, args.set, config, run_dir, overwrite=args.overwrite, resume=args.resume,
                            insecure=args.insecure, meter=not args.no_meter, timeout_s=args.timeout,
-                           progress=not args.quiet)
+                           budget=args.budget, enforce_budget=args.enforce_budget, progress=not args.quiet)
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
     print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--insecure", action="store_true", help="no TLS (a lab only)")
     launch.add_argument("--no-meter", action="store_true", help="devices do not measure their real steps' peaks")
     launch.add_argument("--timeout", type=float, default=60.0, help="seconds a device may take to answer")
+    launch.add_argument("--budget", default="trace", help="every device's budget (as for `smartsplit device`)")
+    launch.add_argument("--enforce-budget", action="store_true", help="devices under kernel memory limits (root)")
     launch.add_argument("--quiet", action="store_true")
     launch.add_argument("--verbose", action="store_true")
     launch.set_defaults(func=_launch)

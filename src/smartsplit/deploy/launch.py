@@ -42,7 +42,7 @@ def _start(command: list[str], log_path: Path) -> subprocess.Popen:
 
 def launch_local(config_path: str, overrides: list[str], config: Config, run_dir: Path, *, overwrite: bool = False,
                  resume: bool = False, insecure: bool = False, meter: bool = True, timeout_s: float = 60.0,
-                 progress: bool = True) -> RunSummary:
+                 budget: str = "trace", enforce_budget: bool = False, progress: bool = True) -> RunSummary:
     """Run ``config`` as a deployment on loopback; see the module's docstring."""
     from smartsplit.runtime.folder import check_run_folder
 
@@ -55,6 +55,9 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
 
         write_certs(certs, devices=devices, edges=edges, overwrite=True)
     logs = run_dir / "logs"
+    if not resume:
+        for old in logs.glob("*.log"):
+            old.unlink()
     server_port = free_port()
     edge_ports = [free_port() for _ in range(edges)]
     sets = [a for o in overrides for a in ("--set", o)]
@@ -68,6 +71,7 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
     ]
     others += [
         _start(["device", "--edge", f"127.0.0.1:{edge_ports[d % edges]}", "--id", str(d),
+                "--budget", budget, *(["--enforce-budget"] if enforce_budget else []),
                 *([] if meter else ["--no-meter"]), *security], logs / f"device-{d}.log")
         for d in range(devices)
     ]

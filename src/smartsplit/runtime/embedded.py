@@ -101,6 +101,14 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
 
         log.info("%s: %s on %s, %d devices, rounds %d..%d, into %s", config.name, experiment.strategy.name,
                  config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
+
+        def save(rounds_done: int) -> None:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(rounds_done)}, tmp)
+            os.replace(tmp, state_path)
+
+        if start == 0:
+            save(0)  # a run killed while it writes its first round's results can still resume (from round 1)
         bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
         with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
             for record in experiment.rounds(start):
@@ -109,9 +117,7 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
                 records.append(record)
                 metrics.write(json.dumps(record.to_json()) + "\n")
                 metrics.flush()
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(record.round)}, tmp)
-                os.replace(tmp, state_path)
+                save(record.round)
                 bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
                 log.debug("%s round %d: accuracy %.4f, loss %.4f, %d devices, cuts %s, latency %.1f s (simulated), "
                           "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, record.accuracy, record.loss,
