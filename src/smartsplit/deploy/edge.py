@@ -195,6 +195,7 @@ class RemoteDevice:
             self._link = self.service.link(self.id, self.connect_s)
             if self._link is None:
                 self._lose("device_absent", f"device {self.id} did not connect within {self.connect_s:.0f} s")
+            self._frames_before = dict(self._link.frame_bytes)  # the link outlives the round
         try:
             kind, body = decode(self._link.call(encode("call", {"method": method, "args": args}), self.timeout_s))
         except DeviceLost as exc:
@@ -210,6 +211,13 @@ class RemoteDevice:
             self._link.close()  # the device reconnects with a fresh stream: no late reply is mistaken for another
         log.warning("%s; it drops out of the round", why)
         raise DeviceLost(why)
+
+    def frames(self) -> dict[str, int]:
+        """Bytes of whole frames (serialized payloads) each way this round."""
+        if self._link is None:
+            return {}
+        now, before = self._link.frame_bytes, self._frames_before
+        return {"frames_up": now["up"] - before["up"], "frames_down": now["down"] - before["down"]}
 
     # ---- what run_round and split_step call
 
@@ -346,13 +354,10 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
             ]
             outcome = run_round(participants, [role], [spec], profile, start_s=work["start_s"],
                                 deadline_s=work["deadline_s"], options=work["options"], observer=observer)
-            frame_up = sum(p.role._link.frame_bytes["up"] for p in participants if p.role._link is not None)
-            frame_down = sum(p.role._link.frame_bytes["down"] for p in participants if p.role._link is not None)
             for p in participants:
-                if p.role._link is not None:
-                    p.role._link.frame_bytes.update(up=0, down=0)
+                wire.update(p.role.frames())
             result = {"round": work["round"], "edge": index, "updates": outcome.updates[0], "results": outcome.results,
-                      "faults": dict(faults), "wire": {**wire, "frames_up": frame_up, "frames_down": frame_down},
+                      "faults": dict(faults), "wire": dict(wire),
                       "wall_s": time.perf_counter() - started}
             try:
                 central.FinishRound(encode("result", result), metadata=meta)
