@@ -220,3 +220,43 @@ def test_saved_bytes_guard() -> None:
     assert meter.total == 0
     with pytest.raises(DeviceOutOfMemory):
         meter.add(torch.zeros(2))
+
+
+def test_profiles_come_from_the_disk_cache_the_second_time(monkeypatch, tmp_path) -> None:
+    import smartsplit.models.profile as profile_module
+
+    monkeypatch.setenv("SMARTSPLIT_CACHE", str(tmp_path))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    first = profile_chain(model, (1, 8, 8), 5)
+    assert list((tmp_path / "profiles").glob("units-*.json"))
+
+    def no_forward(*args):
+        raise AssertionError("profiled again instead of read from the cache")
+
+    monkeypatch.setattr(profile_module, "_unit_rows", no_forward)
+    assert profile_chain(model, (1, 8, 8), 5) == first
+    with pytest.raises(AssertionError, match="profiled again"):
+        profile_chain(model, (1, 8, 8), 6)  # another batch is another profile
+
+
+def test_a_user_module_whose_code_changed_is_profiled_again(tmp_path, monkeypatch) -> None:
+    import importlib.util
+    import sys
+
+    from smartsplit.models.profile import code_digest
+
+    def load(forward: str) -> nn.Module:  # as a run would import it: the file as it is then
+        path = tmp_path / "usermodel.py"
+        path.write_text(f"from torch import nn\n\nclass Scale(nn.Module):\n    def forward(self, x):\n        {forward}\n")
+        spec = importlib.util.spec_from_file_location("usermodel", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "usermodel", module)
+        spec.loader.exec_module(module)
+        return nn.Sequential(module.Scale())
+
+    before = load("return x * 2")
+    digest = code_digest(before)
+    after = load("return x * 3 + 0")  # the file edited between two runs
+    assert repr(before) == repr(after)  # same structure: only the code tells them apart
+    assert code_digest(after) != digest
+    assert code_digest(nn.Sequential(nn.Linear(2, 2))) == code_digest(nn.Sequential(nn.Linear(3, 3)))

@@ -333,7 +333,7 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
     role = EdgeRole(index, architecture, info["optimizer"])
     service = EdgeService(info["devices"], info["config"], info["optimizer"])
     grpc_server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], listen, certs, name,
-                                     unary=False)
+                                     workers=len(info["devices"]) + 8, unary=False)  # a stream holds a worker
     log.info("%s listening on port %d for devices %s", name, port, sorted(info["devices"]))
     try:
         while True:

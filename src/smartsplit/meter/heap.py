@@ -69,6 +69,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("SMARTSPLIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smartsplit")
 
 
+def cached_json(folder: str, kind: str, key: Any, compute) -> Any:
+    """``compute()``'s JSON-able value, kept in ``cache_root()/folder`` under a hash of ``key`` (written
+    atomically; an unreadable or unwritable cache only costs computing again)."""
+    text = json.dumps(key, default=str)
+    path = cache_root() / folder / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    try:
+        return json.loads(path.read_text())["value"]
+    except (OSError, ValueError, KeyError):
+        pass
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": text, "value": value}))
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return value
+
+
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
     """The meter's C source, hashed: it names the built library and keys cached measurements."""
@@ -163,22 +183,8 @@ class HeapMeter:
     def _cached(self, kind: str, units, request: dict, measure) -> Any:
         if not self.cache:
             return measure()
-        key = json.dumps([kind, MEASUREMENT_VERSION, source_digest(), torch_version(),
-                          self.threads, structure(units), request], default=str)
-        path = cache_root() / "meter" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-        try:
-            return json.loads(path.read_text())["value"]
-        except (OSError, ValueError, KeyError):
-            pass
-        value = measure()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps({"key": key, "value": value}))
-            os.replace(partial, path)
-        except OSError:
-            pass  # an unwritable cache only costs measuring again
-        return value
+        key = [kind, MEASUREMENT_VERSION, source_digest(), torch_version(), self.threads, structure(units), request]
+        return cached_json("meter", kind, key, measure)
 
     def close(self) -> None:
         if self._proc is not None:

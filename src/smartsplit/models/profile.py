@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from smartsplit.meter.heap import HeapMeter, UnitCost
+from smartsplit.meter.heap import HeapMeter, UnitCost, cached_json, structure, torch_version
 from smartsplit.meter.saved import count_saved_bytes
 
 
@@ -87,42 +89,65 @@ def profile_chain(
     model can tell which tensors two neighbouring units share and what a checkpointed segment still holds.
     With a ``meter``, each unit is also measured alone under it (forward, backward and ``optimizer`` step: what
     it needs beyond what it saves), which makes the memory model an upper bound of the meter.
-    The model's weights are not changed.
+    The model's weights are not changed. The forward's figures are cached on disk (``cache_root()/profiles``),
+    keyed by the model's structure, the source of its non-PyTorch module classes, the input shape, batch, dtype
+    and torch version; the meter keeps its own.
     """
     costs = meter.unit_costs(units, input_shape, batch, optimizer) if meter is not None else (None,) * len(units)
-    x = torch.randn((batch, *input_shape), dtype=dtype, generator=torch.Generator().manual_seed(0))
-    params = list(units.parameters())
-    profiles = []
-    with torch.enable_grad():
-        h = x
-        for i, unit in enumerate(units, start=1):
-            flop_counter = FlopCounterMode(display=False)
-            with count_saved_bytes(exclude=params) as meter, flop_counter:
-                out = unit(h)
-            boundary = {_storage(h): _nbytes(h), _storage(out): _nbytes(out)}
-            internal = meter.total - sum(n for key, n in boundary.items() if key in meter.seen)
-            profiles.append(
-                UnitProfile(
-                    index=i,
-                    name=type(unit).__name__ if not isinstance(unit, nn.Sequential) else _describe(unit),
-                    param_bytes=sum(p.numel() * p.element_size() for p in unit.parameters()),
-                    internal_bytes=internal,
-                    saves_input=_storage(h) in meter.seen,
-                    saves_output=_storage(out) in meter.seen and _storage(out) != _storage(h),
-                    output_bytes=_nbytes(out),
-                    flops=int(flop_counter.get_total_flops()),
-                    input_bytes=_nbytes(h),
-                    cost=costs[i - 1],
-                )
-            )
-            h = out
+    key = [PROFILE_VERSION, torch_version(), structure(units), code_digest(units), tuple(input_shape), batch, str(dtype)]
+    rows = cached_json("profiles", "units", key, lambda: _unit_rows(units, input_shape, batch, dtype))
+    profiles = [UnitProfile(**row, cost=cost) for row, cost in zip(rows, costs)]
     return ModelProfile(
         input_shape=tuple(input_shape),
         batch=batch,
         dtype=str(dtype).removeprefix("torch."),
-        input_bytes=x.numel() * x.element_size(),
+        input_bytes=math.prod((batch, *input_shape)) * torch.empty((), dtype=dtype).element_size(),
         units=tuple(profiles),
     )
+
+
+def _unit_rows(units: nn.Sequential, input_shape: tuple[int, ...], batch: int, dtype: torch.dtype) -> list[dict]:
+    """Each unit's saved, output and input bytes and its FLOPs, from one forward on a seeded random batch."""
+    from torch.utils.flop_counter import FlopCounterMode  # its first use costs seconds: only on a cache miss
+
+    x = torch.randn((batch, *input_shape), dtype=dtype, generator=torch.Generator().manual_seed(0))
+    params = list(units.parameters())
+    rows = []
+    with torch.enable_grad():
+        h = x
+        for i, unit in enumerate(units, start=1):
+            flop_counter = FlopCounterMode(display=False)
+            with count_saved_bytes(exclude=params) as saved, flop_counter:
+                out = unit(h)
+            boundary = {_storage(h): _nbytes(h), _storage(out): _nbytes(out)}
+            internal = saved.total - sum(n for key, n in boundary.items() if key in saved.seen)
+            rows.append(dict(
+                index=i,
+                name=type(unit).__name__ if not isinstance(unit, nn.Sequential) else _describe(unit),
+                param_bytes=sum(p.numel() * p.element_size() for p in unit.parameters()),
+                internal_bytes=internal,
+                saves_input=_storage(h) in saved.seen,
+                saves_output=_storage(out) in saved.seen and _storage(out) != _storage(h),
+                output_bytes=_nbytes(out),
+                flops=int(flop_counter.get_total_flops()),
+                input_bytes=_nbytes(h),
+            ))
+            h = out
+    return rows
+
+
+def code_digest(units: nn.Module) -> str:
+    """The source of every module class in ``units`` that is not PyTorch's own (whose code the torch version
+    names): a user model whose ``forward`` changed is profiled again, even if its structure did not."""
+    digest = hashlib.sha256()
+    for cls in sorted({type(m) for m in units.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        if not cls.__module__.startswith("torch."):
+            try:
+                digest.update(inspect.getsource(cls).encode())
+            except (OSError, TypeError):
+                digest.update(b"?")  # no source to read (defined in a notebook cell or built at run time)
+    return digest.hexdigest()
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -135,6 +160,9 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _describe(unit: nn.Sequential) -> str:
     return "+".join(type(m).__name__ for m in unit.children())
+
+
+PROFILE_VERSION = 1  # bump when what profile_chain measures changes, so cached profiles are measured again
 
 
 class ProfileCache:
