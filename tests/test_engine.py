@@ -598,3 +598,21 @@ def test_a_pause_ends_when_the_budget_returns_even_where_clock_sums_round_down()
     finally:
         signal.alarm(0)
     assert r["pauses"] == 1 and r["steps"] == 2 and r["paused_s"] == pytest.approx(resume - start_s - down)
+
+
+def test_evaluating_every_other_round_trains_the_same_and_leaves_the_others_unevaluated():
+    every = build_config({**tiny_config().model_dump(), "training": {**tiny_config().training.model_dump(), "rounds": 3}})
+    sparse = build_config({**every.model_dump(), "training": {**every.training.model_dump(), "eval_every": 2}})
+    dense, thin = run_all(every)[0], run_all(sparse)[0]
+    assert [r["accuracy"] is None for r in thin] == [True, False, False]  # round 2, and always the last
+    assert thin[0]["loss"] is None
+    for a, b in zip(dense, thin):
+        if b["accuracy"] is not None:
+            assert (a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"])
+        assert a["devices"] == b["devices"]  # training did not change
+    from smartsplit.records import RoundRecord
+    from smartsplit.reports.summary import summarise
+
+    summary = summarise([RoundRecord.from_json(r) for r in thin], name="x", strategy="s", seed=0, fleet_size=6,
+                        target=0.0)
+    assert summary.final_accuracy == thin[-1]["accuracy"] and summary.to_target["round"] == 2

@@ -134,6 +134,7 @@ class TrainingConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     eval_batch_size: int = Field(1000, ge=1)
+    eval_every: int = Field(1, ge=1)  # evaluate the global model after every N-th round, and after the last
     round_deadline_s: float | None = Field(None, gt=0)  # a device paused past it stops for the round
 
     @model_validator(mode="after")

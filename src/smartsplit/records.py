@@ -53,8 +53,8 @@ class RoundRecord:
     """One round: test accuracy after aggregation, what the round cost, and every device's report."""
 
     round: int
-    accuracy: float
-    loss: float
+    accuracy: float | None  # of the global model on the test set after the round (None: not evaluated)
+    loss: float | None
     participants: int
     excluded: int  # devices the strategy's memory rule kept out
     offline: int  # devices offline when the round started

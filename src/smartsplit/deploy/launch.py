@@ -109,7 +109,8 @@ def _wait(server: subprocess.Popen, progress: bool, run_dir: Path, rounds: int) 
             lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             for record in lines[seen:]:
                 if progress:
-                    print(f"round {record['round']}/{rounds}: accuracy {record['accuracy']:.4f}, wall "
+                    accuracy = "not evaluated" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
+                    print(f"round {record['round']}/{rounds}: accuracy {accuracy}, wall "
                           f"{record['wall_s']:.1f} s, simulated {record['latency_s']:.1f} s"
                           + (f", faults {record['faults']}" if record.get("faults") else ""), file=sys.stderr)
             seen = max(seen, len(lines))

@@ -332,12 +332,13 @@ class Experiment:
         reports = outcome.reports
         latency = max((r.finish_s for r in reports), default=0.0)
         self.clock_s += latency
-        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results)
+        evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds
+        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results, evaluated)
         compute_s = sum(r.compute_s for r in reports)
         return RoundRecord(
             round=rnd + 1,
-            accuracy=evaluation.accuracy,
-            loss=evaluation.loss,
+            accuracy=evaluation.accuracy if evaluation else None,
+            loss=evaluation.loss if evaluation else None,
             participants=len(device_instructions),
             excluded=plan.excluded,
             offline=len(self.devices) - len(candidates),

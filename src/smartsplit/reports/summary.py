@@ -40,7 +40,8 @@ class RunSummary:
 def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed: int | None, fleet_size: int | None,
               target: float | None = None, wall_s: float | None = None, run_dir: str | None = None) -> RunSummary:
     n = max(len(records), 1)
-    reached = next((r for r in records if target is not None and r.accuracy >= target), None)
+    evaluated = [r for r in records if r.accuracy is not None]
+    reached = next((r for r in evaluated if target is not None and r.accuracy >= target), None)
     peaks = [p for r in records for p in r.peak_measured_mb or [] if p is not None]
     latencies = [r.latency_s for r in records]
     participation = None
@@ -51,8 +52,8 @@ def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed:
         strategy=strategy,
         seed=seed,
         rounds=len(records),
-        final_accuracy=records[-1].accuracy if records else None,
-        best_accuracy=max((r.accuracy for r in records), default=None),
+        final_accuracy=evaluated[-1].accuracy if evaluated else None,
+        best_accuracy=max((r.accuracy for r in evaluated), default=None),
         participation_rate=participation,
         mean_participants=sum(r.participants for r in records) / n,
         max_peak_measured_mb=max(peaks, default=0.0),

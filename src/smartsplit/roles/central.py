@@ -85,14 +85,15 @@ class CentralRole:
         ]
         return devices, edges
 
-    def finish_round(self, rnd: int, edge_updates: list[list[Update]], results: Sequence[DeviceResult]) -> Evaluation:
+    def finish_round(self, rnd: int, edge_updates: list[list[Update]], results: Sequence[DeviceResult],
+                     evaluate_now: bool = True) -> Evaluation | None:
         """Aggregate (devices and edge copies merged per edge server, then across edges), let the strategy
-        learn from the reports and observations, and evaluate the new global model."""
+        learn from the reports and observations, and evaluate the new global model (unless not ``evaluate_now``)."""
         aggregate(self.model, [merge(group) for group in edge_updates if group])
         observations = {r.report.device: r.observations for r in results if r.observations}
         self.strategy.round_finished(rnd, [r.report for r in results],
                                      observations if self._observer is not None else None)
-        return evaluate(self.model, self.test, self.eval_batch_size)
+        return evaluate(self.model, self.test, self.eval_batch_size) if evaluate_now else None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}

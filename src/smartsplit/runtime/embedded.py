@@ -39,6 +39,10 @@ def _read_records(path: Path, limit: int | None) -> list[dict]:
                               "start the run again with --overwrite") from None
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _rewrite(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -118,9 +122,11 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
                 metrics.write(json.dumps(record.to_json()) + "\n")
                 metrics.flush()
                 save(record.round)
-                bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
-                log.debug("%s round %d: accuracy %.4f, loss %.4f, %d devices, cuts %s, latency %.1f s (simulated), "
-                          "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, record.accuracy, record.loss,
+                if record.accuracy is not None:
+                    bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
+                log.debug("%s round %d: accuracy %s, loss %s, %d devices, cuts %s, latency %.1f s (simulated), "
+                          "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, _figure(record.accuracy),
+                          _figure(record.loss),
                           record.participants, record.cuts, record.latency_s, record.oom_events, record.dropouts,
                           record.wall_s)
                 bar.update()
