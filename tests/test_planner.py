@@ -11,7 +11,7 @@ import torch
 from smartsplit.engine.step import split_step
 from smartsplit.memory import planner
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
-from smartsplit.memory.ondevice import OnDeviceManager, micro_batch_sizes
+from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo, micro_batch_sizes
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models import build_model, profile_chain
 from smartsplit.models.profile import ModelProfile, ProfileCache, UnitProfile
@@ -164,3 +164,30 @@ def test_manager_plans_fit_and_shrink_with_budget():
         assert plan.peak_bytes == device_memory(profile, plan.cut, slots=1, segments=plan.segments, micro_batches=plan.round_trips).total
     assert manager.deepest_fitting_cut(5, 1000) is None
     assert micro_batch_sizes(32) == [32, 16, 8, 4, 2, 1]
+
+
+def test_managers_sharing_a_memo_plan_exactly_as_managers_alone(monkeypatch):
+    import smartsplit.memory.ondevice as ondevice
+
+    model = build_model("cnn", width=0.5)
+    cache = ProfileCache()
+    profile_at = lambda m: cache.get("cnn", model, (1, 28, 28), m)  # noqa: E731
+    whole = OnDeviceManager(profile_at, 32, 1, 1e9, 0.02).plan(5, 2**40).peak_bytes
+    budgets = [whole // d for d in (1, 2, 3, 7, 19)]
+    speeds = [1e8, 3e9, 5e10]  # the fastest plan depends on the device's speed: the memo must not share that
+    alone = [[OnDeviceManager(profile_at, 32, 1, s, 0.02).plan(cut, b) for cut in range(1, 6) for b in budgets] for s in speeds]
+    calls = []
+    counted = ondevice.device_memory
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(ondevice, "device_memory", counting)
+    memo = PlanMemo()
+    shared = [[OnDeviceManager(profile_at, 32, 1, s, 0.02, memo=memo).plan(cut, b) for cut in range(1, 6) for b in budgets]
+              for s in speeds]
+    assert shared == alone
+    plain_calls = len(memo._plain)
+    assert plain_calls == 5 * len(micro_batch_sizes(32))  # each (cut, micro-batch) once for every device
+    assert len(calls) < len(speeds) * len(alone[0]) * len(micro_batch_sizes(32))

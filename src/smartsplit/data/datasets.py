@@ -248,5 +248,5 @@ def _load_cifar(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _normalise(images: np.ndarray, key: str) -> torch.Tensor:
     """uint8 N x C x H x W to float32 scaled to [0, 1] then standardised per channel."""
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in _NORM[key])
-    x = torch.from_numpy(images.astype(np.float32))  # the one copy (IDX arrays are read-only); the rest in place
-    return x.div_(255.0).sub_(mean).div_(std)
+    x = torch.tensor(images).float()  # torch's own (aligned) memory: kernels' results depend on alignment
+    return x.div_(255.0).sub_(mean).div_(std)  # in place: one float copy of the data set, not three

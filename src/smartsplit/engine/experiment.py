@@ -32,7 +32,7 @@ from smartsplit.fleet import (
     sample_fleet,
 )
 from smartsplit.memory.model import optimizer_slots
-from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
+from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager, PlanMemo
 from smartsplit.meter.heap import HeapMeter, MeterUnavailable, shim_path
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
@@ -150,10 +150,10 @@ def build_architecture(config: Config, train: Dataset) -> nn.Sequential:
 
 
 def device_manager(config: Config, profile_at: Callable[[int], ModelProfile], optimizer: OptimizerSpec,
-                   device: Device, checkpointing: bool) -> OnDeviceManager:
+                   device: Device, checkpointing: bool, memo: PlanMemo | None = None) -> OnDeviceManager:
     """The on-device manager of ``device`` (the central server keeps one per device too, to predict plans)."""
     return OnDeviceManager(profile_at, config.training.batch_size, optimizer.slots, device.flops_per_s,
-                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing)
+                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing, memo=memo)
 
 
 class RoundExecutor(Protocol):
@@ -219,6 +219,7 @@ class Experiment:
         self.traces = build_traces(config, self.devices)
         self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
+        self.plan_memo = PlanMemo()  # what every device's planning shares
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
         self.predictors = [self._manager(device) for device in self.devices]  # the central server's plan predictions
         self.device_roles = [
@@ -231,7 +232,8 @@ class Experiment:
         self.clock_s = 0.0  # simulated time since the experiment started
 
     def _manager(self, device: Device) -> OnDeviceManager:
-        return device_manager(self.config, self.profile_at, self.optimizer, device, self.strategy.rules.checkpointing)
+        return device_manager(self.config, self.profile_at, self.optimizer, device, self.strategy.rules.checkpointing,
+                              self.plan_memo)
 
     @property
     def model(self) -> nn.Sequential:

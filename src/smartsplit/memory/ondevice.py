@@ -34,6 +34,28 @@ class DevicePlan:
 MAX_TIGHTENINGS = 8
 
 
+class PlanMemo:
+    """What planning shares across the devices of one model, batch and optimizer: the plain (nothing recomputed)
+    memory of each cut at each micro-batch size, and the activations each segmentation holds. Pure functions of
+    the profile, so sharing them changes no plan; it spares a fleet of thousands from computing them per device."""
+
+    def __init__(self) -> None:
+        self._plain: dict[tuple, MemoryBreakdown] = {}
+        self._held: dict[tuple, int] = {}
+
+    def plain(self, profile: ModelProfile, cut: int, slots: int, rounds: int) -> MemoryBreakdown:
+        key = (profile.input_shape, profile.batch, profile.dtype, cut, slots, rounds)
+        if key not in self._plain:
+            self._plain[key] = device_memory(profile, cut, slots=slots, micro_batches=rounds)
+        return self._plain[key]
+
+    def held(self, profile: ModelProfile, cut: int, segments: Segments) -> int:
+        key = (profile.input_shape, profile.batch, profile.dtype, cut, segments)
+        if key not in self._held:
+            self._held[key] = activation_peaks(profile, cut, segments)[0]
+        return self._held[key]
+
+
 def micro_batch_sizes(batch: int) -> list[int]:
     """Candidate micro-batch sizes: the batch, then halving down to 1."""
     sizes, m = [], batch
@@ -48,7 +70,8 @@ class OnDeviceManager:
 
     ``profile_at(m)`` returns the model's measured profile at micro-batch ``m``. ``round_trip_s`` is the time
     one extra micro-batch adds on the link (two messages' latency). ``checkpointing=False`` allows only the
-    plain plan (whole batch, nothing recomputed), as the baselines run.
+    plain plan (whole batch, nothing recomputed), as the baselines run. Managers of one model, batch and
+    optimizer may share a ``memo`` (``PlanMemo``) of what does not depend on the device.
     """
 
     def __init__(
@@ -59,6 +82,7 @@ class OnDeviceManager:
         flops_per_s: float,
         round_trip_s: float,
         checkpointing: bool = True,
+        memo: PlanMemo | None = None,
     ) -> None:
         self.profile_at = profile_at
         self.batch = batch
@@ -66,6 +90,7 @@ class OnDeviceManager:
         self.flops_per_s = flops_per_s
         self.round_trip_s = round_trip_s
         self.checkpointing = checkpointing
+        self.memo = memo if memo is not None else PlanMemo()
         self._plans: dict[tuple[int, int, bool], DevicePlan | None] = {}
 
     def plan(self, cut: int, budget: int) -> DevicePlan | None:
@@ -89,7 +114,7 @@ class OnDeviceManager:
         for m in sizes:
             profile = self.profile_at(m)
             rounds = math.ceil(self.batch / m)
-            memory = device_memory(profile, cut, slots=self.slots, micro_batches=rounds)
+            memory = self.memo.plain(profile, cut, self.slots, rounds)
             segments, recompute = (), 0
             if memory.total > budget:
                 if not self.checkpointing:
@@ -106,7 +131,7 @@ class OnDeviceManager:
                 micro_batch=m,
                 segments=segments,
                 memory=memory,
-                held_bytes=activation_peaks(profile, cut, segments)[0],
+                held_bytes=self.memo.held(profile, cut, segments),
                 recompute_flops=int(recompute * scale),
                 compute_s=compute_s + recompute_time,
                 recompute_s=recompute_time,
