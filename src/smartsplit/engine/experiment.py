@@ -330,7 +330,7 @@ class Experiment:
         }
         device_instructions, edge_instructions = self.central.instructions(rnd, plan, self.clock_s)
         observer = self.central.step_observer()
-        outcome = (self.executor or self.train_here)(self, device_instructions, edge_instructions, observer)
+        outcome = (self.executor or Experiment.train_here)(self, device_instructions, edge_instructions, observer)
         reports = outcome.reports
         latency = max((r.finish_s for r in reports), default=0.0)
         self.clock_s += latency
@@ -368,11 +368,10 @@ class Experiment:
             decision=decision,
         )
 
-    @staticmethod
-    def train_here(experiment: Experiment, device_instructions: list[RoundInstructions],
-                   edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome:
-        """The round's training in this process: every device and edge role, wired by the round engine."""
-        self = experiment
+    def train_here(self, device_instructions: list[RoundInstructions], edge_instructions: list[EdgeInstructions],
+                   observer: StepObserver | None) -> RoundOutcome:
+        """The round's training in this process: every device and edge role, wired by the round engine (the
+        default ``RoundExecutor``: called as ``Experiment.train_here(experiment, ...)`` like any other)."""
         for edge, instructions in zip(self.edge_roles, edge_instructions):
             edge.start_round(instructions, observer)
         participants = [
