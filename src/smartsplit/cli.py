@@ -15,6 +15,7 @@ def _run(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
     from smartsplit.runtime.embedded import resume_config, run_experiment
 
+    args.set += _engine_overrides(args)
     if args.resume:
         if args.config or args.out or args.overwrite:
             raise SmartSplitError("run --resume RUN_DIR continues the run in RUN_DIR with its own config.yaml: give no "
@@ -31,6 +32,16 @@ def _run(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
     print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+
+
+def _engine_overrides(args: argparse.Namespace) -> list[str]:
+    """``--engine``, ``--workers``, ``--ray-address`` as the config fields they set."""
+    out = [f"engine={args.engine}"] if args.engine else []
+    if getattr(args, "round_workers", None) is not None:
+        out.append(f"workers={args.round_workers}")
+    if args.ray_address:
+        out.append(f"ray_address={args.ray_address}")
+    return out
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -56,7 +67,7 @@ def _compare(args: argparse.Namespace) -> None:
     from smartsplit.reports.table import format_table, markdown_table
     from smartsplit.runtime.folder import check_writable
 
-    base = load_config(args.config, args.set)
+    base = load_config(args.config, args.set + _engine_overrides(args))
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
@@ -247,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartsplit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def engine_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--engine", choices=["sequential", "parallel", "ray"],
+                             help="where rounds train (the config's engine; same results on each)")
+        command.add_argument("--ray-address", metavar="ADDRESS",
+                             help="ray: the cluster to join, e.g. auto or ray://head:10001 (default: a local Ray)")
+
     run = sub.add_parser("run", help="run one experiment from a YAML config")
     run.add_argument("config", nargs="?")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished round")
@@ -256,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     run.add_argument("--verbose", action="store_true", help="a line per round, and debug messages")
+    engine_options(run)
+    run.add_argument("--workers", dest="round_workers", type=int, metavar="N",
+                     help="parallel/ray: worker processes or actors (default: cores // threads)")
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a config and build its experiment (data, model, fleet) without training")
@@ -273,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true", help="replace runs already in the run folders")
     compare.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     compare.add_argument("--verbose", action="store_true", help="a line per round of every run, and debug messages")
+    engine_options(compare)
     compare.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="write report.md and figures for one or more run folders")

@@ -195,6 +195,12 @@ class Config(_Section):
     # measure device memory with the heap meter (profiles calibrated, peaks measured); false: plans rest on
     # saved-tensor profiles alone and no peak is measured (faster, and the same on every machine)
     meter: bool = True
+    # where rounds train; results are the same on every engine (so a run may resume on another): sequential
+    # (this process), parallel (a round's independent parts in `workers` local processes), ray (on a Ray
+    # cluster: `ray_address`, or a local Ray when null)
+    engine: Literal["sequential", "parallel", "ray"] = "sequential"
+    workers: int | None = Field(None, ge=1)  # parallel/ray: processes or actors (default: cores // threads)
+    ray_address: str | None = None  # ray: the cluster to join ("auto", "ray://head:10001"); null: start a local one
 
     @field_validator("name")
     @classmethod

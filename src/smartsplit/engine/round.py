@@ -74,11 +74,55 @@ def run_round(
     end before it runs neither on the device nor on the edge, the edge queue is let go, its finished steps count
     (its update as of its last finished step is aggregated; the upload's time is not charged), and the round
     goes on without it.
+    Each edge's updates come in device-id order (a device's update, then the edge's copy of its units), the
+    shared copy last: aggregation does not depend on which device finished first, so devices that share
+    nothing can train apart (``engine.parallel``) and give the same global model.
     """
+    return assemble(simulate(participants, edges, edge_specs, profile, start_s, deadline_s, options, observer),
+                    len(edges))
+
+
+@dataclass
+class RoundParts:
+    """What a simulated round produced, before it is put in aggregation order: several parts (devices that
+    trained apart) assemble into the outcome one simulation of them all would have given."""
+
+    device_updates: dict[int, tuple[int, list[Update]]]  # device id -> (edge, its update and the edge's copy)
+    shared: dict[int, Update]  # edge -> its shared copy (edges that keep one)
+    results: list[DeviceResult]
+
+
+def assemble(parts: list[RoundParts] | RoundParts, num_edges: int) -> RoundOutcome:
+    """The round's outcome from its parts: per edge, its devices' updates in device-id order, then its shared
+    copy (an edge's shared copy must come from one part only)."""
+    parts = [parts] if isinstance(parts, RoundParts) else parts
+    updates: list[list[Update]] = [[] for _ in range(num_edges)]
+    device_updates = {d: u for part in parts for d, u in part.device_updates.items()}
+    for device in sorted(device_updates):
+        edge, group = device_updates[device]
+        updates[edge].extend(group)
+    for part in parts:
+        for edge, shared in part.shared.items():
+            updates[edge].append(shared)
+    results = sorted((r for part in parts for r in part.results), key=lambda r: r.report.device)
+    return RoundOutcome(updates, results)
+
+
+def simulate(
+    participants: list[Participant],
+    edges: list[EdgeRole],
+    edge_specs: list[EdgeSpec],
+    profile: ModelProfile,
+    start_s: float = 0.0,
+    deadline_s: float | None = None,
+    options: EngineOptions = EngineOptions(),
+    observer: StepObserver | None = None,
+) -> RoundParts:
+    """``run_round``'s simulation, its results not yet in aggregation order."""
     num_units = profile.num_units
     env = simpy.Environment()
     queues = [simpy.Resource(env, capacity=1) for _ in edges]
-    updates: list[list[Update]] = [[] for _ in edges]
+    device_updates: dict[int, tuple[int, list[Update]]] = {}
     results: list[DeviceResult] = []
 
     def device_process(p: Participant, after: simpy.Process | None):
@@ -180,9 +224,7 @@ def run_round(
         times.finish_s = env.now
         result = device.finish_round(times)
         if result.update is not None:
-            updates[p.edge].append(result.update)
-            if own_copy is not None:
-                updates[p.edge].append(own_copy)
+            device_updates[device.id] = (p.edge, [result.update] + ([own_copy] if own_copy is not None else []))
             result = DeviceResult(result.update, result.report, result.observations + seen_by_edge)
         results.append(result)
 
@@ -192,12 +234,8 @@ def run_round(
         previous = process
     env.run()
 
-    for edge, group in zip(edges, updates):
-        shared = edge.finish_round()
-        if shared is not None:
-            group.append(shared)
-    results.sort(key=lambda r: r.report.device)
-    return RoundOutcome(updates, results)
+    shared = {e: copy for e, edge in enumerate(edges) if (copy := edge.finish_round()) is not None}
+    return RoundParts(device_updates, shared, results)
 
 
 def split_step(device: DeviceRole, edge: EdgeRole | None, step: int) -> StepDone | None:

@@ -52,10 +52,11 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise SmartSplitError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
-    others = [o for o in overrides if o.partition("=")[0].strip() != "training.rounds"]
+    free = ("training.rounds", "engine", "workers", "ray_address")  # what does not change results
+    others = [o for o in overrides if o.partition("=")[0].strip() not in free]
     if others:
         raise SmartSplitError(f"--resume: only training.rounds may change on resume (--set training.rounds=N to "
-                              f"extend the run); got --set {others[0]}")
+                              f"extend the run), and the engine (--engine, --workers); got --set {others[0]}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -63,6 +64,19 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise SmartSplitError(f"{path}: not a run's config (expected a mapping of sections)")
     return build_config(raw, overrides, source=str(path))
+
+
+def start_engine(config: Config, strategy: Strategy | None = None):
+    """The ``RoundExecutor`` of ``config.engine`` (None: sequential, in this process), started; close it after."""
+    if config.engine == "parallel":
+        from smartsplit.engine.parallel import ProcessRounds
+
+        return ProcessRounds(config, strategy, config.workers)
+    if config.engine == "ray":
+        from smartsplit.runtime.cluster import RayRounds
+
+        return RayRounds(config, strategy, config.workers)
+    return None
 
 
 def run_experiment(config: Config, run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
@@ -93,7 +107,13 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
     metrics_path, decisions_path, state_path = run_dir / "metrics.jsonl", run_dir / "decisions.jsonl", run_dir / "state.pt"
     written = _read_records(metrics_path, None)
     state = load_state(run_dir, config, len(written)) if resume else None
-    experiment = Experiment(config, strategy, executor=executor)
+    engine = executor or start_engine(config, strategy)
+    try:
+        experiment = Experiment(config, strategy, executor=engine)
+    except BaseException:
+        if engine is not executor:
+            engine.close()
+        raise
     try:
         start = experiment.load_state_dict(state) if state is not None else 0
         records = [RoundRecord.from_json(r) for r in written[:start]]
@@ -134,6 +154,8 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
         torch.save(experiment.model.state_dict(), run_dir / "model.pt")  # the final global model, plain tensors
     finally:
         experiment.close()
+        if engine is not executor:
+            engine.close()
     summary = summarise(records, name=config.name, strategy=config.strategy.name, seed=config.seed,
                         fleet_size=len(experiment.devices), target=config.target_accuracy,
                         wall_s=time.perf_counter() - started, run_dir=str(run_dir))

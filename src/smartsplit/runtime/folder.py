@@ -89,6 +89,8 @@ def fingerprint(config: Config) -> dict[str, Any]:
     """What a resumed run must share with the run it continues: the resolved config without its round count."""
     resolved = config.model_dump(mode="json")
     resolved["training"].pop("rounds")
+    for where in ("engine", "workers", "ray_address"):  # they do not change results
+        resolved.pop(where, None)
     return resolved
 
 

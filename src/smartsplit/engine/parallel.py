@@ -1,0 +1,163 @@
+"""A round's independent parts trained at once, in worker processes, with the sequential engine's results.
+
+What a round's devices share decides what may run apart. Devices attached to one edge server share its queue
+(simulated waiting times) and, with a shared server-side copy, its weights: they are simulated together, in
+one part, so the edge still sees their steps in simulated arrival order. A device that trains its whole model
+and may not move its cut (FedAvg) never touches its edge: it can train anywhere. Edge servers share nothing
+(the clock of each is its own). With ``edge_order: sequential`` every device waits for the previous one,
+across edges: the round is one part. Aggregation takes each edge's updates in device-id order
+(``engine.round.assemble``), so the parts assemble into the outcome one simulation of them all would give,
+bit for bit.
+
+Each worker holds a replica of the experiment's roles (data, fleet, shards, traces, on-device managers),
+built from the same config and seed, so a round's message to it is only the instructions of its part; the
+global model's weights travel in the instructions as they do to real devices. ``ProcessRounds`` runs the
+workers as local processes; ``smartsplit.runtime.cluster`` runs the same replicas as Ray actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import torch
+
+from smartsplit.config import Config
+from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
+from smartsplit.errors import SmartSplitError
+from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
+from smartsplit.strategies.base import StepObserver
+
+log = logging.getLogger(__name__)
+
+
+def default_workers(threads: int) -> int:
+    """One worker per ``threads`` cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(threads, 1))
+
+
+@dataclass(frozen=True)
+class Part:
+    """Devices simulated together in one worker, and the edge servers they train through."""
+
+    instructions: tuple[RoundInstructions, ...]
+    edges: tuple[int, ...]
+    load: float  # relative cost, to balance the workers
+
+
+def split_round(experiment, device_instructions: list[RoundInstructions], workers: int) -> list[Part]:
+    """At most ``workers`` parts of the round that share nothing, balanced by local steps (largest first onto
+    the least loaded worker)."""
+    x = experiment
+    if not device_instructions:
+        return []
+    steps = {i.device_id: max(x.local_steps[i.device_id], 1) for i in device_instructions}
+    atoms: list[list[RoundInstructions]] = []
+    if x.strategy.execution.edge_order == "sequential":
+        atoms.append(list(device_instructions))
+    else:
+        by_edge: dict[int, list[RoundInstructions]] = {}
+        for i in device_instructions:
+            alone = i.cut == x.num_units and not i.move_cut
+            if alone:
+                atoms.append([i])
+            else:
+                by_edge.setdefault(x.central.edge_of(i.device_id), []).append(i)
+        atoms += [by_edge[e] for e in sorted(by_edge)]
+    atoms.sort(key=lambda a: (-sum(steps[i.device_id] for i in a), a[0].device_id))
+    bins: list[list[RoundInstructions]] = [[] for _ in range(min(workers, len(atoms)))]
+    loads = [0.0] * len(bins)
+    for atom in atoms:
+        b = loads.index(min(loads))
+        bins[b] += atom
+        loads[b] += sum(steps[i.device_id] for i in atom)
+    order = {i.device_id: n for n, i in enumerate(device_instructions)}  # the sequential engine's process order
+    parts = []
+    for b, members in enumerate(bins):
+        members.sort(key=lambda i: order[i.device_id])
+        edges = tuple(sorted({x.central.edge_of(i.device_id) for i in members}))
+        parts.append(Part(tuple(members), edges, loads[b]))
+    return parts
+
+
+class Replica:
+    """A worker's copy of the experiment's roles; trains the parts of rounds it is handed."""
+
+    def __init__(self, config: Config, strategy_blob: bytes | None) -> None:
+        from smartsplit.engine.experiment import Experiment
+
+        torch.set_num_threads(config.threads)
+        strategy = pickle.loads(strategy_blob) if strategy_blob is not None else None
+        self.experiment = Experiment(config, strategy)
+
+    def train(self, part: Part, edge_instructions: list[EdgeInstructions], clock_s: float,
+              observer: StepObserver | None) -> RoundParts:
+        x = self.experiment
+        x.clock_s = clock_s
+        for e in part.edges:
+            x.edge_roles[e].start_round(edge_instructions[e], observer)
+        participants = [
+            Participant(x.device_roles[i.device_id], i, x.central.edge_of(i.device_id), x.availability[i.device_id])
+            for i in part.instructions
+        ]
+        return simulate(participants, x.edge_roles, x.edges, x.profile, start_s=clock_s,
+                        deadline_s=x.config.training.round_deadline_s, options=x.strategy.execution, observer=observer)
+
+    def close(self) -> None:
+        self.experiment.close()
+
+
+def strategy_blob(strategy) -> bytes | None:
+    """The strategy, pickled for the workers (None: they build the config's own)."""
+    if strategy is None:
+        return None
+    try:
+        return pickle.dumps(strategy)
+    except Exception as exc:
+        raise SmartSplitError(f"engine: the strategy {type(strategy).__name__} cannot be sent to worker processes "
+                              f"({type(exc).__name__}: {exc}); define it in an importable module, or run with "
+                              "engine: sequential") from None
+
+
+_replica: Replica | None = None  # the worker process's own (set by its initializer)
+
+
+def _start_worker(config_json: str, blob: bytes | None) -> None:
+    global _replica
+    _replica = Replica(Config.model_validate_json(config_json), blob)
+
+
+def _train(part: Part, edge_instructions, clock_s, observer) -> RoundParts:
+    return _replica.train(part, edge_instructions, clock_s, observer)
+
+
+class ProcessRounds:
+    """A ``RoundExecutor`` that trains each round's independent parts in ``workers`` local processes."""
+
+    def __init__(self, config: Config, strategy=None, workers: int | None = None) -> None:
+        self.workers = workers or default_workers(config.threads)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                         initializer=_start_worker, initargs=(config.model_dump_json(), strategy_blob(strategy)))
+
+    def __call__(self, experiment, device_instructions: list[RoundInstructions],
+                 edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome:
+        parts = split_round(experiment, device_instructions, self.workers)
+        if len(parts) <= 1:  # nothing to run at once: here, without the round trip
+            return experiment.train_here(device_instructions, edge_instructions, observer)
+        futures = [self._pool.submit(_train, part, edge_instructions, experiment.clock_s, observer) for part in parts]
+        try:
+            return assemble([f.result() for f in futures], len(experiment.edges))
+        except BrokenProcessPool:
+            raise SmartSplitError(
+                "engine: parallel: a worker process died (its error is above). A script that runs experiments with "
+                "engine: parallel must start them under `if __name__ == \"__main__\":` (workers are spawned and "
+                "import the script); else run with engine: sequential") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
