@@ -54,7 +54,13 @@ def run_many(
     ``overwrite``: replace runs already in their folders (else such a folder is refused).
     With ``progress``, one bar counts the rounds all runs have written so far (read from their metrics files).
     """
+    if configs and configs[0].engine == "ray":
+        from smartsplit.runtime.cluster import run_on_ray
+
+        return run_on_ray(configs, overwrite, configs[0].ray_address, on_done)
     workers = max(1, min(workers or os.cpu_count() or 1, len(configs)))
+    if workers > 1:  # the runs fill the cores: each trains its rounds in its own process
+        configs = [c.model_copy(update={"engine": "sequential"}) for c in configs]
     if workers == 1:
         from smartsplit.runtime.embedded import run_experiment
 

@@ -1,0 +1,456 @@
+"""Training and evaluation throughput of one FedAvg workload: SmartSplit (its CLI, ``smartsplit run``) against a
+plain PyTorch loop that trains the same samples (the ceiling), at 1 and 2 torch threads, and optionally Flower 1.42's
+simulation engine, each in a fresh process, measured on this machine in one invocation.
+
+The workload (benchmarks/throughput.yaml): Fashion-MNIST, the CNN ``cnn`` below as a user model (``model.name:
+throughput:cnn``), 100 devices with a Dirichlet(0.5) label partition, 10 a round, 10 rounds of 1 local epoch at
+batch 32, SGD lr 0.05 without momentum, the global model tested on the whole 10k test set after every round, every
+device an rpi4 with a constant 2 GiB budget (the whole model fits, so fedavg trains it whole, nothing recomputed).
+
+For each run it prints the samples trained, the training samples/s over the rounds (samples / the rounds' time
+less their evaluations), the evaluation samples/s (test examples evaluated / evaluation time), the samples/s over
+the whole process (samples / wall time from launch to exit, measured here) and the process's peak RSS (wait4's
+ru_maxrss: the largest single process of its tree) with the peak summed PSS of its process tree (sampled every
+0.5 s), then the ratios to the ceiling. SmartSplit's ``metrics.jsonl`` gives each round's ``wall_s``, samples and
+steps but does not separate evaluation from training, so the SmartSplit process is ``smartsplit.cli.main`` with
+timers wrapped around the engine's calls (evaluation, planning, device training, aggregation: the breakdown line);
+its round times are the metrics' ``wall_s``. The ceiling trains exactly SmartSplit's batches (each round's
+devices' batch sizes, from the metrics) on the same data, normalised the same way, with the same 10 evaluations.
+
+    .venv/bin/python benchmarks/throughput.py                                    # SmartSplit, ceiling at 1 and 2 threads
+    .venv/bin/python benchmarks/throughput.py --set threads=2                    # any --set goes to smartsplit run
+    .venv/bin/python benchmarks/throughput.py --flower /tmp/flwr-venv/bin/python # and Flower (benchmarks/flower_workload.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MB = 1024  # ru_maxrss and /proc figures are KiB
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # SmartSplit's normalisation (smartsplit.data.datasets._NORM)
+
+
+def cnn(in_channels: int = 1, num_classes: int = 10):
+    """The workload's model, a SmartSplit user model (``model.name: throughput:cnn``, benchmarks/ on PYTHONPATH)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 512), nn.ReLU(), nn.Linear(512, num_classes),
+    )
+
+
+# --------------------------------------------------------------------------- measuring a process
+
+
+def _tree_memory_kb(root: int) -> int:
+    """Summed PSS (RSS where PSS cannot be read) of ``root`` and every descendant, KiB."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+            except OSError:
+                pass
+    return total
+
+
+def launch(command: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``command`` to its end: wall time from launch to exit, its peak RSS (wait4: the largest process of its
+    tree, waited-for children included) and the peak summed PSS of its tree, sampled every 0.5 s."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        tree_kb = 0
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            tree_kb = max(tree_kb, _tree_memory_kb(child.pid))
+            time.sleep(0.5)
+    wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    return {"rc": child.returncode, "process_s": wall, "peak_rss_mb": usage.ru_maxrss / MB,
+            "peak_tree_pss_mb": tree_kb / MB, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "log": str(log)}
+
+
+def tail(path: str, lines: int = 15) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- SmartSplit's process
+
+
+def smartsplit_child(timers_path: str, cli_args: list[str]) -> int:
+    """``smartsplit.cli.main(cli_args)``, with timers around the engine's calls, written to ``timers_path``."""
+    import smartsplit.cli as cli
+    from smartsplit.engine import experiment as engine
+    from smartsplit.roles import central
+
+    timers: dict = {"rounds": [], "outside_rounds": {}}
+    current: dict | None = None
+
+    def timed(owner, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                bucket = current if current is not None else timers["outside_rounds"]
+                bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - started
+                bucket[key + "_calls"] = bucket.get(key + "_calls", 0) + 1
+
+        setattr(owner, name, wrapper)
+
+    run_round = engine.Experiment.run_round
+
+    @functools.wraps(run_round)
+    def timed_round(self, rnd):
+        nonlocal current
+        current = {"round": rnd + 1}
+        started = time.perf_counter()
+        try:
+            return run_round(self, rnd)
+        finally:
+            current["round_s"] = time.perf_counter() - started
+            timers["rounds"].append(current)
+            current = None
+
+    engine.Experiment.run_round = timed_round
+    timed(engine.Experiment, "__init__", "setup_s")  # data, model, fleet, roles, the meter's process
+    timed(engine.Experiment, "candidates", "planning_s")  # every device planned at every cut (profiles on round 1)
+    timed(engine.Experiment, "train_here", "device_training_s")  # the round engine: the devices' local steps
+    timed(central.CentralRole, "finish_round", "finish_s")  # aggregation, the strategy's bookkeeping, evaluation
+    timed(central, "evaluate", "eval_s")  # the global model on the test set
+    try:
+        return cli.main(cli_args)
+    finally:
+        Path(timers_path).write_text(json.dumps(timers))
+
+
+def run_smartsplit(args, workdir: Path) -> dict:
+    run_dir, timers_path = workdir / "smartsplit-run", workdir / "smartsplit-timers.json"
+    cli_args = ["run", args.config, *[a for s in args.set for a in ("--set", s)], "--out", str(run_dir), "--overwrite",
+                "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    timers_path.unlink(missing_ok=True)
+    measured = launch([sys.executable, __file__, "--smartsplit-child", str(timers_path), "--", *cli_args],
+                      workdir / "smartsplit.log", env)
+    measured["command"] = "PYTHONPATH=benchmarks smartsplit " + shlex.join(cli_args)
+    if measured["rc"] != 0 or not (run_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"smartsplit run failed (exit {measured['rc']}); last lines of {measured['log']}:\n"
+                         f"{tail(measured['log'])}")
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timers = json.loads(timers_path.read_text())
+    if len(timers["rounds"]) != len(records):
+        raise SystemExit(f"timed {len(timers['rounds'])} rounds but metrics.jsonl has {len(records)}")
+    t = config["training"]
+    rounds = []
+    for rec, tim in zip(records, timers["rounds"]):
+        devices = rec["devices"]
+        rounds.append({
+            "round": rec["round"], "wall_s": rec["wall_s"], "timed_round_s": tim["round_s"],
+            "eval_s": tim.get("eval_s", 0.0), "evaluations": tim.get("eval_s_calls", 0),
+            "planning_s": tim.get("planning_s", 0.0), "device_training_s": tim.get("device_training_s"),
+            "aggregation_s": tim.get("finish_s", 0.0) - tim.get("eval_s", 0.0),
+            "samples": sum(d["samples"] for d in devices), "steps": sum(d["steps"] for d in devices),
+            "accuracy": rec["accuracy"],
+            # the ceiling trains these: each device's batches, full ones then its short last one
+            "batches": [b for d in devices for b in _batch_sizes(d["samples"], d["steps"], t["batch_size"])],
+        })
+    samples = sum(r["samples"] for r in rounds)
+    eval_s = sum(r["eval_s"] for r in rounds)
+    train_s = sum(r["wall_s"] - r["eval_s"] for r in rounds)
+    device_s = [r["device_training_s"] for r in rounds]
+    evaluations = sum(r["evaluations"] for r in rounds)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return {
+        "name": f"smartsplit {config['strategy']['name']} ({config['threads']} thread{'s' * (config['threads'] > 1)})",
+        **measured, "config": config, "rounds": rounds, "samples": samples, "steps": sum(r["steps"] for r in rounds),
+        "train_s": train_s, "eval_s": eval_s, "evaluations": evaluations, "test_examples": None,
+        "planning_s": sum(r["planning_s"] for r in rounds), "aggregation_s": sum(r["aggregation_s"] for r in rounds),
+        "device_training_s": None if None in device_s else sum(device_s),
+        "setup_s": timers["outside_rounds"].get("setup_s", 0.0), "run_wall_s": summary.get("wall_s"),
+        "final_accuracy": rounds[-1]["accuracy"], "run_dir": str(run_dir),
+    }
+
+
+def _batch_sizes(samples: int, steps: int, batch: int) -> list[int]:
+    last = samples - batch * (steps - 1)
+    if steps >= 1 and 1 <= last <= batch:
+        return [batch] * (steps - 1) + [last]
+    return [samples // steps + (i < samples % steps) for i in range(steps)]  # not SmartSplit's shape: spread evenly
+
+
+# --------------------------------------------------------------------------- the ceiling
+
+
+def read_idx(path: Path):
+    import numpy as np
+
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
+
+
+def load_fmnist(root: str):
+    """Fashion-MNIST as SmartSplit holds it: float32 N x 1 x 28 x 28, /255, then (x - mean) / std; int64 labels."""
+    import numpy as np
+    import torch
+
+    def find(stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (Path(root) / name).exists():
+                return Path(root) / name
+        raise SystemExit(f"{stem}[.gz] not found in {root}")
+
+    def images(stem: str):
+        return torch.tensor(read_idx(find(stem))[:, None]).float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)
+
+    def labels(stem: str):
+        return torch.from_numpy(read_idx(find(stem)).astype(np.int64))
+
+    return (images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
+            images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))
+
+
+def ceiling_child(plan_path: str, result_path: str) -> None:
+    """One model, one optimizer, SmartSplit's batches in a plain loop, the same evaluations after each round."""
+    import torch
+    import torch.nn.functional as F
+
+    plan = json.loads(Path(plan_path).read_text())
+    torch.set_num_threads(plan["threads"])
+    x, y, x_test, y_test = load_fmnist(plan["root"])
+    torch.manual_seed(plan["seed"])
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=plan["lr"], momentum=plan["momentum"])
+    g = torch.Generator().manual_seed(plan["seed"])
+    order, rounds = torch.randperm(len(y), generator=g), []
+    for batches in plan["rounds"]:
+        started = time.perf_counter()
+        for size in batches:
+            if len(order) < size:
+                order = torch.cat([order, torch.randperm(len(y), generator=g)])
+            idx, order = order[:size], order[size:]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(y_test), plan["eval_batch"]):
+                logits = model(x_test[start:start + plan["eval_batch"]])
+                F.cross_entropy(logits, y_test[start:start + plan["eval_batch"]], reduction="sum").item()
+                correct += (logits.argmax(1) == y_test[start:start + plan["eval_batch"]]).sum().item()
+        rounds.append({"samples": sum(batches), "steps": len(batches), "train_s": train_s,
+                       "eval_s": time.perf_counter() - started, "accuracy": correct / len(y_test)})
+    Path(result_path).write_text(json.dumps({"rounds": rounds, "test_examples": len(y_test)}))
+
+
+def run_ceiling(threads: int, smartsplit: dict, workdir: Path) -> dict:
+    c = smartsplit["config"]
+    plan_path, result_path = workdir / f"ceiling-{threads}-plan.json", workdir / f"ceiling-{threads}.json"
+    plan_path.write_text(json.dumps({
+        "threads": threads, "seed": c["seed"], "lr": c["training"]["lr"], "momentum": c["training"]["momentum"],
+        "eval_batch": c["training"]["eval_batch_size"], "rounds": [r["batches"] for r in smartsplit["rounds"]],
+        "root": c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
+    }))
+    if c["training"]["optimizer"] != "sgd" or c["data"]["dataset"] != "fashion-mnist" or c["data"].get("pad_to"):
+        raise SystemExit("the ceiling knows SGD on unpadded Fashion-MNIST only; keep those in the config")
+    measured = launch([sys.executable, __file__, "--ceiling-child", str(plan_path), str(result_path)],
+                      workdir / f"ceiling-{threads}.log")
+    if measured["rc"] != 0:
+        raise SystemExit(f"the ceiling failed (exit {measured['rc']}):\n{tail(measured['log'])}")
+    out = json.loads(result_path.read_text())
+    rounds = out["rounds"]
+    return {"name": f"plain PyTorch ({threads} thread{'s' * (threads > 1)})", **measured, "rounds": rounds,
+            "samples": sum(r["samples"] for r in rounds), "steps": sum(r["steps"] for r in rounds),
+            "train_s": sum(r["train_s"] for r in rounds), "eval_s": sum(r["eval_s"] for r in rounds),
+            "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"]}
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def run_flower(python: str, smartsplit: dict, workdir: Path) -> dict:
+    c, t = smartsplit["config"], smartsplit["config"]["training"]
+    result_path = workdir / "flower.json"
+    result_path.unlink(missing_ok=True)
+    command = [python, str(HERE / "flower_workload.py"), "--root", c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
+               "--clients", str(c["fleet"]["devices"]), "--per-round", str(t["devices_per_round"]),
+               "--rounds", str(t["rounds"]), "--epochs", str(int(t["local_epochs"] or 1)), "--batch", str(t["batch_size"]),
+               "--lr", str(t["lr"]), "--alpha", str(c["data"]["alpha"]), "--seed", str(c["seed"]),
+               "--eval-batch", str(t["eval_batch_size"]), "--server-threads", str(c["threads"]), "--result", str(result_path)]
+    if t["local_epochs"] is None or t["momentum"] or t["optimizer"] != "sgd" or c["data"]["partition"] != "dirichlet":
+        print("note: flower_workload.py runs SGD without momentum, local epochs, a Dirichlet partition; the "
+              "SmartSplit config differs", file=sys.stderr)
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")
+    measured = launch(command, workdir / "flower.log", env)
+    measured["command"] = shlex.join(command)
+    if measured["rc"] != 0 or not result_path.exists():
+        raise SystemExit(f"the Flower run failed (exit {measured['rc']}); last lines of {measured['log']}:\n"
+                         f"{tail(measured['log'], 30)}")
+    out = json.loads(result_path.read_text())
+    return {"name": f"flower {out['flwr']} (2 clients at once)", **measured, **{k: out[k] for k in (
+        "rounds", "evals", "samples", "steps", "train_s", "eval_s", "evaluations", "test_examples", "client_train_s",
+        "first_round_at_s", "final_accuracy", "errors")}, "own_peak_rss_mb": out["peak_rss_mb"]}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def figures(row: dict, test_examples: int) -> dict:
+    n = row.get("test_examples") or test_examples
+    return {"train_sps": row["samples"] / row["train_s"], "eval_sps": row["evaluations"] * n / row["eval_s"],
+            "process_sps": row["samples"] / row["process_s"]}
+
+
+def print_table(rows: list[dict], test_examples: int) -> None:
+    head = (f"{'run':<32} {'samples':>7} {'train s':>8} {'train smp/s':>11} {'evals':>5} {'eval s':>7} "
+            f"{'eval smp/s':>10} {'process s':>9} {'process smp/s':>13} {'peak RSS MB':>11} {'tree PSS MB':>11} {'acc':>6}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        f = row["figures"]
+        print(f"{row['name']:<32} {row['samples']:>7} {row['train_s']:>8.1f} {f['train_sps']:>11.0f} "
+              f"{row['evaluations']:>5} {row['eval_s']:>7.1f} {f['eval_sps']:>10.0f} {row['process_s']:>9.1f} "
+              f"{f['process_sps']:>13.0f} {row['peak_rss_mb']:>11.0f} {row['peak_tree_pss_mb']:>11.0f} "
+              f"{row['final_accuracy']:>6.3f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--smartsplit-child":  # the measured SmartSplit process
+        sys.exit(smartsplit_child(sys.argv[2], sys.argv[4:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--ceiling-child":  # the measured ceiling process
+        ceiling_child(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="benchmarks/throughput.yaml")
+    parser.add_argument("--set", "--extra-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to smartsplit run as --set KEY=VALUE (repeat it), e.g. threads=2")
+    parser.add_argument("--threads", default="1,2", help="torch threads of the plain PyTorch ceiling runs")
+    parser.add_argument("--flower", metavar="PYTHON", help="a Python with flwr[simulation]==1.42.0 and torch: also "
+                        "run benchmarks/flower_workload.py with it")
+    parser.add_argument("--out", default="runs/throughput/throughput.json",
+                        help="results as JSON; logs and SmartSplit's run folder go beside it")
+    args = parser.parse_args()
+    out = Path(args.out)
+    workdir = out.parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    print(f"measured on {platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
+          f"{torch.__version__}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the start; "
+          f"{args.config} {' '.join('--set ' + s for s in args.set)}".rstrip(), flush=True)
+    started = time.perf_counter()
+    ss = run_smartsplit(args, workdir)
+    print(f"smartsplit: {ss['samples']} samples in {len(ss['rounds'])} rounds, {ss['process_s']:.1f} s "
+          f"({ss['command']})", flush=True)
+    rows = [ss]
+    for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
+        rows.append(run_ceiling(threads, ss, workdir))
+        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+    test_examples = rows[1]["test_examples"] if len(rows) > 1 else 10000  # the test set's size, as the ceiling read it
+    if args.flower:
+        rows.append(run_flower(args.flower, ss, workdir))
+        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+    for row in rows:
+        row["figures"] = figures(row, test_examples)
+    print()
+    print_table(rows, test_examples)
+    if not args.flower:
+        print("flower: skipped (give --flower /path/to/python with flwr[simulation]==1.42.0 to run it)")
+    print("train smp/s: samples / the rounds' time less their evaluations; eval smp/s: test examples evaluated / "
+          "evaluation time; process smp/s: samples / launch to exit; peak RSS: largest process (wait4, children "
+          "included); tree PSS: summed over the process tree, sampled every 0.5 s")
+
+    # SmartSplit's time, by where it went
+    device = ss["device_training_s"]
+    other = ss["train_s"] - ss["planning_s"] - ss["aggregation_s"] - (device or 0.0)
+    first = ss["rounds"][0]
+    print(f"\nsmartsplit breakdown: setup (data, model, fleet, meter) {ss['setup_s']:.1f} s; in rounds: planning "
+          f"{ss['planning_s']:.1f} s (round 1: {first['planning_s']:.1f} s, profiles measured), device training "
+          + (f"{device:.1f} s ({ss['samples'] / device:.0f} samples/s)" if device else "not timed (another executor)")
+          + f", aggregation and strategy {ss['aggregation_s']:.1f} s, evaluation {ss['eval_s']:.1f} s, other "
+          f"{other:.1f} s; outside the rounds (start-up, imports, setup, state saves, exit) "
+          f"{ss['process_s'] - sum(r['wall_s'] for r in ss['rounds']):.1f} s of {ss['process_s']:.1f} s")
+    late = ss["rounds"][1:]
+    if late:
+        late_train = sum(r["wall_s"] - r["eval_s"] for r in late)
+        print(f"smartsplit rounds 2..{len(ss['rounds'])} only: {sum(r['samples'] for r in late) / late_train:.0f} "
+              f"training samples/s")
+    for row in rows:
+        if row["name"].startswith("flower"):
+            print(f"flower breakdown: first round began {row['first_round_at_s']:.1f} s into the process (Ray and "
+                  f"Flower start-up); clients' own training {row['client_train_s']:.1f} s summed over clients, 2 at "
+                  f"once; {row['errors']} failed replies")
+
+    print()
+    ceilings = [r for r in rows if r["name"].startswith("plain")]
+    others = [r for r in rows if not r["name"].startswith("plain")]
+    ratios = {}
+    for row in others:
+        for ceiling in ceilings:
+            key = f"{row['name']} / {ceiling['name']}"
+            ratios[key] = {k: row["figures"][k] / ceiling["figures"][k] for k in row["figures"]}
+            ratios[key]["peak_rss"] = row["peak_rss_mb"] / ceiling["peak_rss_mb"]
+            r = ratios[key]
+            print(f"{key}: train {r['train_sps']:.2f}x, eval {r['eval_sps']:.2f}x, process {r['process_sps']:.2f}x, "
+                  f"peak RSS {r['peak_rss']:.2f}x")
+    if len(others) > 1:
+        a, b = others[0], others[1]
+        key = f"{a['name']} / {b['name']}"
+        ratios[key] = {k: a["figures"][k] / b["figures"][k] for k in a["figures"]}
+        ratios[key]["peak_rss"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+        r = ratios[key]
+        print(f"{key}: train {r['train_sps']:.2f}x, eval {r['eval_sps']:.2f}x, process {r['process_sps']:.2f}x, "
+              f"peak RSS {r['peak_rss']:.2f}x")
+    print(f"\nwall time of the benchmark: {time.perf_counter() - started:.0f} s; load average at the end "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    out.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "argv": sys.argv, "rows": rows,
+                               "ratios": ratios}, indent=1, default=str))
+    print(f"results: {out}; logs and SmartSplit's run folder: {workdir}")
+
+
+if __name__ == "__main__":
+    main()

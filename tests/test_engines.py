@@ -1,0 +1,149 @@
+"""The parallel and Ray engines train what the sequential engine trains, bit for bit.
+
+A round splits into parts that share nothing (an edge server with the devices that train through it; devices
+that train their whole model and may not move their cut); each part trains in a worker (a local process or a
+Ray actor) and the parts assemble in device-id order, so every metric equals the sequential engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smartsplit.api import compare
+from smartsplit.config import build_config
+from smartsplit.engine.experiment import Experiment
+from smartsplit.engine.parallel import split_round
+from smartsplit.errors import SmartSplitError
+from smartsplit.runtime.embedded import run_experiment
+
+TINY = {
+    "name": "tiny", "seed": 5, "meter": False,
+    "data": {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 60},
+    "model": {"name": "cnn", "width": 1.0},
+    "fleet": {"devices": 6, "classes": {"mcu-psram": 0.5, "wearable": 0.5}},
+    "training": {"rounds": 2, "devices_per_round": 5, "local_steps": 3, "batch_size": 16},
+    "strategy": {"name": "smartsplit"},
+    "edge": {"servers": 2},
+}
+ROOMY = ["fleet.classes={phone-entry: 1.0}"]  # every device fits the whole model
+# budgets that swing hard mid-round: re-plans, cut moves (units handed to the edge), pauses
+SQUEEZED = ["fleet.budgets.kind=foreground", "fleet.budgets.mean_gap_s=0.5", "fleet.budgets.mean_hold_s=1",
+            "fleet.budgets.max_take=0.95", "fleet.budgets.floor=0.01", "fleet.budgets.horizon_s=3000"]
+
+
+def config(tmp_path: Path, *overrides: str):
+    return build_config({**TINY, "output_dir": str(tmp_path / "runs")}, list(overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("wall_s")
+    return records
+
+
+def sequential(tmp_path: Path, *overrides: str) -> list[dict]:
+    run_experiment(config(tmp_path, "name=sequential", *overrides), progress=False)
+    return metrics(tmp_path / "runs" / "sequential")
+
+
+def first_round(tmp_path: Path, *overrides: str):
+    x = Experiment(config(tmp_path, *overrides))
+    plan = x.central.plan_round(0, x.candidates(), x.config.training.devices_per_round)
+    instructions, _ = x.central.instructions(0, plan, 0.0)
+    return x, instructions
+
+
+def test_a_round_splits_into_parts_that_share_nothing(tmp_path):
+    x, instructions = first_round(tmp_path, "strategy.name=fedavg")  # every device trains alone
+    parts = split_round(x, instructions, workers=2)
+    assert len(parts) == 2 and sorted(i.device_id for p in parts for i in p.instructions) == sorted(i.device_id for i in instructions)
+    assert abs(parts[0].load - parts[1].load) <= max(x.local_steps)  # balanced by local steps
+
+    x, instructions = first_round(tmp_path, "strategy.name=splitfed")  # devices train through their edge
+    parts = split_round(x, instructions, workers=4)
+    assert len(parts) == 2  # one per edge server, never more: an edge's devices share its queue and copy
+    for part in parts:
+        assert len(part.edges) == 1 and all(x.central.edge_of(i.device_id) == part.edges[0] for i in part.instructions)
+    assert len(split_round(x, instructions, workers=1)) == 1
+
+    x, instructions = first_round(tmp_path, "strategy.name=splitfed-v2")  # each device waits for the previous one
+    assert len(split_round(x, instructions, workers=4)) == 1
+
+
+@pytest.mark.parametrize("strategy,overrides", [
+    ("fedavg", ROOMY),
+    ("smartsplit", SQUEEZED),
+    ("splitfed-v1", ROOMY + ["fleet.availability.kind=on_off", "fleet.availability.mean_on_s=2", "fleet.availability.mean_off_s=2"]),
+])
+def test_the_parallel_engine_gives_the_sequential_metrics(tmp_path, strategy, overrides):
+    want = sequential(tmp_path, f"strategy.name={strategy}", *overrides)
+    run_experiment(config(tmp_path, "name=parallel", "engine=parallel", "workers=2", f"strategy.name={strategy}",
+                          *overrides), progress=False)
+    got = metrics(tmp_path / "runs" / "parallel")
+    assert got == want
+    assert all(r["participants"] for r in got)
+    if strategy == "smartsplit":  # the squeeze made devices re-plan mid-round
+        assert sum(r["cut_moves"] + r["replans"] for r in got) > 0
+    if strategy == "splitfed-v1":  # devices went offline mid-round
+        assert sum(r["dropouts"] for r in got) > 0
+
+
+def test_run_engine_flags_and_resuming_on_another_engine(tmp_path):
+    want = sequential(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs"), "training": {**TINY["training"], "rounds": 1}}))
+    run_dir = tmp_path / "runs" / "flags"
+    cli = [sys.executable, "-m", "smartsplit.cli", "run"]
+    done = subprocess.run([*cli, str(path), "--out", str(run_dir), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*cli, "--resume", str(run_dir), "--set", "training.rounds=2", "--engine", "parallel",
+                           "--workers", "2", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert metrics(run_dir) == want
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["engine"] == "parallel"
+
+
+def test_an_unpicklable_strategy_is_refused_with_a_hint(tmp_path):
+    from smartsplit.strategies import make_strategy
+
+    c = config(tmp_path, "engine=parallel", "workers=2")
+    strategy = make_strategy(c.strategy, 5, 0)
+    strategy.hook = lambda: None  # a lambda cannot travel to a spawned worker
+    with pytest.raises(SmartSplitError, match="cannot be sent to worker processes"):
+        run_experiment(c, progress=False, strategy=strategy)
+
+
+# ---- Ray: a local Ray with 2 CPUs, started once for these tests
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="the Ray engine needs Ray: pip install 'smartsplit[ray]'")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"a local Ray with 2 CPUs could not start here: {type(exc).__name__}: {exc}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("strategy,overrides", [("smartsplit", SQUEEZED), ("fedavg", ROOMY)])
+def test_the_ray_engine_gives_the_sequential_metrics(tmp_path, local_ray, strategy, overrides):
+    want = sequential(tmp_path, f"strategy.name={strategy}", *overrides)
+    run_experiment(config(tmp_path, "name=ray", "engine=ray", f"strategy.name={strategy}", *overrides), progress=False)
+    assert metrics(tmp_path / "runs" / "ray") == want
+    assert local_ray.is_initialized()  # the engine joined the running Ray and left it running
+
+
+def test_compare_runs_each_strategy_as_a_ray_task(tmp_path, local_ray):
+    base = config(tmp_path, "engine=ray")
+    summaries = compare(base, ["fedavg", "splitfed"], report=False)
+    for summary, strategy in zip(summaries, ["fedavg", "splitfed"]):
+        assert summary.strategy == strategy
+        assert metrics(Path(summary.run_dir)) == sequential(tmp_path / strategy, f"strategy.name={strategy}")
