@@ -28,7 +28,6 @@ import json
 import os
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -238,9 +237,7 @@ def main() -> None:
     import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="flower-workload-", delete=False) as f:
         json.dump(settings, f)
-    os.environ["FLOWER_WORKLOAD_SETTINGS"] = f.name  # Ray workers inherit the environment
-    global SETTINGS
-    SETTINGS = Path(f.name)
+    os.environ["FLOWER_WORKLOAD_SETTINGS"] = f.name  # read when the module is imported; Ray's workers inherit it
     # Importing this file as a module (not __main__) lets Ray's workers import the ClientApp's functions by name
     # (Flower puts this process's sys.path on the workers' PYTHONPATH).
     import flower_workload as this

@@ -11,7 +11,7 @@ For each run it prints the samples trained, the training samples/s over the roun
 less their evaluations), the evaluation samples/s (test examples evaluated / evaluation time), the samples/s over
 the whole process (samples / wall time from launch to exit, measured here) and the process's peak RSS (wait4's
 ru_maxrss: the largest single process of its tree) with the peak summed PSS of its process tree (sampled every
-0.5 s), then the ratios to the ceiling. SmartSplit's ``metrics.jsonl`` gives each round's ``wall_s``, samples and
+1 s), then the ratios to the ceiling. SmartSplit's ``metrics.jsonl`` gives each round's ``wall_s``, samples and
 steps but does not separate evaluation from training, so the SmartSplit process is ``smartsplit.cli.main`` with
 timers wrapped around the engine's calls (evaluation, planning, device training, aggregation: the breakdown line);
 its round times are the metrics' ``wall_s``. The ceiling trains exactly SmartSplit's batches (each round's
@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -88,21 +87,27 @@ def _tree_memory_kb(root: int) -> int:
 
 def launch(command: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``command`` to its end: wall time from launch to exit, its peak RSS (wait4: the largest process of its
-    tree, waited-for children included) and the peak summed PSS of its tree, sampled every 0.5 s."""
+    tree, waited-for children included) and the peak summed PSS of its tree, sampled every second by a thread."""
+    import threading
+
+    stop, tree_kb = threading.Event(), [0]
+
+    def sample(pid: int) -> None:
+        while not stop.wait(1.0):
+            tree_kb[0] = max(tree_kb[0], _tree_memory_kb(pid))
+
     started = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        tree_kb = 0
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            tree_kb = max(tree_kb, _tree_memory_kb(child.pid))
-            time.sleep(0.5)
+        sampler = threading.Thread(target=sample, args=(child.pid,), daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
     return {"rc": child.returncode, "process_s": wall, "peak_rss_mb": usage.ru_maxrss / MB,
-            "peak_tree_pss_mb": tree_kb / MB, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "log": str(log)}
+            "peak_tree_pss_mb": tree_kb[0] / MB, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "log": str(log)}
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -210,6 +215,7 @@ def run_smartsplit(args, workdir: Path) -> dict:
         "device_training_s": None if None in device_s else sum(device_s),
         "setup_s": timers["outside_rounds"].get("setup_s", 0.0), "run_wall_s": summary.get("wall_s"),
         "final_accuracy": rounds[-1]["accuracy"], "run_dir": str(run_dir),
+        "round_train_s": [r["wall_s"] - r["eval_s"] for r in rounds], "round_samples": [r["samples"] for r in rounds],
     }
 
 
@@ -306,7 +312,8 @@ def run_ceiling(threads: int, smartsplit: dict, workdir: Path) -> dict:
     return {"name": f"plain PyTorch ({threads} thread{'s' * (threads > 1)})", **measured, "rounds": rounds,
             "samples": sum(r["samples"] for r in rounds), "steps": sum(r["steps"] for r in rounds),
             "train_s": sum(r["train_s"] for r in rounds), "eval_s": sum(r["eval_s"] for r in rounds),
-            "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"]}
+            "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"],
+            "round_train_s": [r["train_s"] for r in rounds], "round_samples": [r["samples"] for r in rounds]}
 
 
 # --------------------------------------------------------------------------- Flower
@@ -333,7 +340,8 @@ def run_flower(python: str, smartsplit: dict, workdir: Path) -> dict:
     out = json.loads(result_path.read_text())
     return {"name": f"flower {out['flwr']} (2 clients at once)", **measured, **{k: out[k] for k in (
         "rounds", "evals", "samples", "steps", "train_s", "eval_s", "evaluations", "test_examples", "client_train_s",
-        "first_round_at_s", "final_accuracy", "errors")}, "own_peak_rss_mb": out["peak_rss_mb"]}
+        "first_round_at_s", "final_accuracy", "errors")}, "own_peak_rss_mb": out["peak_rss_mb"],
+            "round_train_s": [r["train_s"] for r in out["rounds"]], "round_samples": [r["samples"] for r in out["rounds"]]}
 
 
 # --------------------------------------------------------------------------- the table
@@ -341,21 +349,34 @@ def run_flower(python: str, smartsplit: dict, workdir: Path) -> dict:
 
 def figures(row: dict, test_examples: int) -> dict:
     n = row.get("test_examples") or test_examples
-    return {"train_sps": row["samples"] / row["train_s"], "eval_sps": row["evaluations"] * n / row["eval_s"],
-            "process_sps": row["samples"] / row["process_s"]}
+    later_s, later_samples = sum(row["round_train_s"][1:]), sum(row["round_samples"][1:])
+    return {"train_sps": row["samples"] / row["train_s"], "train_sps_after_1": later_samples / later_s if later_s else None,
+            "eval_sps": row["evaluations"] * n / row["eval_s"], "process_sps": row["samples"] / row["process_s"]}
 
 
-def print_table(rows: list[dict], test_examples: int) -> None:
-    head = (f"{'run':<32} {'samples':>7} {'train s':>8} {'train smp/s':>11} {'evals':>5} {'eval s':>7} "
-            f"{'eval smp/s':>10} {'process s':>9} {'process smp/s':>13} {'peak RSS MB':>11} {'tree PSS MB':>11} {'acc':>6}")
+NAME = 34
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'run':<{NAME}} {'samples':>7} {'train s':>7} {'train smp/s':>11} {'rounds 2+':>9} {'evals':>5} "
+            f"{'eval s':>6} {'eval smp/s':>10} {'process s':>9} {'process smp/s':>13} {'peak RSS MB':>11} "
+            f"{'tree PSS MB':>11} {'acc':>5}")
     print(head)
     print("-" * len(head))
     for row in rows:
         f = row["figures"]
-        print(f"{row['name']:<32} {row['samples']:>7} {row['train_s']:>8.1f} {f['train_sps']:>11.0f} "
-              f"{row['evaluations']:>5} {row['eval_s']:>7.1f} {f['eval_sps']:>10.0f} {row['process_s']:>9.1f} "
+        later = "-" if f["train_sps_after_1"] is None else f"{f['train_sps_after_1']:.0f}"
+        print(f"{row['name']:<{NAME}} {row['samples']:>7} {row['train_s']:>7.1f} {f['train_sps']:>11.0f} {later:>9} "
+              f"{row['evaluations']:>5} {row['eval_s']:>6.1f} {f['eval_sps']:>10.0f} {row['process_s']:>9.1f} "
               f"{f['process_sps']:>13.0f} {row['peak_rss_mb']:>11.0f} {row['peak_tree_pss_mb']:>11.0f} "
-              f"{row['final_accuracy']:>6.3f}")
+              f"{row['final_accuracy']:>5.3f}")
+
+
+def ratio(a: dict, b: dict) -> dict:
+    out = {k: (a["figures"][k] / b["figures"][k] if a["figures"][k] and b["figures"][k] else None) for k in a["figures"]}
+    out["peak_rss"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+    out["peak_tree_pss"] = a["peak_tree_pss_mb"] / b["peak_tree_pss_mb"] if b["peak_tree_pss_mb"] else None
+    return out
 
 
 def main() -> None:
@@ -393,58 +414,45 @@ def main() -> None:
     test_examples = rows[1]["test_examples"] if len(rows) > 1 else 10000  # the test set's size, as the ceiling read it
     if args.flower:
         rows.append(run_flower(args.flower, ss, workdir))
-        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s ({rows[-1]['command']})", flush=True)
     for row in rows:
         row["figures"] = figures(row, test_examples)
     print()
-    print_table(rows, test_examples)
+    print_table(rows)
     if not args.flower:
         print("flower: skipped (give --flower /path/to/python with flwr[simulation]==1.42.0 to run it)")
-    print("train smp/s: samples / the rounds' time less their evaluations; eval smp/s: test examples evaluated / "
-          "evaluation time; process smp/s: samples / launch to exit; peak RSS: largest process (wait4, children "
-          "included); tree PSS: summed over the process tree, sampled every 0.5 s")
+    print("train smp/s: samples / the rounds' time less their evaluations (rounds 2+: the same without round 1); "
+          "eval smp/s: test examples evaluated / evaluation time; process smp/s: samples / launch to exit; peak RSS: "
+          "largest process (wait4, children included); tree PSS: summed over the process tree, sampled every second")
+    print("training seconds per round:")
+    for row in rows:
+        print(f"  {row['name']:<{NAME}} " + " ".join(f"{v:5.1f}" for v in row["round_train_s"]))
 
     # SmartSplit's time, by where it went
     device = ss["device_training_s"]
     other = ss["train_s"] - ss["planning_s"] - ss["aggregation_s"] - (device or 0.0)
-    first = ss["rounds"][0]
-    print(f"\nsmartsplit breakdown: setup (data, model, fleet, meter) {ss['setup_s']:.1f} s; in rounds: planning "
-          f"{ss['planning_s']:.1f} s (round 1: {first['planning_s']:.1f} s, profiles measured), device training "
+    print(f"smartsplit breakdown: setup (data, model, fleet, meter) {ss['setup_s']:.1f} s; in the rounds: planning "
+          f"{ss['planning_s']:.1f} s (round 1: {ss['rounds'][0]['planning_s']:.1f} s), device training "
           + (f"{device:.1f} s ({ss['samples'] / device:.0f} samples/s)" if device else "not timed (another executor)")
           + f", aggregation and strategy {ss['aggregation_s']:.1f} s, evaluation {ss['eval_s']:.1f} s, other "
           f"{other:.1f} s; outside the rounds (start-up, imports, setup, state saves, exit) "
           f"{ss['process_s'] - sum(r['wall_s'] for r in ss['rounds']):.1f} s of {ss['process_s']:.1f} s")
-    late = ss["rounds"][1:]
-    if late:
-        late_train = sum(r["wall_s"] - r["eval_s"] for r in late)
-        print(f"smartsplit rounds 2..{len(ss['rounds'])} only: {sum(r['samples'] for r in late) / late_train:.0f} "
-              f"training samples/s")
     for row in rows:
         if row["name"].startswith("flower"):
-            print(f"flower breakdown: first round began {row['first_round_at_s']:.1f} s into the process (Ray and "
-                  f"Flower start-up); clients' own training {row['client_train_s']:.1f} s summed over clients, 2 at "
-                  f"once; {row['errors']} failed replies")
+            print(f"flower breakdown: strategy started {row['first_round_at_s']:.1f} s into the process; round 1 "
+                  f"includes starting Ray's actors and their data loading; clients' own training "
+                  f"{row['client_train_s']:.1f} s summed over clients (2 at once); {row['errors']} failed replies")
 
     print()
     ceilings = [r for r in rows if r["name"].startswith("plain")]
     others = [r for r in rows if not r["name"].startswith("plain")]
+    pairs = [(a, b) for a in others for b in ceilings] + ([(others[0], others[1])] if len(others) > 1 else [])
     ratios = {}
-    for row in others:
-        for ceiling in ceilings:
-            key = f"{row['name']} / {ceiling['name']}"
-            ratios[key] = {k: row["figures"][k] / ceiling["figures"][k] for k in row["figures"]}
-            ratios[key]["peak_rss"] = row["peak_rss_mb"] / ceiling["peak_rss_mb"]
-            r = ratios[key]
-            print(f"{key}: train {r['train_sps']:.2f}x, eval {r['eval_sps']:.2f}x, process {r['process_sps']:.2f}x, "
-                  f"peak RSS {r['peak_rss']:.2f}x")
-    if len(others) > 1:
-        a, b = others[0], others[1]
-        key = f"{a['name']} / {b['name']}"
-        ratios[key] = {k: a["figures"][k] / b["figures"][k] for k in a["figures"]}
-        ratios[key]["peak_rss"] = a["peak_rss_mb"] / b["peak_rss_mb"]
-        r = ratios[key]
-        print(f"{key}: train {r['train_sps']:.2f}x, eval {r['eval_sps']:.2f}x, process {r['process_sps']:.2f}x, "
-              f"peak RSS {r['peak_rss']:.2f}x")
+    for a, b in pairs:
+        r = ratios[f"{a['name']} / {b['name']}"] = ratio(a, b)
+        later = "-" if r["train_sps_after_1"] is None else f"{r['train_sps_after_1']:.2f}x"
+        print(f"{a['name']} / {b['name']}: train {r['train_sps']:.2f}x (rounds 2+ {later}), eval {r['eval_sps']:.2f}x, "
+              f"process {r['process_sps']:.2f}x, peak RSS {r['peak_rss']:.2f}x")
     print(f"\nwall time of the benchmark: {time.perf_counter() - started:.0f} s; load average at the end "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     out.write_text(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "argv": sys.argv, "rows": rows,

@@ -11,7 +11,7 @@ import torch
 from smartsplit.engine.step import split_step
 from smartsplit.memory import planner
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
-from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo, micro_batch_sizes
+from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo, micro_batch_sizes, quantize
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models import build_model, profile_chain
 from smartsplit.models.profile import ModelProfile, ProfileCache, UnitProfile
@@ -191,3 +191,24 @@ def test_managers_sharing_a_memo_plan_exactly_as_managers_alone(monkeypatch):
     plain_calls = len(memo._plain)
     assert plain_calls == 5 * len(micro_batch_sizes(32))  # each (cut, micro-batch) once for every device
     assert len(calls) < len(speeds) * len(alone[0]) * len(micro_batch_sizes(32))
+
+
+def test_budgets_round_down_to_their_resolution_and_plans_still_fit_the_real_budget():
+    assert quantize(1000, 0) == 1000 and quantize(100, 128) == 100  # exact, or too small to round
+    for budget in (1_000, 123_457, 2**20 + 12_345, 7 * 2**30 + 1):
+        rounded = quantize(budget, 128)
+        assert budget - budget / 128 <= rounded <= budget
+        assert quantize(rounded, 128) == rounded  # a rounded budget is its own rounding
+    model = build_model("cnn", width=0.5)
+    cache = ProfileCache()
+    profile_at = lambda m: cache.get("cnn", model, (1, 28, 28), m)  # noqa: E731
+    whole = OnDeviceManager(profile_at, 32, 1, 1e9, 0.02).plan(5, 2**40).peak_bytes
+    memo = PlanMemo()
+    # forty devices, budgets a few bytes apart, speeds apart: one search per cut, plans for each device's speed
+    budgets = [whole * 2 // 3 + 17 * i for i in range(40)]
+    plans = [OnDeviceManager(profile_at, 32, 1, 1e9 * (1 + i), 0.02, memo=memo, resolution=128).plan(5, b)
+             for i, b in enumerate(budgets)]
+    assert all(p is not None and p.peak_bytes <= b for p, b in zip(plans, budgets))
+    assert len(memo._options) == len({quantize(b, 128) for b in budgets}) < len(budgets)
+    exact = OnDeviceManager(profile_at, 32, 1, 1e9, 0.02, resolution=128).plan(5, quantize(budgets[0], 128))
+    assert plans[0] == exact  # the rounded budget's own plan

@@ -78,6 +78,9 @@ class BudgetConfig(_Section):
     # the central manager plans with this quantile of the budget seen over the last window
     forecast_quantile: float = Field(0.1, ge=0, le=1)
     forecast_window_s: float = Field(600.0, gt=0)
+    # devices plan for their budget rounded down to 1/resolution of its power of two (at most 0.8% less at
+    # 128), so devices with budgets that round alike share their plans' search; 0: the exact budget
+    resolution: int = Field(128, ge=0)
 
     @model_validator(mode="after")
     def _csv_needs_dir(self) -> "BudgetConfig":

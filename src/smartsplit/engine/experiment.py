@@ -153,7 +153,8 @@ def device_manager(config: Config, profile_at: Callable[[int], ModelProfile], op
                    device: Device, checkpointing: bool, memo: PlanMemo | None = None) -> OnDeviceManager:
     """The on-device manager of ``device`` (the central server keeps one per device too, to predict plans)."""
     return OnDeviceManager(profile_at, config.training.batch_size, optimizer.slots, device.flops_per_s,
-                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing, memo=memo)
+                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing, memo=memo,
+                           resolution=config.fleet.budgets.resolution)
 
 
 class RoundExecutor(Protocol):
@@ -195,6 +196,7 @@ class Experiment:
         self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
         self.executor = executor
         self.train, self.test = load_data(config)
+        self.input_shape = self.train.shape
         model = build_architecture(config, self.train)
         self.num_units = len(model)
         self.architecture = copy.deepcopy(model)  # the structure the device and edge roles build their copies from
@@ -220,6 +222,7 @@ class Experiment:
         self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.plan_memo = PlanMemo()  # what every device's planning shares
+        self._candidates: dict[int, Candidate] = {}  # each device's, until its budget forecast changes
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
         self.predictors = [self._manager(device) for device in self.devices]  # the central server's plan predictions
         self.device_roles = [
@@ -262,7 +265,7 @@ class Experiment:
         return self.measured[key]
 
     def profile_at(self, batch: int) -> ModelProfile:
-        return self.profiles.get(self.config.model.name, self.architecture, self.train.shape, batch)
+        return self.profiles.get(self.config.model.name, self.architecture, self.input_shape, batch)
 
     @property
     def profile(self) -> ModelProfile:
@@ -279,13 +282,18 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        """Every device online now, with its predicted peaks and times per cut."""
+        """Every device online now, with its predicted peaks and times per cut (a device's is computed again
+        only when its budget forecast changes: nothing else it depends on does)."""
         profile, out = self.profile, []
         for device in self.devices:
             if not self.availability[device.id].online_at(self.clock_s):
                 continue
-            edge = self.edges[self.edge_of(device)]
             budget, manager = self.budget_forecast(device), self.predictors[device.id]
+            known = self._candidates.get(device.id)
+            if known is not None and known.budget == budget:  # nothing it depends on has changed
+                out.append(known)
+                continue
+            edge = self.edges[self.edge_of(device)]
             steps = self.local_steps[device.id]
             peaks, times, rounds, edge_load = [], [], [], []
             for cut in range(1, self.num_units + 1):
@@ -295,13 +303,12 @@ class Experiment:
                 times.append(step.total)
                 rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, edge)))
                 edge_load.append(steps * step.edge_s)
-            out.append(
-                Candidate(
-                    device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
-                    round_times=tuple(rounds), edge_times=tuple(edge_load), samples=len(self.shards[device.id]),
-                    label_counts=self.label_counts[device.id], edge=self.edge_of(device),
-                )
+            known = self._candidates[device.id] = Candidate(
+                device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
+                round_times=tuple(rounds), edge_times=tuple(edge_load), samples=len(self.shards[device.id]),
+                label_counts=self.label_counts[device.id], edge=self.edge_of(device),
             )
+            out.append(known)
         return out
 
     def run_round(self, rnd: int) -> RoundRecord:

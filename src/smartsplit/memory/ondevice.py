@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from smartsplit.fleet.clock import device_compute_s, recompute_s
+from smartsplit.fleet.clock import BACKWARD_FLOPS
 from smartsplit.memory.model import MemoryBreakdown, Segments, activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.planner import plan_segments
 from smartsplit.models.profile import ModelProfile
@@ -42,12 +42,19 @@ class PlanMemo:
     def __init__(self) -> None:
         self._plain: dict[tuple, MemoryBreakdown] = {}
         self._held: dict[tuple, int] = {}
+        self._options: dict[tuple, list] = {}
 
     def plain(self, profile: ModelProfile, cut: int, slots: int, rounds: int) -> MemoryBreakdown:
         key = (profile.input_shape, profile.batch, profile.dtype, cut, slots, rounds)
         if key not in self._plain:
             self._plain[key] = device_memory(profile, cut, slots=slots, micro_batches=rounds)
         return self._plain[key]
+
+    def options(self, key: tuple, search: Callable[[], list]) -> list:
+        """``search()``'s ways to fit a budget (they do not depend on the device's speed), found once per key."""
+        if key not in self._options:
+            self._options[key] = search()
+        return self._options[key]
 
     def held(self, profile: ModelProfile, cut: int, segments: Segments) -> int:
         key = (profile.input_shape, profile.batch, profile.dtype, cut, segments)
@@ -65,13 +72,24 @@ def micro_batch_sizes(batch: int) -> list[int]:
     return sizes
 
 
+def quantize(budget: int, resolution: int) -> int:
+    """``budget`` rounded down to a multiple of 1/``resolution`` of its power of two (at most 1/``resolution``
+    less; 0: unchanged). Plans for the rounded budget fit the real one; devices whose budgets round alike share
+    their plans' segmentation search."""
+    if resolution <= 0 or budget <= resolution:
+        return budget
+    step = max(1, (1 << (budget.bit_length() - 1)) // resolution)
+    return budget // step * step
+
+
 class OnDeviceManager:
     """Plans for one model, batch size and optimizer; plans are cached per (cut, budget).
 
     ``profile_at(m)`` returns the model's measured profile at micro-batch ``m``. ``round_trip_s`` is the time
     one extra micro-batch adds on the link (two messages' latency). ``checkpointing=False`` allows only the
     plain plan (whole batch, nothing recomputed), as the baselines run. Managers of one model, batch and
-    optimizer may share a ``memo`` (``PlanMemo``) of what does not depend on the device.
+    optimizer may share a ``memo`` (``PlanMemo``) of what does not depend on the device. ``resolution``: budgets
+    are planned for rounded down (``quantize``), so plans are shared by devices whose budgets round alike.
     """
 
     def __init__(
@@ -83,6 +101,7 @@ class OnDeviceManager:
         round_trip_s: float,
         checkpointing: bool = True,
         memo: PlanMemo | None = None,
+        resolution: int = 0,
     ) -> None:
         self.profile_at = profile_at
         self.batch = batch
@@ -91,10 +110,13 @@ class OnDeviceManager:
         self.round_trip_s = round_trip_s
         self.checkpointing = checkpointing
         self.memo = memo if memo is not None else PlanMemo()
+        self.resolution = resolution
+        self._model_key: tuple | None = None
         self._plans: dict[tuple[int, int, bool], DevicePlan | None] = {}
 
     def plan(self, cut: int, budget: int) -> DevicePlan | None:
         """The fastest plan at ``cut`` whose predicted peak is at most ``budget``; None if none fits."""
+        budget = quantize(budget, self.resolution)
         key = (cut, budget, self.checkpointing)
         if key not in self._plans:
             self._plans[key] = self._best(cut, budget)
@@ -109,9 +131,42 @@ class OnDeviceManager:
         return None
 
     def _best(self, cut: int, budget: int) -> DevicePlan | None:
-        sizes = micro_batch_sizes(self.batch) if self.checkpointing else [self.batch]
-        best: DevicePlan | None = None
-        for m in sizes:
+        best, best_time = None, 0.0
+        for option in self._options(cut, budget):
+            m, rounds, profile, segments, memory, recompute, work = option
+            compute_s = work / self.flops_per_s
+            recompute_time = recompute / self.flops_per_s
+            time = compute_s + recompute_time + (rounds - 1) * self.round_trip_s
+            if best is None or time < best_time:
+                best, best_time = option, time
+        if best is None:
+            return None
+        m, rounds, profile, segments, memory, recompute, work = best
+        recompute_time = recompute / self.flops_per_s
+        return DevicePlan(
+            cut=cut,
+            micro_batch=m,
+            segments=segments,
+            memory=memory,
+            held_bytes=self.memo.held(profile, cut, segments),
+            recompute_flops=int(recompute),
+            compute_s=work / self.flops_per_s + recompute_time,
+            recompute_s=recompute_time,
+            round_trips=rounds,
+        )
+
+    def _options(self, cut: int, budget: int) -> list[tuple]:
+        """Every micro-batch size's cheapest way to fit ``budget`` at ``cut``, as (micro-batch, round trips, its
+        profile, segments, memory, recompute FLOPs and compute FLOPs per logical batch); none depends on the
+        device's speed, so devices with the same budget share them."""
+        if self._model_key is None:
+            head = self.profile_at(self.batch)
+            self._model_key = (head.input_shape, head.dtype, self.batch, self.slots)
+        return self.memo.options((*self._model_key, self.checkpointing, cut, budget), lambda: self._search(cut, budget))
+
+    def _search(self, cut: int, budget: int) -> list[tuple]:
+        options = []
+        for m in micro_batch_sizes(self.batch) if self.checkpointing else [self.batch]:
             profile = self.profile_at(m)
             rounds = math.ceil(self.batch / m)
             memory = self.memo.plain(profile, cut, self.slots, rounds)
@@ -124,22 +179,9 @@ class OnDeviceManager:
                     continue
                 segments, recompute, memory = found
             scale = self.batch / m  # FLOPs are profiled per micro-batch
-            compute_s = device_compute_s(profile, cut, self.flops_per_s, scale)
-            recompute_time = recompute_s(recompute, self.flops_per_s, scale)
-            plan = DevicePlan(
-                cut=cut,
-                micro_batch=m,
-                segments=segments,
-                memory=memory,
-                held_bytes=self.memo.held(profile, cut, segments),
-                recompute_flops=int(recompute * scale),
-                compute_s=compute_s + recompute_time,
-                recompute_s=recompute_time,
-                round_trips=rounds,
-            )
-            if best is None or self._time(plan) < self._time(best):
-                best = plan
-        return best
+            work = (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale  # device_compute_s's FLOPs
+            options.append((m, rounds, profile, segments, memory, recompute * scale, work))
+        return options
 
     def _segments(self, profile: ModelProfile, cut: int, budget: int, rounds: int, plain: MemoryBreakdown):
         """The cheapest segmentation whose whole predicted peak fits ``budget``.
