@@ -224,6 +224,8 @@ class Experiment:
         self.plan_memo = PlanMemo()  # what every device's planning shares
         self._candidates: dict[int, Candidate] = {}  # each device's, until its budget forecast changes
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
+        if hasattr(executor, "evaluate"):  # the engine's workers score the test set's batches apart
+            self.central.evaluator = executor.evaluate
         self.predictors = [self._manager(device) for device in self.devices]  # the central server's plan predictions
         self.device_roles = [
             DeviceRole(device, self.train, self.shards[device.id], self.traces[device.id], self._manager(device),

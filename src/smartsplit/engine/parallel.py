@@ -30,6 +30,7 @@ import torch
 from smartsplit.config import Config
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.errors import SmartSplitError
+from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
 
@@ -109,6 +110,12 @@ class Replica:
         return simulate(participants, x.edge_roles, x.edges, x.profile, start_s=clock_s,
                         deadline_s=x.config.training.round_deadline_s, options=x.strategy.execution, observer=observer)
 
+    def score(self, state: dict, batch_size: int, first: int, last: int) -> list[tuple[float, int]]:
+        """The global model ``state``'s scores on test batches ``first..last-1`` (this replica's own test set)."""
+        model = self.experiment.central.model
+        model.load_state_dict(state)
+        return batch_scores(model, self.experiment.test, batch_size, first, last)
+
     def close(self) -> None:
         self.experiment.close()
 
@@ -137,6 +144,17 @@ def _train(part: Part, edge_instructions, clock_s, observer) -> RoundParts:
     return _replica.train(part, edge_instructions, clock_s, observer)
 
 
+def _score(state, batch_size, first, last):
+    return _replica.score(state, batch_size, first, last)
+
+
+def batch_ranges(examples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """The test set's batches in ``workers`` contiguous runs, as (first, last) batch indices."""
+    count = -(-examples // batch_size)
+    bounds = [count * w // workers for w in range(workers + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 class ProcessRounds:
     """A ``RoundExecutor`` that trains each round's independent parts in ``workers`` local processes."""
 
@@ -158,6 +176,13 @@ class ProcessRounds:
                 "engine: parallel: a worker process died (its error is above). A script that runs experiments with "
                 "engine: parallel must start them under `if __name__ == \"__main__\":` (workers are spawned and "
                 "import the script); else run with engine: sequential") from None
+
+    def evaluate(self, model, test, batch_size: int) -> Evaluation:
+        """``roles.central.evaluate``'s figures, the batches scored in the workers at once."""
+        state = model.state_dict()
+        futures = [self._pool.submit(_score, state, batch_size, a, b)
+                   for a, b in batch_ranges(len(test), batch_size, self.workers)]
+        return summarise_scores([s for f in futures for s in f.result()], len(test))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -29,14 +29,30 @@ class Evaluation:
 
 
 def evaluate(units: nn.Sequential, data: Dataset, batch_size: int) -> Evaluation:
-    correct, loss_sum = 0, 0.0
+    return summarise_scores(batch_scores(units, data, batch_size), len(data))
+
+
+def batch_scores(units: nn.Sequential, data: Dataset, batch_size: int, first: int = 0,
+                 last: int | None = None) -> list[tuple[float, int]]:
+    """(summed loss, correct) of test batches ``first..last-1``: batches scored apart (in other processes) and
+    summarised in order give ``evaluate``'s figures exactly."""
+    scores = []
+    count = -(-len(data) // batch_size)
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
+        for batch in range(first, count if last is None else last):
+            start = batch * batch_size
             x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
             logits = units(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-    return Evaluation(accuracy=correct / len(data), loss=loss_sum / len(data))
+            scores.append((F.cross_entropy(logits, y, reduction="sum").item(), int((logits.argmax(1) == y).sum().item())))
+    return scores
+
+
+def summarise_scores(scores: list[tuple[float, int]], examples: int) -> Evaluation:
+    correct, loss_sum = 0, 0.0
+    for loss, hits in scores:
+        loss_sum += loss
+        correct += hits
+    return Evaluation(accuracy=correct / examples, loss=loss_sum / examples)
 
 
 class CentralRole:
@@ -52,6 +68,7 @@ class CentralRole:
         self.num_edges = num_edges
         self.rng = np.random.default_rng(seed)
         self._observer: StepObserver | None = None  # the one handed out for the round under way
+        self.evaluator = evaluate  # (model, test set, batch size) -> Evaluation; an engine may score in parallel
 
     def edge_of(self, device_id: int) -> int:
         return device_id % self.num_edges
@@ -93,7 +110,7 @@ class CentralRole:
         observations = {r.report.device: r.observations for r in results if r.observations}
         self.strategy.round_finished(rnd, [r.report for r in results],
                                      observations if self._observer is not None else None)
-        return evaluate(self.model, self.test, self.eval_batch_size) if evaluate_now else None
+        return self.evaluator(self.model, self.test, self.eval_batch_size) if evaluate_now else None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}

@@ -17,9 +17,10 @@ import logging
 import os
 
 from smartsplit.config import Config
-from smartsplit.engine.parallel import Replica, split_round, strategy_blob
+from smartsplit.engine.parallel import Replica, batch_ranges, split_round, strategy_blob
 from smartsplit.engine.round import RoundOutcome, assemble
 from smartsplit.errors import SmartSplitError
+from smartsplit.roles.central import summarise_scores
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class RayRounds:
         parts = split_round(experiment, device_instructions, len(self._actors))
         calls = [a.train.remote(part, edge_instructions, experiment.clock_s, observer) for a, part in zip(self._actors, parts)]
         return assemble(self._ray.get(calls), len(experiment.edges))
+
+    def evaluate(self, model, test, batch_size: int):
+        """``roles.central.evaluate``'s figures, the test batches scored on the actors at once."""
+        state = self._ray.put(model.state_dict())
+        calls = [a.score.remote(state, batch_size, first, last)
+                 for a, (first, last) in zip(self._actors, batch_ranges(len(test), batch_size, len(self._actors)))]
+        return summarise_scores([s for scores in self._ray.get(calls) for s in scores], len(test))
 
     def close(self) -> None:
         for actor in getattr(self, "_actors", []):
