@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 MB = 1024  # ru_maxrss and /proc figures are KiB
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # SmartSplit's normalisation (smartsplit.data.datasets._NORM)
 
@@ -125,21 +124,27 @@ def smartsplit_child(timers_path: str, cli_args: list[str]) -> int:
 
     timers: dict = {"rounds": [], "outside_rounds": {}}
     current: dict | None = None
+    running: set[str] = set()  # keys being timed now: a call inside another of the same key is not counted twice
 
-    def timed(owner, name: str, key: str) -> None:
-        original = getattr(owner, name)
-
+    def timer(key: str, original):
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
+            if key in running:
+                return original(*args, **kwargs)
+            running.add(key)
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                running.discard(key)
                 bucket = current if current is not None else timers["outside_rounds"]
                 bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - started
                 bucket[key + "_calls"] = bucket.get(key + "_calls", 0) + 1
 
-        setattr(owner, name, wrapper)
+        return wrapper
+
+    def timed(owner, name: str, key: str) -> None:
+        setattr(owner, name, timer(key, getattr(owner, name)))
 
     run_round = engine.Experiment.run_round
 
@@ -155,26 +160,45 @@ def smartsplit_child(timers_path: str, cli_args: list[str]) -> int:
             timers["rounds"].append(current)
             current = None
 
+    init = timer("setup_s", engine.Experiment.__init__)  # data, model, fleet, roles, the meter's process
+
+    @functools.wraps(init)
+    def timed_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.executor is not None:  # another engine (parallel, ray) runs the rounds' training: time it
+            self.executor = timer("device_training_s", self.executor)
+
     engine.Experiment.run_round = timed_round
-    timed(engine.Experiment, "__init__", "setup_s")  # data, model, fleet, roles, the meter's process
-    timed(engine.Experiment, "candidates", "planning_s")  # every device planned at every cut (profiles on round 1)
+    engine.Experiment.__init__ = timed_init
+    timed(engine.Experiment, "candidates", "planning_s")  # every device planned at every cut
     timed(engine.Experiment, "train_here", "device_training_s")  # the round engine: the devices' local steps
-    timed(central.CentralRole, "finish_round", "finish_s")  # aggregation, the strategy's bookkeeping, evaluation
     timed(central, "evaluate", "eval_s")  # the global model on the test set
+    finish = timer("finish_s", central.CentralRole.finish_round)  # aggregation, the strategy's bookkeeping, evaluation
+
+    @functools.wraps(finish)
+    def timed_finish(self, *args, **kwargs):
+        evaluator = getattr(self, "evaluator", None)  # what scores the test set, where the engine may set its own
+        if evaluator is not None and not getattr(evaluator, "timed", False):
+            self.evaluator = timer("eval_s", evaluator)
+            self.evaluator.timed = True
+        return finish(self, *args, **kwargs)
+
+    central.CentralRole.finish_round = timed_finish
     try:
         return cli.main(cli_args)
     finally:
         Path(timers_path).write_text(json.dumps(timers))
 
 
-def run_smartsplit(args, workdir: Path) -> dict:
-    run_dir, timers_path = workdir / "smartsplit-run", workdir / "smartsplit-timers.json"
-    cli_args = ["run", args.config, *[a for s in args.set for a in ("--set", s)], "--out", str(run_dir), "--overwrite",
+def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") -> dict:
+    run_dir, timers_path = workdir / f"smartsplit{tag}-run", workdir / f"smartsplit{tag}-timers.json"
+    sets = [*args.set, *variant]
+    cli_args = ["run", args.config, *[a for s in sets for a in ("--set", s)], "--out", str(run_dir), "--overwrite",
                 "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     timers_path.unlink(missing_ok=True)
     measured = launch([sys.executable, __file__, "--smartsplit-child", str(timers_path), "--", *cli_args],
-                      workdir / "smartsplit.log", env)
+                      workdir / f"smartsplit{tag}.log", env)
     measured["command"] = "PYTHONPATH=benchmarks smartsplit " + shlex.join(cli_args)
     if measured["rc"] != 0 or not (run_dir / "metrics.jsonl").exists():
         raise SystemExit(f"smartsplit run failed (exit {measured['rc']}); last lines of {measured['log']}:\n"
@@ -200,6 +224,10 @@ def run_smartsplit(args, workdir: Path) -> dict:
             # the ceiling trains these: each device's batches, full ones then its short last one
             "batches": [b for d in devices for b in _batch_sizes(d["samples"], d["steps"], t["batch_size"])],
         })
+    untimed = [r["round"] for r in rounds if r["accuracy"] is not None and not r["evaluations"]]
+    if untimed:
+        raise SystemExit(f"rounds {untimed} evaluated the model but no evaluation was timed: SmartSplit's engine has "
+                         "changed; update smartsplit_child's timers")
     samples = sum(r["samples"] for r in rounds)
     eval_s = sum(r["eval_s"] for r in rounds)
     train_s = sum(r["wall_s"] - r["eval_s"] for r in rounds)
@@ -207,8 +235,10 @@ def run_smartsplit(args, workdir: Path) -> dict:
     evaluations = sum(r["evaluations"] for r in rounds)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    engine = config.get("engine", "sequential")  # engine and workers: where rounds train (sequential: here)
     return {
-        "name": f"smartsplit {config['strategy']['name']} ({config['threads']} thread{'s' * (config['threads'] > 1)})",
+        "name": f"smartsplit {config['strategy']['name']} ({config['threads']} thread{'s' * (config['threads'] > 1)}"
+                + (f", {engine} x{config.get('workers') or 'auto'})" if engine != "sequential" else ")"),
         **measured, "config": config, "rounds": rounds, "samples": samples, "steps": sum(r["steps"] for r in rounds),
         "train_s": train_s, "eval_s": eval_s, "evaluations": evaluations, "test_examples": None,
         "planning_s": sum(r["planning_s"] for r in rounds), "aggregation_s": sum(r["aggregation_s"] for r in rounds),
@@ -389,6 +419,8 @@ def main() -> None:
     parser.add_argument("--config", default="benchmarks/throughput.yaml")
     parser.add_argument("--set", "--extra-set", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to smartsplit run as --set KEY=VALUE (repeat it), e.g. threads=2")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also run SmartSplit with these settings, e.g. engine=parallel,workers=2 (repeat it)")
     parser.add_argument("--threads", default="1,2", help="torch threads of the plain PyTorch ceiling runs")
     parser.add_argument("--flower", metavar="PYTHON", help="a Python with flwr[simulation]==1.42.0 and torch: also "
                         "run benchmarks/flower_workload.py with it")
@@ -408,6 +440,9 @@ def main() -> None:
     print(f"smartsplit: {ss['samples']} samples in {len(ss['rounds'])} rounds, {ss['process_s']:.1f} s "
           f"({ss['command']})", flush=True)
     rows = [ss]
+    for n, variant in enumerate(args.variant, 1):
+        rows.append(run_smartsplit(args, workdir, [v for v in variant.split(",") if v], f"-{n}"))
+        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s ({rows[-1]['command']})", flush=True)
     for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
         rows.append(run_ceiling(threads, ss, workdir))
         print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
@@ -433,7 +468,7 @@ def main() -> None:
     other = ss["train_s"] - ss["planning_s"] - ss["aggregation_s"] - (device or 0.0)
     print(f"smartsplit breakdown: setup (data, model, fleet, meter) {ss['setup_s']:.1f} s; in the rounds: planning "
           f"{ss['planning_s']:.1f} s (round 1: {ss['rounds'][0]['planning_s']:.1f} s), device training "
-          + (f"{device:.1f} s ({ss['samples'] / device:.0f} samples/s)" if device else "not timed (another executor)")
+          + (f"{device:.1f} s ({ss['samples'] / device:.0f} samples/s)" if device else "not timed")
           + f", aggregation and strategy {ss['aggregation_s']:.1f} s, evaluation {ss['eval_s']:.1f} s, other "
           f"{other:.1f} s; outside the rounds (start-up, imports, setup, state saves, exit) "
           f"{ss['process_s'] - sum(r['wall_s'] for r in ss['rounds']):.1f} s of {ss['process_s']:.1f} s")
@@ -446,7 +481,8 @@ def main() -> None:
     print()
     ceilings = [r for r in rows if r["name"].startswith("plain")]
     others = [r for r in rows if not r["name"].startswith("plain")]
-    pairs = [(a, b) for a in others for b in ceilings] + ([(others[0], others[1])] if len(others) > 1 else [])
+    flower = [r for r in others if r["name"].startswith("flower")]
+    pairs = [(a, b) for a in others for b in ceilings] + [(a, f) for a in others for f in flower if a is not f]
     ratios = {}
     for a, b in pairs:
         r = ratios[f"{a['name']} / {b['name']}"] = ratio(a, b)

@@ -30,6 +30,7 @@ import torch
 from smartsplit.config import Config
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.errors import SmartSplitError
+from smartsplit.runtime.allocator import tune_allocator
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
@@ -94,6 +95,7 @@ class Replica:
         from smartsplit.engine.experiment import Experiment
 
         torch.set_num_threads(config.threads)
+        tune_allocator()
         strategy = pickle.loads(strategy_blob) if strategy_blob is not None else None
         self.experiment = Experiment(config, strategy)
 

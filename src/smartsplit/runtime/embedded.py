@@ -22,6 +22,7 @@ from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
 from smartsplit.reports.summary import RunSummary, summarise
+from smartsplit.runtime.allocator import tune_allocator
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
 from smartsplit.strategies import Strategy
 
@@ -92,6 +93,7 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    tune_allocator()
     try:
         with RunLock(run_dir):  # check_run_folder made the folder
             if overwrite and not resume:
