@@ -446,7 +446,8 @@ def main() -> None:
     for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
         rows.append(run_ceiling(threads, ss, workdir))
         print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
-    test_examples = rows[1]["test_examples"] if len(rows) > 1 else 10000  # the test set's size, as the ceiling read it
+    plain = [r for r in rows if r["name"].startswith("plain")]
+    test_examples = plain[0]["test_examples"] if plain else 10000  # the test set's size, as the ceiling read it
     if args.flower:
         rows.append(run_flower(args.flower, ss, workdir))
         print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s ({rows[-1]['command']})", flush=True)
