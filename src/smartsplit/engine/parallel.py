@@ -17,7 +17,6 @@ workers as local processes; ``smartsplit.runtime.cluster`` runs the same replica
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +34,6 @@ from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
 
-log = logging.getLogger(__name__)
 
 
 def default_workers(threads: int) -> int:

@@ -2,8 +2,8 @@
 
 glibc serves every block above its mmap threshold (128 KiB, rising with use to at most 32 MiB) with a fresh
 ``mmap`` and gives it back on ``free``: a conv layer's output for an evaluation batch of 1,000 images is tens
-of MiB, so each batch faults its pages in again (measured: 10k Fashion-MNIST test images through the CNN in
-6.1 s at batch 1,000, 2.7 s with the thresholds below). Keeping large blocks on the heap, and freed memory in
+of MiB, so each batch faults its pages in again (benchmarks/allocator.py: 10k Fashion-MNIST test images
+through a small CNN at batch 1,000 in 4.6 s, 2.6 s with the thresholds below). Keeping large blocks on the heap, and freed memory in
 the process, trades that for a resident set that stays at its high-water mark, which a training process
 reaches every round anyway. Values are unchanged: torch allocates with the same alignment either way.
 """
