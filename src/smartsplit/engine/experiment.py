@@ -42,6 +42,7 @@ from smartsplit.roles.device import UNLIMITED, DeviceRole, OptimizerSpec, local_
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, Strategy, make_strategy
+from smartsplit.strategies.base import PerCut
 from smartsplit.strategies.base import StepObserver
 
 
@@ -179,6 +180,33 @@ def start_meter(threads: int) -> HeapMeter | None:
 log = logging.getLogger(__name__)
 
 
+class _Forecast:
+    """What the central server predicts for one device at one budget, cut by cut: the plan's peak, and the step,
+    round and edge-compute seconds (``times``), each worked out when first asked for."""
+
+    __slots__ = ("manager", "profile", "device", "edge", "budget", "steps", "_times")
+
+    def __init__(self, manager: OnDeviceManager, profile: ModelProfile, device: Device, edge: EdgeSpec, budget: int,
+                 steps: int) -> None:
+        self.manager, self.profile, self.device, self.edge, self.budget, self.steps = manager, profile, device, edge, budget, steps
+        self._times: dict[int, tuple[float, float, float]] = {}
+
+    def plan(self, cut: int) -> DevicePlan:
+        """The fastest plan that fits, or where none does the plain plan (its peak above the budget)."""
+        return self.manager.plan(cut, self.budget) or self.manager.plan(cut, UNLIMITED)
+
+    def peak(self, cut: int) -> int:
+        return self.plan(cut).peak_bytes
+
+    def times(self, cut: int) -> tuple[float, float, float]:
+        if cut not in self._times:
+            plan = self.plan(cut)
+            step = step_times(self.profile, cut, self.device, self.edge, 1.0, plan.recompute_flops, plan.round_trips)
+            transfers = sum(model_transfer_s(self.profile, cut, self.device, self.edge))
+            self._times[cut] = (step.total, self.steps * step.total + transfers, self.steps * step.edge_s)
+        return self._times[cut]
+
+
 class Experiment:
     """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round.
 
@@ -226,19 +254,27 @@ class Experiment:
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
         if hasattr(executor, "evaluate"):  # the engine's workers score the test set's batches apart
             self.central.evaluator = executor.evaluate
-        self.predictors = [self._manager(device) for device in self.devices]  # the central server's plan predictions
-        self.device_roles = [
-            DeviceRole(device, self.train, self.shards[device.id], self.traces[device.id], self._manager(device),
-                       self.architecture, self.optimizer, t.batch_size, t.local_steps, t.local_epochs,
-                       measure=self.measured_peak if self.meter is not None else None)
-            for device in self.devices
-        ]
+        self._managers: dict[int, OnDeviceManager] = {}  # per device, made when first needed
+        self._device_roles: dict[int, DeviceRole] = {}  # likewise: a fleet's memory grows with the devices used
         self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edges))]
         self.clock_s = 0.0  # simulated time since the experiment started
 
-    def _manager(self, device: Device) -> OnDeviceManager:
-        return device_manager(self.config, self.profile_at, self.optimizer, device, self.strategy.rules.checkpointing,
-                              self.plan_memo)
+    def manager(self, device_id: int) -> OnDeviceManager:
+        """The device's on-device manager: its role plans with it, and the central server predicts its plans with
+        the same one (plans are pure functions of the budget, so they share its cache)."""
+        if device_id not in self._managers:
+            self._managers[device_id] = device_manager(self.config, self.profile_at, self.optimizer, self.devices[device_id],
+                                                       self.strategy.rules.checkpointing, self.plan_memo)
+        return self._managers[device_id]
+
+    def device_role(self, device_id: int) -> DeviceRole:
+        if device_id not in self._device_roles:
+            t, device = self.config.training, self.devices[device_id]
+            self._device_roles[device_id] = DeviceRole(
+                device, self.train, self.shards[device_id], self.traces[device_id], self.manager(device_id),
+                self.architecture, self.optimizer, t.batch_size, t.local_steps, t.local_epochs,
+                measure=self.measured_peak if self.meter is not None else None)
+        return self._device_roles[device_id]
 
     @property
     def model(self) -> nn.Sequential:
@@ -284,34 +320,31 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        """Every device online now, with its predicted peaks and times per cut (a device's is computed again
-        only when its budget forecast changes: nothing else it depends on does)."""
-        profile, out = self.profile, []
+        """Every device online now, with its predicted peaks and times per cut. A device's figures at a cut are
+        predicted when a strategy first reads them, and kept until the device's budget forecast changes: nothing
+        else they depend on does."""
+        out = []
         for device in self.devices:
             if not self.availability[device.id].online_at(self.clock_s):
                 continue
-            budget, manager = self.budget_forecast(device), self.predictors[device.id]
+            budget = self.budget_forecast(device)
             known = self._candidates.get(device.id)
-            if known is not None and known.budget == budget:  # nothing it depends on has changed
-                out.append(known)
-                continue
-            edge = self.edges[self.edge_of(device)]
-            steps = self.local_steps[device.id]
-            peaks, times, rounds, edge_load = [], [], [], []
-            for cut in range(1, self.num_units + 1):
-                plan = manager.plan(cut, budget) or manager.plan(cut, UNLIMITED)  # unfit: its plain peak, above budget
-                step = step_times(profile, cut, device, edge, 1.0, plan.recompute_flops, plan.round_trips)
-                peaks.append(plan.peak_bytes)
-                times.append(step.total)
-                rounds.append(steps * step.total + sum(model_transfer_s(profile, cut, device, edge)))
-                edge_load.append(steps * step.edge_s)
-            known = self._candidates[device.id] = Candidate(
-                device=device, budget=budget, peaks=tuple(peaks), step_times=tuple(times),
-                round_times=tuple(rounds), edge_times=tuple(edge_load), samples=len(self.shards[device.id]),
-                label_counts=self.label_counts[device.id], edge=self.edge_of(device),
-            )
+            if known is None or known.budget != budget:
+                known = self._candidates[device.id] = self._candidate(device, budget)
             out.append(known)
         return out
+
+    def _candidate(self, device: Device, budget: int) -> Candidate:
+        forecast = _Forecast(self.manager(device.id), self.profile, device, self.edges[self.edge_of(device)],
+                             budget, self.local_steps[device.id])
+        L = self.num_units
+        return Candidate(
+            device=device, budget=budget, peaks=PerCut(L, forecast.peak),
+            step_times=PerCut(L, lambda cut: forecast.times(cut)[0]),
+            round_times=PerCut(L, lambda cut: forecast.times(cut)[1]),
+            edge_times=PerCut(L, lambda cut: forecast.times(cut)[2]),
+            samples=len(self.shards[device.id]), label_counts=self.label_counts[device.id], edge=self.edge_of(device),
+        )
 
     def run_round(self, rnd: int) -> RoundRecord:
         started = time.perf_counter()
@@ -384,7 +417,7 @@ class Experiment:
         for edge, instructions in zip(self.edge_roles, edge_instructions):
             edge.start_round(instructions, observer)
         participants = [
-            Participant(self.device_roles[i.device_id], i, self.central.edge_of(i.device_id), self.availability[i.device_id])
+            Participant(self.device_role(i.device_id), i, self.central.edge_of(i.device_id), self.availability[i.device_id])
             for i in device_instructions
         ]
         return run_round(participants, self.edge_roles, self.edges, self.profile, start_s=self.clock_s,

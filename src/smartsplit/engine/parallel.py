@@ -29,7 +29,7 @@ import torch
 from smartsplit.config import Config
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.errors import SmartSplitError
-from smartsplit.runtime.allocator import tune_allocator
+from smartsplit.runtime.allocator import freeze_collector, tune_allocator
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
@@ -96,6 +96,7 @@ class Replica:
         tune_allocator()
         strategy = pickle.loads(strategy_blob) if strategy_blob is not None else None
         self.experiment = Experiment(config, strategy)
+        freeze_collector()  # for the worker's life
 
     def train(self, part: Part, edge_instructions: list[EdgeInstructions], clock_s: float,
               observer: StepObserver | None) -> RoundParts:
@@ -104,7 +105,7 @@ class Replica:
         for e in part.edges:
             x.edge_roles[e].start_round(edge_instructions[e], observer)
         participants = [
-            Participant(x.device_roles[i.device_id], i, x.central.edge_of(i.device_id), x.availability[i.device_id])
+            Participant(x.device_role(i.device_id), i, x.central.edge_of(i.device_id), x.availability[i.device_id])
             for i in part.instructions
         ]
         return simulate(participants, x.edge_roles, x.edges, x.profile, start_s=clock_s,

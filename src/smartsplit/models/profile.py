@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -69,10 +71,26 @@ class ModelProfile:
         return 0 if cut >= self.num_units else self.unit(cut).output_bytes
 
     def param_bytes(self, first: int, last: int) -> int:
-        return sum(u.param_bytes for u in self.units[first - 1 : last])
+        """Parameter bytes of units ``first..last`` (1-based, inclusive)."""
+        return self._param_totals[_span(first, last, self.num_units)] - self._param_totals[first - 1]
 
     def flops(self, first: int, last: int) -> int:
-        return sum(u.flops for u in self.units[first - 1 : last])
+        """Forward FLOPs of units ``first..last`` (1-based, inclusive)."""
+        return self._flop_totals[_span(first, last, self.num_units)] - self._flop_totals[first - 1]
+
+    # Running totals (integers, so exact): every cut of every device asks for them.
+    @cached_property
+    def _param_totals(self) -> tuple[int, ...]:
+        return (0, *itertools.accumulate(u.param_bytes for u in self.units))
+
+    @cached_property
+    def _flop_totals(self) -> tuple[int, ...]:
+        return (0, *itertools.accumulate(u.flops for u in self.units))
+
+
+def _span(first: int, last: int, num_units: int) -> int:
+    """The running total's index for units ``first..last``: none when ``last < first``, at most every unit."""
+    return max(min(last, num_units), first - 1)
 
 
 def profile_chain(

@@ -22,7 +22,7 @@ from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
 from smartsplit.reports.summary import RunSummary, summarise
-from smartsplit.runtime.allocator import tune_allocator
+from smartsplit.runtime.allocator import collector_frozen, tune_allocator
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
 from smartsplit.strategies import Strategy
 
@@ -117,43 +117,44 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
             engine.close()
         raise
     try:
-        start = experiment.load_state_dict(state) if state is not None else 0
-        records = [RoundRecord.from_json(r) for r in written[:start]]
-        # rounds after the saved state (if the run died between writing them and saving) are run again
-        _rewrite(metrics_path, written[:start])
-        _rewrite(decisions_path, _read_records(decisions_path, start))
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-        started_as = fingerprint(config)
+        with collector_frozen():  # the experiment's objects: a large fleet's are many
+            start = experiment.load_state_dict(state) if state is not None else 0
+            records = [RoundRecord.from_json(r) for r in written[:start]]
+            # rounds after the saved state (if the run died between writing them and saving) are run again
+            _rewrite(metrics_path, written[:start])
+            _rewrite(decisions_path, _read_records(decisions_path, start))
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+            started_as = fingerprint(config)
 
-        log.info("%s: %s on %s, %d devices, rounds %d..%d, into %s", config.name, experiment.strategy.name,
-                 config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
+            log.info("%s: %s on %s, %d devices, rounds %d..%d, into %s", config.name, experiment.strategy.name,
+                     config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
 
-        def save(rounds_done: int) -> None:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(rounds_done)}, tmp)
-            os.replace(tmp, state_path)
+            def save(rounds_done: int) -> None:
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(rounds_done)}, tmp)
+                os.replace(tmp, state_path)
 
-        if start == 0:
-            save(0)  # a run killed while it writes its first round's results can still resume (from round 1)
-        bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
-        with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
-            for record in experiment.rounds(start):
-                decisions.write(json.dumps(record.decision) + "\n")
-                decisions.flush()
-                records.append(record)
-                metrics.write(json.dumps(record.to_json()) + "\n")
-                metrics.flush()
-                save(record.round)
-                if record.accuracy is not None:
-                    bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
-                log.debug("%s round %d: accuracy %s, loss %s, %d devices, cuts %s, latency %.1f s (simulated), "
-                          "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, _figure(record.accuracy),
-                          _figure(record.loss),
-                          record.participants, record.cuts, record.latency_s, record.oom_events, record.dropouts,
-                          record.wall_s)
-                bar.update()
-        bar.close()
-        torch.save(experiment.model.state_dict(), run_dir / "model.pt")  # the final global model, plain tensors
+            if start == 0:
+                save(0)  # a run killed while it writes its first round's results can still resume (from round 1)
+            bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
+            with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
+                for record in experiment.rounds(start):
+                    decisions.write(json.dumps(record.decision) + "\n")
+                    decisions.flush()
+                    records.append(record)
+                    metrics.write(json.dumps(record.to_json()) + "\n")
+                    metrics.flush()
+                    save(record.round)
+                    if record.accuracy is not None:
+                        bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
+                    log.debug("%s round %d: accuracy %s, loss %s, %d devices, cuts %s, latency %.1f s (simulated), "
+                              "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, _figure(record.accuracy),
+                              _figure(record.loss),
+                              record.participants, record.cuts, record.latency_s, record.oom_events, record.dropouts,
+                              record.wall_s)
+                    bar.update()
+            bar.close()
+            torch.save(experiment.model.state_dict(), run_dir / "model.pt")  # the final global model, plain tensors
     finally:
         experiment.close()
         if engine is not executor:

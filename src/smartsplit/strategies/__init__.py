@@ -3,9 +3,9 @@
 SmartSplit's own strategy (the central manager, with the MEC manager's cut fine-tuning) is in ``managers``.
 """
 
-from smartsplit.strategies.base import Assignment, Candidate, PlanRules, RoundPlan, StepObserver, Strategy
+from smartsplit.strategies.base import Assignment, Candidate, PerCut, PlanRules, RoundPlan, StepObserver, Strategy
 from smartsplit.strategies.registry import STRATEGIES, make_strategy
 from smartsplit.strategies.selection import sample_eligible
 
-__all__ = ["STRATEGIES", "Assignment", "Candidate", "PlanRules", "RoundPlan", "StepObserver", "Strategy",
+__all__ = ["STRATEGIES", "Assignment", "Candidate", "PerCut", "PlanRules", "RoundPlan", "StepObserver", "Strategy",
            "make_strategy", "sample_eligible"]

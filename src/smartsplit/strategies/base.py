@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -17,16 +17,58 @@ from smartsplit.records import DeviceReport
 Observation = tuple[int, int, object]  # (local step, unit, what the step observer returned)
 
 
+T = TypeVar("T")
+
+
+class PerCut(Sequence[T]):
+    """A figure for each cut 1..L (index ``cut - 1``), each computed the first time it is read.
+
+    The engine's candidates hold their predictions this way: planning a device at a cut costs time, and a
+    strategy that looks at one cut (FedAvg, SplitFed, Oort) or at a sample of the fleet only pays for what it
+    reads. It behaves as a read-only tuple.
+    """
+
+    __slots__ = ("_figure", "_values")
+
+    def __init__(self, num_units: int, figure: Callable[[int], T]) -> None:
+        self._figure = figure
+        self._values: list = [None] * num_units
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        if index < 0:
+            index += len(self._values)
+        if not 0 <= index < len(self._values):
+            raise IndexError(f"cut {index + 1} is outside 1..{len(self._values)}")
+        value = self._values[index]
+        if value is None:
+            value = self._values[index] = self._figure(index + 1)
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A device that could train this round, with what the memory model and the clock predict for it."""
+    """A device that could train this round, with what the memory model and the clock predict for it.
+
+    The per-cut figures are sequences indexed by ``cut - 1`` (tuples, or ``PerCut`` where the engine predicts
+    them as they are read)."""
 
     device: Device
     budget: int  # bytes the device may use this round
-    peaks: tuple[int, ...]  # predicted device peak for cuts 1..L
-    step_times: tuple[float, ...]  # simulated seconds of one local step for cuts 1..L, without queueing
-    round_times: tuple[float, ...] = ()  # simulated seconds of the device's whole round per cut (model transfers too)
-    edge_times: tuple[float, ...] = ()  # seconds of edge compute the device's round needs per cut
+    peaks: Sequence[int]  # predicted device peak for cuts 1..L
+    step_times: Sequence[float]  # simulated seconds of one local step for cuts 1..L, without queueing
+    round_times: Sequence[float] = ()  # simulated seconds of the device's whole round per cut (model transfers too)
+    edge_times: Sequence[float] = ()  # seconds of edge compute the device's round needs per cut
     samples: int = 0  # training examples the device holds
     label_counts: tuple[int, ...] = ()  # of which, per class
     edge: int = 0  # the edge server the device is attached to

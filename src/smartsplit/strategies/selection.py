@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.records import DeviceReport
-from smartsplit.strategies.base import Candidate
+from smartsplit.strategies.base import Candidate, PerCut
 
 
 def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
@@ -51,10 +51,10 @@ def coverage_bonus(
     return weight * sum(label_counts[j] for j in new) / total
 
 
-def predicted_times(c: Candidate) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def predicted_times(c: Candidate) -> tuple[Sequence[float], Sequence[float]]:
     """The engine's predicted round time and edge time per cut (step times and no edge work if not given)."""
     rounds = c.round_times or c.step_times
-    return tuple(rounds), tuple(c.edge_times) if c.edge_times else (0.0,) * len(rounds)
+    return rounds, c.edge_times if c.edge_times else (0.0,) * len(rounds)
 
 
 class DeviceHistory:
@@ -75,11 +75,11 @@ class DeviceHistory:
         self.planned: dict[int, tuple[int, float]] = {}  # device id -> (cut, predicted device-side s) this round
         self.latest_loss: float | None = None  # the highest loss_rms reported in the latest round
 
-    def times(self, c: Candidate) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Round time (device side scaled by the speed factor) and edge time, per cut."""
+    def times(self, c: Candidate) -> tuple[Sequence[float], Sequence[float]]:
+        """Round time (device side scaled by the speed factor) and edge time, per cut (each computed when read)."""
         rounds, edge = predicted_times(c)
         f = self.speed.get(c.device.id, 1.0)
-        return tuple(f * (r - e) + e for r, e in zip(rounds, edge)), edge
+        return PerCut(len(rounds), lambda cut: f * (rounds[cut - 1] - edge[cut - 1]) + edge[cut - 1]), edge
 
     def plan(self, c: Candidate, cut: int) -> None:
         rounds, edge = predicted_times(c)

@@ -1,0 +1,86 @@
+"""What the central server predicts for the devices it may pick: each device's plan at its budget forecast, its
+peak and its step, round and edge-compute seconds, cut by cut.
+
+Predictions are made for many devices at once, in arrays, and a cut only when a strategy first reads it: the
+on-device manager's choice (``memory.ondevice.fastest``) and the time model (``fleet.clock``) are the same
+functions a single device uses, given arrays, so every figure equals the one-device computation exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from smartsplit.fleet import Device
+from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
+from smartsplit.memory.ondevice import OnDeviceManager, fastest, quantize
+from smartsplit.models.profile import ModelProfile
+from smartsplit.roles.device import UNLIMITED
+
+
+@dataclass(frozen=True)
+class _Devices:
+    """The time model's view of many devices (``fleet.clock`` reads these three fields)."""
+
+    flops_per_s: np.ndarray
+    uplink_bytes_per_s: np.ndarray
+    downlink_bytes_per_s: np.ndarray
+
+
+@dataclass(frozen=True)
+class CutForecast:
+    """One cut's predictions, one entry per device of the batch."""
+
+    peaks: list[int]  # the fastest fitting plan's peak, or where none fits the plain plan's (above the budget)
+    step_s: list[float]  # one local step without queueing
+    round_s: list[float]  # the device's whole round, model transfers included
+    edge_s: list[float]  # edge compute the round needs
+
+
+class Forecast:
+    """Predictions for a batch of devices, each at its budget. ``planner`` is any of the fleet's on-device
+    managers: only what they share is used (the memo of plan searches, batch, optimizer slots, rules, link
+    round trip), never its own device's speed."""
+
+    def __init__(self, planner: OnDeviceManager, profile: ModelProfile, devices: Sequence[Device], budgets: Sequence[int],
+                 edges: Sequence[EdgeSpec], steps: Sequence[int]) -> None:
+        self.planner, self.profile = planner, profile
+        self.devices = _Devices(
+            np.array([d.flops_per_s for d in devices], dtype=float),
+            np.array([d.uplink_bytes_per_s for d in devices], dtype=float),
+            np.array([d.downlink_bytes_per_s for d in devices], dtype=float),
+        )
+        self.edges = EdgeSpec(np.array([e.flops_per_s for e in edges], dtype=float),
+                              np.array([e.latency_s for e in edges], dtype=float))
+        self.steps = np.array(steps, dtype=np.int64)
+        groups: dict[int, list[int]] = {}  # devices whose budgets round alike share their plan options
+        for row, budget in enumerate(budgets):
+            groups.setdefault(quantize(budget, planner.resolution), []).append(row)
+        self.groups = {budget: np.array(rows) for budget, rows in groups.items()}
+        self._cuts: dict[int, CutForecast] = {}
+
+    def at(self, cut: int) -> CutForecast:
+        if cut not in self._cuts:
+            self._cuts[cut] = self._predict(cut)
+        return self._cuts[cut]
+
+    def _predict(self, cut: int) -> CutForecast:
+        n = len(self.steps)
+        peaks, recompute, trips = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        for budget, rows in self.groups.items():
+            options = self.planner.options(cut, budget) or self.planner.options(cut, UNLIMITED)
+            pick = fastest(options, self.devices.flops_per_s[rows], self.planner.round_trip_s)
+            peaks[rows] = np.array([o.memory.total for o in options], dtype=np.int64)[pick]
+            recompute[rows] = np.array([int(o.recompute_flops) for o in options], dtype=np.int64)[pick]
+            trips[rows] = np.array([o.round_trips for o in options], dtype=np.int64)[pick]
+        step = step_times(self.profile, cut, self.devices, self.edges, 1.0, recompute, trips)
+        total = step.total
+        transfers = sum(model_transfer_s(self.profile, cut, self.devices, self.edges))
+        return CutForecast(
+            peaks=peaks.tolist(),
+            step_s=np.broadcast_to(total, (n,)).tolist(),
+            round_s=np.broadcast_to(self.steps * total + transfers, (n,)).tolist(),
+            edge_s=np.broadcast_to(self.steps * step.edge_s, (n,)).tolist(),
+        )
