@@ -1,18 +1,17 @@
-"""Planning scales with the round, not the fleet: a candidate's figures at a cut are predicted when a strategy
-reads them, so a strategy that looks at one cut plans the fleet at that cut only and the sampled devices at the
-rest; device roles and managers exist only for the devices that need them. (Equality with what planning gave
-before is the golden test's job; the time and memory figures are benchmarks/scale.py's.)"""
+"""Planning scales with the round, not the fleet: candidates are predicted for the whole fleet at once, in
+arrays, each cut when a strategy first reads it, and each figure equals the device planned alone; device roles
+and managers exist only for the devices that need them. (Equality with earlier versions is the golden test's
+job; the time and memory figures are benchmarks/scale.py's.)"""
 
 from __future__ import annotations
 
 import gc
-from collections import defaultdict
-
 import pytest
 
 from smartsplit.config import build_config
 from smartsplit.engine.experiment import Experiment
-from smartsplit.memory.ondevice import OnDeviceManager
+from smartsplit.fleet.clock import model_transfer_s, step_times
+from smartsplit.roles.device import UNLIMITED
 from smartsplit.runtime.allocator import collector_frozen
 from smartsplit.strategies import PerCut
 
@@ -42,33 +41,38 @@ def test_per_cut_figures_are_computed_once_when_read() -> None:
         peaks[4]
 
 
-def planned_cuts(monkeypatch) -> dict[OnDeviceManager, set[int]]:
-    cuts: dict[OnDeviceManager, set[int]] = defaultdict(set)
-    plan = OnDeviceManager.plan
+@pytest.mark.parametrize("strategy, budgets", [("smartsplit", "foreground"), ("fedavg", "constant")])
+def test_fleet_forecasts_equal_each_device_planned_alone(strategy, budgets) -> None:
+    """Candidates are predicted for many devices at once, in arrays; each figure must be what the device's own
+    on-device manager and the time model give for it alone."""
+    x = Experiment(build_config({**FLEET, "strategy": {"name": strategy}},
+                                [f"fleet.budgets.kind={budgets}", "fleet.budgets.max_take=0.9", "edge.servers=2"]))
+    x.clock_s = 500.0  # budget forecasts over a window of the trace
+    candidates = x.candidates()
+    assert len({c.budget for c in candidates}) > 10  # many budgets, several plan searches
+    micro_batches = set()
+    for c in candidates:
+        manager, edge = x.manager(c.device.id), x.edges[x.edge_of(c.device)]
+        for cut in range(1, x.num_units + 1):
+            plan = manager.plan(cut, c.budget) or manager.plan(cut, UNLIMITED)
+            micro_batches.add(plan.micro_batch)
+            step = step_times(x.profile, cut, c.device, edge, 1.0, plan.recompute_flops, plan.round_trips)
+            assert c.peaks[cut - 1] == plan.peak_bytes
+            assert c.step_times[cut - 1] == step.total
+            assert c.round_times[cut - 1] == x.local_steps[c.device.id] * step.total + sum(model_transfer_s(x.profile, cut, c.device, edge))
+            assert c.edge_times[cut - 1] == x.local_steps[c.device.id] * step.edge_s
+            assert type(c.step_times[cut - 1]) is float and type(c.peaks[cut - 1]) is int
+    if strategy == "smartsplit":
+        assert len(micro_batches) > 1  # devices chose between plans
 
-    def recording(self, cut, budget):
-        cuts[self].add(cut)
-        return plan(self, cut, budget)
 
-    monkeypatch.setattr(OnDeviceManager, "plan", recording)
-    return cuts
-
-
-@pytest.mark.parametrize("strategy", ["fedavg", "splitfed-v1"])
-def test_a_fixed_cut_strategy_plans_the_fleet_at_its_cut_and_the_sampled_devices_at_every_cut(monkeypatch, strategy) -> None:
-    cuts = planned_cuts(monkeypatch)
-    x = Experiment(build_config({**FLEET, "strategy": {"name": strategy}}))
+def test_roles_and_managers_exist_only_for_the_devices_that_need_them() -> None:
+    x = Experiment(build_config({**FLEET, "strategy": {"name": "fedavg"}}))
     record = x.run_round(0)
-    cut, L = x.strategy.cut, x.num_units
-    chosen = {a["device"] for a in record.decision["assignments"]}
+    chosen = sorted(a["device"] for a in record.decision["assignments"])
     assert len(chosen) == 3 and record.decision["candidates"] == 40
-    for device in x.devices:
-        asked = cuts[x.manager(device.id)] if device.id in x._managers else set()
-        if device.id in chosen:  # its decision lists its feasible cuts: every cut predicted
-            assert asked == set(range(1, L + 1))
-        else:
-            assert asked == {cut}, f"device {device.id} was planned at cuts {sorted(asked)}"
-    assert sorted(x._device_roles) == sorted(chosen)  # roles only for the devices that trained
+    assert sorted(x._device_roles) == chosen
+    assert len(x._managers) <= len(chosen) + 1  # theirs, and the one whose shared plan searches the forecasts use
 
 
 def test_collector_frozen_freezes_for_the_block_only() -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_data, partition
+from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, run_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
@@ -180,33 +181,6 @@ def start_meter(threads: int) -> HeapMeter | None:
 log = logging.getLogger(__name__)
 
 
-class _Forecast:
-    """What the central server predicts for one device at one budget, cut by cut: the plan's peak, and the step,
-    round and edge-compute seconds (``times``), each worked out when first asked for."""
-
-    __slots__ = ("manager", "profile", "device", "edge", "budget", "steps", "_times")
-
-    def __init__(self, manager: OnDeviceManager, profile: ModelProfile, device: Device, edge: EdgeSpec, budget: int,
-                 steps: int) -> None:
-        self.manager, self.profile, self.device, self.edge, self.budget, self.steps = manager, profile, device, edge, budget, steps
-        self._times: dict[int, tuple[float, float, float]] = {}
-
-    def plan(self, cut: int) -> DevicePlan:
-        """The fastest plan that fits, or where none does the plain plan (its peak above the budget)."""
-        return self.manager.plan(cut, self.budget) or self.manager.plan(cut, UNLIMITED)
-
-    def peak(self, cut: int) -> int:
-        return self.plan(cut).peak_bytes
-
-    def times(self, cut: int) -> tuple[float, float, float]:
-        if cut not in self._times:
-            plan = self.plan(cut)
-            step = step_times(self.profile, cut, self.device, self.edge, 1.0, plan.recompute_flops, plan.round_trips)
-            transfers = sum(model_transfer_s(self.profile, cut, self.device, self.edge))
-            self._times[cut] = (step.total, self.steps * step.total + transfers, self.steps * step.edge_s)
-        return self._times[cut]
-
-
 class Experiment:
     """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round.
 
@@ -320,31 +294,34 @@ class Experiment:
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
     def candidates(self) -> list[Candidate]:
-        """Every device online now, with its predicted peaks and times per cut. A device's figures at a cut are
-        predicted when a strategy first reads them, and kept until the device's budget forecast changes: nothing
-        else they depend on does."""
-        out = []
+        """Every device online now, with its predicted peaks and times per cut. Figures at a cut are predicted
+        when a strategy first reads them (for all the devices whose forecasts were made together), and a device's
+        are kept until its budget forecast changes: nothing else they depend on does."""
+        out, fresh = [], []
         for device in self.devices:
             if not self.availability[device.id].online_at(self.clock_s):
                 continue
             budget = self.budget_forecast(device)
             known = self._candidates.get(device.id)
             if known is None or known.budget != budget:
-                known = self._candidates[device.id] = self._candidate(device, budget)
+                fresh.append((len(out), device, budget))
             out.append(known)
+        if fresh:
+            forecast = Forecast(self.manager(fresh[0][1].id), self.profile, [d for _, d, _ in fresh],
+                                [b for _, _, b in fresh], [self.edges[self.edge_of(d)] for _, d, _ in fresh],
+                                [self.local_steps[d.id] for _, d, _ in fresh])
+            L = self.num_units
+            for row, (position, device, budget) in enumerate(fresh):
+                out[position] = self._candidates[device.id] = Candidate(
+                    device=device, budget=budget,
+                    peaks=PerCut(L, lambda cut, row=row: forecast.at(cut).peaks[row]),
+                    step_times=PerCut(L, lambda cut, row=row: forecast.at(cut).step_s[row]),
+                    round_times=PerCut(L, lambda cut, row=row: forecast.at(cut).round_s[row]),
+                    edge_times=PerCut(L, lambda cut, row=row: forecast.at(cut).edge_s[row]),
+                    samples=len(self.shards[device.id]), label_counts=self.label_counts[device.id],
+                    edge=self.edge_of(device),
+                )
         return out
-
-    def _candidate(self, device: Device, budget: int) -> Candidate:
-        forecast = _Forecast(self.manager(device.id), self.profile, device, self.edges[self.edge_of(device)],
-                             budget, self.local_steps[device.id])
-        L = self.num_units
-        return Candidate(
-            device=device, budget=budget, peaks=PerCut(L, forecast.peak),
-            step_times=PerCut(L, lambda cut: forecast.times(cut)[0]),
-            round_times=PerCut(L, lambda cut: forecast.times(cut)[1]),
-            edge_times=PerCut(L, lambda cut: forecast.times(cut)[2]),
-            samples=len(self.shards[device.id]), label_counts=self.label_counts[device.id], edge=self.edge_of(device),
-        )
 
     def run_round(self, rnd: int) -> RoundRecord:
         started = time.perf_counter()

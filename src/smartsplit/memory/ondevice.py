@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
 
 from smartsplit.fleet.clock import BACKWARD_FLOPS
 from smartsplit.memory.model import MemoryBreakdown, Segments, activation_bytes, activation_peaks, device_memory
@@ -32,6 +34,28 @@ class DevicePlan:
 
 
 MAX_TIGHTENINGS = 8
+
+
+class PlanOption(NamedTuple):
+    """One micro-batch size's cheapest way to fit a budget at a cut; nothing in it depends on a device's speed."""
+
+    micro_batch: int
+    round_trips: int
+    profile: ModelProfile  # at the micro-batch
+    segments: Segments
+    memory: MemoryBreakdown
+    recompute_flops: float  # per logical batch
+    work_flops: float  # forward and backward per logical batch, recompute excluded
+
+
+def fastest(options: Sequence[PlanOption], flops_per_s: np.ndarray, round_trip_s: float) -> np.ndarray:
+    """For each speed in ``flops_per_s``, the index of the fastest option (the first of equals): compute plus
+    recompute seconds plus a link round trip per extra micro-batch. Every device's plan is chosen here, one
+    device or a fleet at once."""
+    work = np.array([o.work_flops for o in options], dtype=float)[:, None]
+    recompute = np.array([o.recompute_flops for o in options], dtype=float)[:, None]
+    trips = np.array([(o.round_trips - 1) * round_trip_s for o in options], dtype=float)[:, None]
+    return np.argmin(work / flops_per_s + recompute / flops_per_s + trips, axis=0)
 
 
 class PlanMemo:
@@ -131,40 +155,32 @@ class OnDeviceManager:
         return None
 
     def _best(self, cut: int, budget: int) -> DevicePlan | None:
-        best, best_time = None, 0.0
-        for option in self._options(cut, budget):
-            m, rounds, profile, segments, memory, recompute, work = option
-            compute_s = work / self.flops_per_s
-            recompute_time = recompute / self.flops_per_s
-            time = compute_s + recompute_time + (rounds - 1) * self.round_trip_s
-            if best is None or time < best_time:
-                best, best_time = option, time
-        if best is None:
+        options = self.options(cut, budget)
+        if not options:
             return None
-        m, rounds, profile, segments, memory, recompute, work = best
-        recompute_time = recompute / self.flops_per_s
+        best = options[int(fastest(options, np.array([self.flops_per_s]), self.round_trip_s)[0])]
+        recompute_time = best.recompute_flops / self.flops_per_s
         return DevicePlan(
             cut=cut,
-            micro_batch=m,
-            segments=segments,
-            memory=memory,
-            held_bytes=self.memo.held(profile, cut, segments),
-            recompute_flops=int(recompute),
-            compute_s=work / self.flops_per_s + recompute_time,
+            micro_batch=best.micro_batch,
+            segments=best.segments,
+            memory=best.memory,
+            held_bytes=self.memo.held(best.profile, cut, best.segments),
+            recompute_flops=int(best.recompute_flops),
+            compute_s=best.work_flops / self.flops_per_s + recompute_time,
             recompute_s=recompute_time,
-            round_trips=rounds,
+            round_trips=best.round_trips,
         )
 
-    def _options(self, cut: int, budget: int) -> list[tuple]:
-        """Every micro-batch size's cheapest way to fit ``budget`` at ``cut``, as (micro-batch, round trips, its
-        profile, segments, memory, recompute FLOPs and compute FLOPs per logical batch); none depends on the
-        device's speed, so devices with the same budget share them."""
+    def options(self, cut: int, budget: int) -> list[PlanOption]:
+        """Every micro-batch size's cheapest way to fit ``budget`` (already rounded) at ``cut``; none depends on
+        the device's speed, so managers sharing a memo find them once for all their devices."""
         if self._model_key is None:
             head = self.profile_at(self.batch)
             self._model_key = (head.input_shape, head.dtype, self.batch, self.slots)
         return self.memo.options((*self._model_key, self.checkpointing, cut, budget), lambda: self._search(cut, budget))
 
-    def _search(self, cut: int, budget: int) -> list[tuple]:
+    def _search(self, cut: int, budget: int) -> list[PlanOption]:
         options = []
         for m in micro_batch_sizes(self.batch) if self.checkpointing else [self.batch]:
             profile = self.profile_at(m)
@@ -180,7 +196,7 @@ class OnDeviceManager:
                 segments, recompute, memory = found
             scale = self.batch / m  # FLOPs are profiled per micro-batch
             work = (1 + BACKWARD_FLOPS) * profile.flops(1, cut) * scale  # device_compute_s's FLOPs
-            options.append((m, rounds, profile, segments, memory, recompute * scale, work))
+            options.append(PlanOption(m, rounds, profile, segments, memory, recompute * scale, work))
         return options
 
     def _segments(self, profile: ModelProfile, cut: int, budget: int, rounds: int, plain: MemoryBreakdown):
@@ -200,6 +216,3 @@ class OnDeviceManager:
                 return segmentation.segments, segmentation.recompute_flops, memory
             limit = min(limit, segmentation.activation_bytes) - (memory.total - budget)
         return None
-
-    def _time(self, plan: DevicePlan) -> float:
-        return plan.compute_s + (plan.round_trips - 1) * self.round_trip_s
