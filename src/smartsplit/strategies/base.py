@@ -40,13 +40,12 @@ class PerCut(Sequence[T]):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return tuple(self[i] for i in range(*index.indices(len(self))))
-        if index < 0:
-            index += len(self._values)
-        if not 0 <= index < len(self._values):
-            raise IndexError(f"cut {index + 1} is outside 1..{len(self._values)}")
-        value = self._values[index]
+        try:
+            value = self._values[index]
+        except IndexError:
+            raise IndexError(f"cut {index + 1} is outside 1..{len(self._values)}") from None
         if value is None:
-            value = self._values[index] = self._figure(index + 1)
+            value = self._values[index] = self._figure(index % len(self._values) + 1)
         return value
 
     def __eq__(self, other: object) -> bool:
