@@ -87,6 +87,8 @@ class BudgetTrace:
         """
         if not (0.0 <= q <= 1.0):
             raise SmartSplitError(f"quantile must be in [0, 1], got {q}")
+        if len(self.budgets_bytes) == 1 and math.isfinite(t0) and math.isfinite(t1) and t0 <= t1:
+            return self.budgets_bytes[0]  # a constant budget: what the pieces below would give, without them
         pieces = sorted(self._segments(t0, t1))
         total = sum(d for _, d in pieces)
         if total == 0.0:
