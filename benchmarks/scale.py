@@ -8,8 +8,10 @@ fleet: 10 devices, `configs/fmnist.yaml`'s model, local steps and device mix, th
 times for the cuts it reads); "round" is the whole round as `smartsplit run` runs it (planning, training,
 aggregation, evaluation on 100 test examples), rounds 1 and 2, after a warm-up that every process pays once
 whatever its fleet (torch's first optimizer imports `torch._dynamo`; the first forward and backward set up
-their kernels). Peak RSS is the process's, and "data MB" the
-training set's share of it (it grows with the fleet here, two examples a device).
+their kernels). Resident memory (MB) is the process's once the experiment is built ("RSS built"), after round 2
+("RSS after") and at its peak; "data MB" is the training set's share (it grows with the fleet here, two
+examples a device; generating the synthetic set takes about three times that for a moment, which is where the
+peak of the largest fleets comes from).
 
     .venv/bin/python benchmarks/scale.py                       # 100, 1000, 10000, 100000 devices; smartsplit, fedavg
     .venv/bin/python benchmarks/scale.py --sizes 100,1000 --strategies fedavg --set fleet.budgets.kind=foreground
@@ -26,6 +28,14 @@ import resource
 import subprocess
 import sys
 import time
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), or NaN."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def warm_up(experiment) -> None:
@@ -52,6 +62,7 @@ def measure(devices: int, strategy: str, sets: list[str]) -> dict:
     started = time.perf_counter()
     experiment = Experiment(config)
     built = time.perf_counter() - started
+    rss_built = resident_mb()
     warm_up(experiment)
     planning: list[float] = []
     plan_round = experiment.central.plan_round
@@ -70,7 +81,7 @@ def measure(devices: int, strategy: str, sets: list[str]) -> dict:
             rounds.append(time.perf_counter() - round_started)
     return {"devices": devices, "strategy": strategy, "experiment_s": built, "plan1_s": planning[0],
             "round1_s": rounds[0], "plan2_s": planning[1], "round2_s": rounds[1], "participants": record.participants,
-            "data_mb": experiment.train.x.nbytes / 2**20,
+            "data_mb": experiment.train.x.nbytes / 2**20, "rss_built_mb": rss_built, "rss_after_mb": resident_mb(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -87,7 +98,8 @@ def main() -> None:
     print(f"measured on {platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; meter off; "
           f"{' '.join(args.set) or 'configs/fmnist.yaml fleet mix'}; seconds are wall time (perf_counter)")
     print(f"{'strategy':>10}  {'devices':>8}  {'experiment s':>12}  {'planning 1 s':>12}  {'round 1 s':>9}  "
-          f"{'planning 2 s':>12}  {'round 2 s':>9}  {'trained':>7}  {'data MB':>7}  {'peak RSS MB':>11}")
+          f"{'planning 2 s':>12}  {'round 2 s':>9}  {'trained':>7}  {'data MB':>7}  {'RSS built':>9}  {'RSS after':>9}  "
+          f"{'peak RSS MB':>11}")
     rows = []
     for strategy in args.strategies.split(","):
         for size in [int(s) for s in args.sizes.split(",")]:
@@ -99,7 +111,8 @@ def main() -> None:
             rows.append(row)
             print(f"{strategy:>10}  {row['devices']:>8}  {row['experiment_s']:>12.2f}  {row['plan1_s']:>12.2f}  "
                   f"{row['round1_s']:>9.2f}  {row['plan2_s']:>12.2f}  {row['round2_s']:>9.2f}  {row['participants']:>7}  "
-                  f"{row['data_mb']:>7.0f}  {row['peak_rss_mb']:>11.0f}", flush=True)
+                  f"{row['data_mb']:>7.0f}  {row['rss_built_mb']:>9.0f}  {row['rss_after_mb']:>9.0f}  {row['peak_rss_mb']:>11.0f}",
+                  flush=True)
     for strategy in args.strategies.split(","):
         mine = [r for r in rows if r["strategy"] == strategy]
         base = mine[0]
