@@ -43,7 +43,6 @@ from smartsplit.roles.device import UNLIMITED, DeviceRole, OptimizerSpec, local_
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, Strategy, make_strategy
-from smartsplit.strategies.base import PerCut
 from smartsplit.strategies.base import StepObserver
 
 
@@ -310,16 +309,10 @@ class Experiment:
             forecast = Forecast(self.manager(fresh[0][1].id), self.profile, [d for _, d, _ in fresh],
                                 [b for _, _, b in fresh], [self.edges[self.edge_of(d)] for _, d, _ in fresh],
                                 [self.local_steps[d.id] for _, d, _ in fresh])
-            L = self.num_units
             for row, (position, device, budget) in enumerate(fresh):
                 out[position] = self._candidates[device.id] = Candidate(
-                    device=device, budget=budget,
-                    peaks=PerCut(L, lambda cut, row=row: forecast.at(cut).peaks[row]),
-                    step_times=PerCut(L, lambda cut, row=row: forecast.at(cut).step_s[row]),
-                    round_times=PerCut(L, lambda cut, row=row: forecast.at(cut).round_s[row]),
-                    edge_times=PerCut(L, lambda cut, row=row: forecast.at(cut).edge_s[row]),
-                    samples=len(self.shards[device.id]), label_counts=self.label_counts[device.id],
-                    edge=self.edge_of(device),
+                    device=device, budget=budget, **forecast.figures(row), samples=len(self.shards[device.id]),
+                    label_counts=self.label_counts[device.id], edge=self.edge_of(device),
                 )
         return out
 

@@ -18,6 +18,7 @@ from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
 from smartsplit.memory.ondevice import OnDeviceManager, fastest, quantize
 from smartsplit.models.profile import ModelProfile
 from smartsplit.roles.device import UNLIMITED
+from smartsplit.strategies.base import PerCut
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,13 @@ class Forecast:
         for row, budget in enumerate(budgets):
             groups.setdefault(quantize(budget, planner.resolution), []).append(row)
         self.groups = {budget: np.array(rows) for budget, rows in groups.items()}
+        self.num_units = profile.num_units
         self._cuts: dict[int, CutForecast] = {}
+
+    def figures(self, row: int) -> dict[str, PerCut]:
+        """Device ``row``'s peaks, step, round and edge times per cut, as a ``Candidate`` takes them."""
+        return {name: _Figure(self, field, row) for name, field in
+                (("peaks", "peaks"), ("step_times", "step_s"), ("round_times", "round_s"), ("edge_times", "edge_s"))}
 
     def at(self, cut: int) -> CutForecast:
         if cut not in self._cuts:
@@ -84,3 +91,18 @@ class Forecast:
             round_s=np.broadcast_to(self.steps * total + transfers, (n,)).tolist(),
             edge_s=np.broadcast_to(self.steps * step.edge_s, (n,)).tolist(),
         )
+
+
+class _Figure(PerCut):
+    """One device's figure per cut, read from its batch's forecast: nothing is stored per device."""
+
+    __slots__ = ("_forecast", "_field", "_row")
+
+    def __init__(self, forecast: Forecast, field: str, row: int) -> None:
+        self._forecast, self._field, self._row = forecast, field, row
+
+    def __len__(self) -> int:
+        return self._forecast.num_units
+
+    def _at(self, index: int):
+        return getattr(self._forecast.at(index + 1), self._field)[self._row]

@@ -40,12 +40,16 @@ class PerCut(Sequence[T]):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return tuple(self[i] for i in range(*index.indices(len(self))))
-        try:
-            value = self._values[index]
-        except IndexError:
-            raise IndexError(f"cut {index + 1} is outside 1..{len(self._values)}") from None
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"cut {index + 1} is outside 1..{n}")
+        return self._at(index % n)
+
+    def _at(self, index: int) -> T:
+        """The figure at 0-based ``index`` (subclasses may read it from elsewhere)."""
+        value = self._values[index]
         if value is None:
-            value = self._values[index] = self._figure(index % len(self._values) + 1)
+            value = self._values[index] = self._figure(index + 1)
         return value
 
     def __eq__(self, other: object) -> bool:
