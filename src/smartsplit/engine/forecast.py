@@ -104,5 +104,10 @@ class _Figure(PerCut):
     def __len__(self) -> int:
         return self._forecast.num_units
 
+    def __getitem__(self, index):
+        if type(index) is int and 0 <= index < self._forecast.num_units:  # the common read, kept short
+            return getattr(self._forecast.at(index + 1), self._field)[self._row]
+        return super().__getitem__(index)
+
     def _at(self, index: int):
         return getattr(self._forecast.at(index + 1), self._field)[self._row]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -79,7 +80,7 @@ class Candidate:
     def fits(self, cut: int) -> bool:
         return self.peaks[cut - 1] <= self.budget
 
-    @property
+    @cached_property
     def feasible_cuts(self) -> tuple[int, ...]:
         return tuple(c for c in range(1, len(self.peaks) + 1) if self.fits(c))
 
