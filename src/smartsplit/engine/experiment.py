@@ -17,7 +17,7 @@ from smartsplit.data import Dataset, load_data, partition
 from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, run_round
 from smartsplit.errors import SmartSplitError
-from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, step_times
+from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.fleet import (
     AvailabilityTrace,
     BudgetTrace,
@@ -39,7 +39,7 @@ from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
 from smartsplit.records import RoundRecord
 from smartsplit.roles.central import CentralRole
-from smartsplit.roles.device import UNLIMITED, DeviceRole, OptimizerSpec, local_batches
+from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, Strategy, make_strategy
