@@ -183,8 +183,8 @@ log = logging.getLogger(__name__)
 class Experiment:
     """Everything one run needs, built from a config and a seed; ``rounds()`` yields one record per round.
 
-    The central role holds the global model and the strategy, one device role per device holds its data shard,
-    budget and on-device manager, one edge role per edge server its server-side copies; the round engine
+    The central role holds the global model and the strategy, a device role (made when the device first trains)
+    its data shard, budget and on-device manager, one edge role per edge server its server-side copies; the round engine
     (``engine.round``) wires them with SimPy. The central server's view of the fleet (each device's class,
     data size, budget forecast and predicted plans per cut: ``candidates()``) is built here.
     """
