@@ -83,13 +83,13 @@ class Forecast:
             recompute[rows] = np.array([int(o.recompute_flops) for o in options], dtype=np.int64)[pick]
             trips[rows] = np.array([o.round_trips for o in options], dtype=np.int64)[pick]
         step = step_times(self.profile, cut, self.devices, self.edges, 1.0, recompute, trips)
-        total = step.total
+        total = step.total  # an array: the forward and edge seconds are per device
         transfers = sum(model_transfer_s(self.profile, cut, self.devices, self.edges))
         return CutForecast(
             peaks=peaks.tolist(),
-            step_s=np.broadcast_to(total, (n,)).tolist(),
-            round_s=np.broadcast_to(self.steps * total + transfers, (n,)).tolist(),
-            edge_s=np.broadcast_to(self.steps * step.edge_s, (n,)).tolist(),
+            step_s=total.tolist(),
+            round_s=(self.steps * total + transfers).tolist(),
+            edge_s=(self.steps * step.edge_s).tolist(),
         )
 
 
@@ -106,7 +106,7 @@ class _Figure(PerCut):
 
     def __getitem__(self, index):
         if type(index) is int and 0 <= index < self._forecast.num_units:  # the common read, kept short
-            return getattr(self._forecast.at(index + 1), self._field)[self._row]
+            return self._at(index)
         return super().__getitem__(index)
 
     def _at(self, index: int):

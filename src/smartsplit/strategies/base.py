@@ -22,12 +22,9 @@ T = TypeVar("T")
 
 
 class PerCut(Sequence[T]):
-    """A figure for each cut 1..L (index ``cut - 1``), each computed the first time it is read.
-
-    The engine's candidates hold their predictions this way: planning a device at a cut costs time, and a
-    strategy that looks at one cut (FedAvg, SplitFed, Oort) or at a sample of the fleet only pays for what it
-    reads. It behaves as a read-only tuple.
-    """
+    """A figure for each cut 1..L (index ``cut - 1``), each computed the first time it is read; it behaves as a
+    read-only tuple. A candidate's predictions come this way (read from the engine's fleet forecast, each cut
+    predicted when first read), so a strategy that looks at one cut pays for that cut only."""
 
     __slots__ = ("_figure", "_values")
 
