@@ -35,8 +35,8 @@ def write_config(folder: Path, **top) -> Path:
     return path
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is much faster on a busy box
+def cli(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}  # tiny tensors: one thread is much faster on a busy box
     return subprocess.run([sys.executable, "-m", "smartsplit.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120)
 
@@ -207,3 +207,15 @@ def test_cli_console_script_installed() -> None:
         pytest.skip("console script not installed next to this interpreter")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and all(cmd in proc.stdout for cmd in ("run", "compare", "profile"))
+
+
+def test_cli_profile_of_your_own_model(tmp_path: Path) -> None:
+    tests = str(Path(__file__).parent)  # where user_models.py lives, as a user's package would be on the path
+    proc = cli("profile", "--model", "user_models:tiny_residual", "--input", "1,28,28", "--batch", "4", "--no-meter",
+               cwd=tmp_path, PYTHONPATH=tests)
+    missing = cli("profile", "--model", "user_models:tiny_residual", cwd=tmp_path, PYTHONPATH=tests)
+    malformed = cli("profile", "--model", "cnn", "--input", "1,28", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("user_models:tiny_residual: 6 units, input (1, 28, 28), batch 4")
+    assert missing.returncode != 0 and "--input C,H,W" in missing.stderr and "Traceback" not in missing.stderr
+    assert malformed.returncode != 0 and "--input must be C,H,W" in malformed.stderr and "Traceback" not in malformed.stderr

@@ -115,8 +115,10 @@ def _profile(args: argparse.Namespace) -> None:
 
     if args.batch < 1:
         raise SmartSplitError(f"--batch must be at least 1, got {args.batch}")
-    shape = default_input_shape(args.model)
-    model = build_model(args.model, num_classes=args.classes, width=args.width)
+    shape = _input_shape(args.input) if args.input else default_input_shape(args.model) if ":" not in args.model else None
+    if shape is None:
+        raise SmartSplitError(f"--model {args.model}: your own model needs its input shape: --input C,H,W (e.g. --input 1,28,28)")
+    model = build_model(args.model, in_channels=shape[0], input_size=shape[1], num_classes=args.classes, width=args.width)
     optimizer = (args.optimizer, 0.01, args.momentum)
     slots = optimizer_slots(args.optimizer, args.momentum)
     with HeapMeter() as meter:
@@ -139,6 +141,17 @@ def _profile(args: argparse.Namespace) -> None:
           "link bytes each way per step):")
     print(format_table(["cut", "predicted peak MB", "measured peak MB", "link MB/step", "device fwd MFLOP"], cuts))
     print(f"measured: {meter.name}" if metered is not None else "predicted from saved-tensor profiles only (--no-meter): no bound")
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    """``--input C,H,W`` (square images: the zoo and ``as_chain`` take one side)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or shape[1] != shape[2]:
+        raise SmartSplitError(f"--input must be C,H,W with positive integers and H == W (e.g. 1,28,28), got {text!r}")
+    return shape
 
 
 def _deployment():
@@ -301,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="report folder (default: <parent of the first run>/report)")
     report.set_defaults(func=_report)
 
-    profile = sub.add_parser("profile", help="per-unit profile and per-cut device memory of a zoo model")
-    profile.add_argument("--model", required=True)
+    profile = sub.add_parser("profile", help="per-unit profile and per-cut device memory of a zoo model or your own")
+    profile.add_argument("--model", required=True, help="a zoo model or your own: package.module:factory")
+    profile.add_argument("--input", metavar="C,H,W", help="input shape per example (default: the zoo model's; needed for your own model)")
     profile.add_argument("--batch", type=int, default=32)
     profile.add_argument("--width", type=float, default=1.0)
     profile.add_argument("--classes", type=int, default=10)
