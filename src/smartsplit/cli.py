@@ -1,4 +1,4 @@
-"""``smartsplit run | check | compare | report | profile`` and the deployment: ``certs | server | edge | device | launch``."""
+"""``smartsplit run | check | compare | report | profile | reproduce`` and the deployment: ``certs | server | edge | device | launch``."""
 
 from __future__ import annotations
 
@@ -25,18 +25,21 @@ def _run(args: argparse.Namespace) -> None:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
-    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, summary_rows
     from smartsplit.reports.table import format_table
 
     summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
+    print(profiles_line([summary.profiles]))
     print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
 
 
 def _engine_overrides(args: argparse.Namespace) -> list[str]:
-    """``--engine``, ``--workers``, ``--ray-address`` as the config fields they set."""
+    """``--engine``, ``--workers``, ``--ray-address``, ``--calibrate`` as the config fields they set."""
     out = [f"engine={args.engine}"] if args.engine else []
+    if getattr(args, "calibrate", False):
+        out.append("calibrate=true")
     if getattr(args, "round_workers", None) is not None:
         out.append(f"workers={args.round_workers}")
     if args.ray_address:
@@ -63,7 +66,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     from smartsplit.api import compare
     from smartsplit.config import load_config
-    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, summary_rows
     from smartsplit.reports.table import format_table, markdown_table
     from smartsplit.runtime.folder import check_writable
 
@@ -82,6 +85,7 @@ def _compare(args: argparse.Namespace) -> None:
     summaries = compare(base, strategies, seeds, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     rows = summary_rows(summaries)
     print(format_table(SUMMARY_HEADERS, rows))
+    print(profiles_line([s.profiles for s in summaries]))
     if base.target_accuracy is None:
         print("(set target_accuracy in the config for rounds and simulated time to a target)")
     print(f"runs in {Path(base.output_dir)}/{base.name}-<strategy>; report: {Path(base.output_dir) / f'{base.name}-report'}/report.md")
@@ -141,6 +145,20 @@ def _profile(args: argparse.Namespace) -> None:
           "link bytes each way per step):")
     print(format_table(["cut", "predicted peak MB", "measured peak MB", "link MB/step", "device fwd MFLOP"], cuts))
     print(f"measured: {meter.name}" if metered is not None else "predicted from saved-tensor profiles only (--no-meter): no bound")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    import shlex
+    import time
+
+    from smartsplit.reproduce import PRESETS, reproduce
+
+    started = time.perf_counter()
+    command = "smartsplit " + " ".join(shlex.quote(a) for a in args.argv)
+    page = reproduce(args.out, PRESETS["quick" if args.quick else "full"], workers=args.workers,
+                     progress=not args.quiet, command=command)
+    print(f"results: {page} (figures beside it, runs in {page.parent / 'runs'}); wall time "
+          f"{time.perf_counter() - started:.0f} s")
 
 
 def _input_shape(text: str) -> tuple[int, int, int]:
@@ -272,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def engine_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--calibrate", action="store_true",
+                             help="measure device memory on this machine instead of using the profiles shipped with "
+                                  "SmartSplit (plans may then differ from other machines')")
         command.add_argument("--engine", choices=["sequential", "parallel", "ray"],
                              help="where rounds train (the config's engine; same results on each)")
         command.add_argument("--ray-address", metavar="ADDRESS",
@@ -324,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--momentum", type=float, default=0.0)
     profile.add_argument("--no-meter", action="store_true", help="skip the memory meter (faster; the prediction is then no bound)")
     profile.set_defaults(func=_profile)
+
+    reproduce = sub.add_parser("reproduce", help="run the paper-claims suite and write DIR/results.md: each claim "
+                                                 "beside this project's figure, command, seeds and machine")
+    reproduce.add_argument("--out", required=True, metavar="DIR",
+                           help="where results.md, its figures and the runs (DIR/runs) go; finished runs there are reused")
+    reproduce.add_argument("--quick", action="store_true",
+                           help="reduced settings (width, rounds, devices, seeds; the page lists them): minutes, not an hour")
+    reproduce.add_argument("--workers", type=int, metavar="N", help="runs at once, each in its own process (default: one per core)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    reproduce.add_argument("--verbose", action="store_true", help="a line per round of every run, and debug messages")
+    reproduce.set_defaults(func=_reproduce)
 
     def secured(command: argparse.ArgumentParser) -> None:
         command.add_argument("--certs", metavar="DIR", help="certificate folder (smartsplit certs)")

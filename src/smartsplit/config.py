@@ -198,6 +198,9 @@ class Config(_Section):
     # measure device memory with the heap meter (profiles calibrated, peaks measured); false: plans rest on
     # saved-tensor profiles alone and no peak is measured (faster, and the same on every machine)
     meter: bool = True
+    # false (the default): plan from the meter's figures shipped with SmartSplit (measured once on a reference
+    # machine), so a config and seed give the same plans on every machine; true: measure on this machine
+    calibrate: bool = False
     # where rounds train; results are the same on every engine (so a run may resume on another): sequential
     # (this process), parallel (a round's independent parts in `workers` local processes), ray (on a Ray
     # cluster: `ray_address`, or a local Ray when null)

@@ -83,7 +83,7 @@ class _Device:
         config = build_config(raw, source=f"the config the edge sent device {self.id}")
         train, _ = load_data(config)
         architecture = build_architecture(config, train)
-        meter = start_meter(config.threads) if config.meter else None
+        meter = start_meter(config) if config.meter else None
         optimizer = info["optimizer"]
         profiles = ProfileCache(meter, (optimizer.name, optimizer.lr, optimizer.momentum))
 

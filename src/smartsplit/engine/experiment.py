@@ -34,7 +34,8 @@ from smartsplit.fleet import (
 )
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager, PlanMemo
-from smartsplit.meter.heap import HeapMeter, MeterUnavailable, shim_path
+from smartsplit.machine import one_line
+from smartsplit.meter.heap import HeapMeter, MeterUnavailable, ShippedFigures, shim_path
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
 from smartsplit.records import RoundRecord
@@ -166,15 +167,26 @@ class RoundExecutor(Protocol):
                  edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome: ...
 
 
-def start_meter(threads: int) -> HeapMeter | None:
-    """The memory meter, or None (with a warning) where it cannot run: runs then plan with uncalibrated
-    profiles and record no measured peaks."""
+def start_meter(config: Config) -> HeapMeter | None:
+    """The memory meter of ``config`` (figures shipped with SmartSplit unless ``calibrate``), or None (with a
+    warning) where it cannot run: runs then plan with uncalibrated profiles and record no measured peaks."""
     try:
         shim_path()
     except MeterUnavailable as e:
         log.warning("%s; device peaks will not be measured and plans rest on saved-tensor profiles only", e)
         return None
-    return HeapMeter(threads)
+    return HeapMeter(config.threads, shipped=None if config.calibrate else ShippedFigures())
+
+
+def profile_sources(meter: HeapMeter | None) -> dict:
+    """Which memory profiles a run planned from: ``shipped`` with SmartSplit (and the machine they were measured
+    on), ``host`` (measured on this machine), or ``none`` (meter off: saved-tensor sizes alone); with how many
+    figures came from each."""
+    if meter is None:
+        return {"source": "none"}
+    if meter.shipped is None:
+        return {"source": "host", **meter.used()}
+    return {"source": "shipped", **meter.used(), "shipped_from": one_line(meter.shipped.machine) if meter.shipped.machine else None}
 
 
 log = logging.getLogger(__name__)
@@ -192,7 +204,7 @@ class Experiment:
     def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None,
                  executor: RoundExecutor | None = None) -> None:
         self.config = config
-        self.meter = meter if meter is not None else start_meter(config.threads) if config.meter else None
+        self.meter = meter if meter is not None else start_meter(config) if config.meter else None
         self._owns_meter = meter is None
         self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
         self.executor = executor

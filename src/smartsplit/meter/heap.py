@@ -39,6 +39,7 @@ from typing import Any
 from smartsplit.errors import SmartSplitError
 
 SOURCE = Path(__file__).with_name("heapmeter.c")
+SHIPPED = Path(__file__).with_name("shipped-profiles.json")
 MEASUREMENT_VERSION = 5  # bump when what a measurement does changes, so cached figures are measured again
 NAME = "heap meter (malloc counter preloaded into a child process; oneDNN on)"
 
@@ -119,6 +120,36 @@ def shim_path() -> Path:
     return target
 
 
+class ShippedFigures:
+    """The meter's figures for the shipped configs' models, measured once on one machine and shipped with the
+    package (``meter/shipped-profiles.json``), so that runs plan from the same figures on every machine.
+
+    Keyed like the disk cache but without the torch version and the meter's build: a figure is what a device
+    step of that structure, shape and plan needs, wherever it is asked. ``scripts/ship_profiles.py`` regenerates
+    the file (it records its command and the machine it ran on); figures of another ``MEASUREMENT_VERSION`` are
+    never used.
+    """
+
+    def __init__(self, path: Path = SHIPPED) -> None:
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        usable = data.get("measurement_version") == MEASUREMENT_VERSION
+        self.figures: dict[str, Any] = data.get("figures", {}) if usable else {}
+        self.machine: dict = data.get("machine", {})
+        self.command: str = data.get("command", "")
+
+    @staticmethod
+    def key(kind: str, threads: int, structure_: str, request: dict) -> str:
+        text = json.dumps([kind, MEASUREMENT_VERSION, threads, structure_, request], default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> Any:
+        return self.figures.get(key)
+
+
 class HeapMeter:
     """A child process that measures device steps; start it once, ask it many times, close it.
 
@@ -131,13 +162,19 @@ class HeapMeter:
     sees a few hundred bytes of Python's own allocations that vary from process to process; plans and reports
     built on cached figures are the same in every run on a machine, which keeps runs deterministic for a seed.
     ``cache=False`` measures afresh every time.
+
+    With ``shipped`` (``ShippedFigures``), a figure shipped with the package is used instead of measuring: plans
+    are then the same on every machine. ``sources`` counts the figures used by where they came from
+    (``shipped``, or ``host``: measured on this machine).
     """
 
-    name = NAME
-
-    def __init__(self, threads: int = 1, cache: bool = True) -> None:
+    def __init__(self, threads: int = 1, cache: bool = True, shipped: ShippedFigures | None = None) -> None:
         self.threads = threads
         self.cache = cache
+        self.shipped = shipped
+        # what records name as the meter of their peaks
+        self.name = NAME if shipped is None else f"{NAME}; figures shipped with SmartSplit where it has them"
+        self.sources: dict[tuple[str, str], str] = {}  # (kind, figure key) -> "shipped" or "host"
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> HeapMeter:
@@ -181,10 +218,23 @@ class HeapMeter:
         return self._call("custom", target=callable_name, kwargs=kwargs)
 
     def _cached(self, kind: str, units, request: dict, measure) -> Any:
+        shape = structure(units)
+        shipped_key = ShippedFigures.key(kind, self.threads, shape, request)
+        if self.shipped is not None and (value := self.shipped.get(shipped_key)) is not None:
+            self.sources[kind, shipped_key] = "shipped"
+            return value
+        self.sources[kind, shipped_key] = "host"
         if not self.cache:
             return measure()
-        key = [kind, MEASUREMENT_VERSION, source_digest(), torch_version(), self.threads, structure(units), request]
+        key = [kind, MEASUREMENT_VERSION, source_digest(), torch_version(), self.threads, shape, request]
         return cached_json("meter", kind, key, measure)
+
+    def used(self) -> dict[str, int]:
+        """How many distinct figures this meter has given, by source (``shipped``, ``host``)."""
+        counts = {"shipped": 0, "host": 0}
+        for source in self.sources.values():
+            counts[source] += 1
+        return counts
 
     def close(self) -> None:
         if self._proc is not None:

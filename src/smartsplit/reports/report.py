@@ -360,7 +360,16 @@ FIGURES: list[tuple[str, Callable, str]] = [
 def run_summary(run: Run) -> RunSummary:
     """The run's summary, computed from its metrics as ``run`` and ``compare`` compute it."""
     return summarise([RoundRecord.from_json(r) for r in run.records], name=run.path.name, strategy=run.strategy,
-                     seed=run.seed, fleet_size=run.fleet_size, target=run.target, run_dir=str(run.path))
+                     seed=run.seed, fleet_size=run.fleet_size, target=run.target, run_dir=str(run.path),
+                     profiles=_profiles(run.path))
+
+
+def _profiles(run_dir: Path) -> dict | None:
+    """Which memory profiles the run planned from, as its ``summary.json`` recorded (None: not recorded)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("profiles")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:

@@ -32,13 +32,15 @@ class RunSummary:
     to_target: dict | None  # {"round", "clock_s"} of the first round at or above the target
     wall_s: float | None
     run_dir: str | None = None
+    profiles: dict | None = None  # which memory profiles the run planned from (engine.experiment.profile_sources)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed: int | None, fleet_size: int | None,
-              target: float | None = None, wall_s: float | None = None, run_dir: str | None = None) -> RunSummary:
+              target: float | None = None, wall_s: float | None = None, run_dir: str | None = None,
+              profiles: dict | None = None) -> RunSummary:
     n = max(len(records), 1)
     evaluated = [r for r in records if r.accuracy is not None]
     reached = next((r for r in evaluated if target is not None and r.accuracy >= target), None)
@@ -70,7 +72,28 @@ def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed:
         to_target={"round": reached.round, "clock_s": reached.clock_s} if reached else None,
         wall_s=wall_s,
         run_dir=run_dir,
+        profiles=profiles,
     )
+
+
+def profiles_line(sources: Sequence[dict | None]) -> str:
+    """One line saying which memory profiles runs planned from (``RunSummary.profiles`` of each run)."""
+    known = [s for s in sources if s]
+    kinds = sorted({s["source"] for s in known})
+    if not kinds:
+        return "memory profiles: not recorded"
+    if kinds == ["none"]:
+        return "memory profiles: none (meter off: plans from saved-tensor sizes alone, the same on every machine)"
+    host = sum(s.get("host", 0) for s in known)
+    shipped = sum(s.get("shipped", 0) for s in known)
+    if "shipped" in kinds:
+        origin = next(s.get("shipped_from") for s in known if s["source"] == "shipped")
+        line = f"memory profiles: shipped with SmartSplit (measured on {origin or 'an unrecorded machine'}" + (
+            f"; {shipped} figures)" if shipped else ")")
+        if host:
+            line += f"; {host} figures not shipped were measured on this machine"
+        return line + "; --calibrate measures all of them here"
+    return "memory profiles: measured on this machine (--calibrate" + (f"; {host} figures)" if host else ")")
 
 
 SUMMARY_HEADERS = (

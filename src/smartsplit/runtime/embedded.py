@@ -18,10 +18,10 @@ import yaml
 from tqdm import tqdm
 
 from smartsplit.config import Config, build_config
-from smartsplit.engine.experiment import Experiment, RoundExecutor
+from smartsplit.engine.experiment import Experiment, RoundExecutor, profile_sources
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
-from smartsplit.reports.summary import RunSummary, summarise
+from smartsplit.reports.summary import RunSummary, profiles_line, summarise
 from smartsplit.runtime.allocator import collector_frozen, tune_allocator
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
 from smartsplit.strategies import Strategy
@@ -128,6 +128,7 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
 
             log.info("%s: %s on %s, %d devices, rounds %d..%d, into %s", config.name, experiment.strategy.name,
                      config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
+            log.info("%s: %s", config.name, profiles_line([profile_sources(experiment.meter)]))
 
             def save(rounds_done: int) -> None:
                 tmp = state_path.with_suffix(".tmp")
@@ -161,6 +162,7 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
             engine.close()
     summary = summarise(records, name=config.name, strategy=config.strategy.name, seed=config.seed,
                         fleet_size=len(experiment.devices), target=config.target_accuracy,
-                        wall_s=time.perf_counter() - started, run_dir=str(run_dir))
+                        wall_s=time.perf_counter() - started, run_dir=str(run_dir),
+                        profiles=profile_sources(experiment.meter))
     (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     return summary
