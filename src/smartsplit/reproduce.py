@@ -500,7 +500,8 @@ def dynamic_section(ctx: Context) -> Section:
              "`configs/fmnist-dynamic.yaml`: every device's budget follows a seeded trace of other apps taking up to "
              "80% of its memory and releasing it, so budgets drop and recover while devices train. Counts are summed "
              "over seeds, read from the runs' metrics.jsonl (`smartsplit.reports`): an out-of-memory event is a "
-             "measured peak above the device's budget at that moment (that device's round ends); a pause is a device "
+             "step whose plan no longer fits the budget when it starts, a forward the guard stops for saving more "
+             "than its plan allows, or a measured peak above the budget at that moment; a pause is a device "
              "waiting because no plan fits its budget even at cut 1; a cut move is a device handing its deepest units to "
              "the edge mid-round because its budget shrank; a re-plan is the on-device manager choosing a new plan "
              "(micro-batch, recomputation, cut) for a new budget.",
