@@ -33,7 +33,8 @@ from torch import nn
 from smartsplit.engine.step import split_step
 from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.zoo import build_model, default_input_shape
-from smartsplit.reports.memory_claim import MB, measure_memory_claim, plan_text, segments_text
+from smartsplit.records import MB
+from smartsplit.reports.memory_claim import measure_memory_claim, plan_text, segments_text
 
 
 class _StubHead(nn.Module):

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from smartsplit.errors import SmartSplitError
-
-MB = 2**20
+from smartsplit.records import MB
 
 
 def _run(args: argparse.Namespace) -> None:

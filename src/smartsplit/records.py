@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+MB = 2**20  # the megabyte (MiB) every *_mb figure in records, configs and reports is counted in
+
 
 @dataclass(frozen=True)
 class DeviceReport:

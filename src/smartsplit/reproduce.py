@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 from smartsplit.api import run_name
 from smartsplit.config import Config, load_config
 from smartsplit.errors import SmartSplitError
-from smartsplit.reports.memory_claim import MB, MemoryClaim, plan_text, zoo_memory_claims
+from smartsplit.records import MB
+from smartsplit.reports.memory_claim import MemoryClaim, plan_text, zoo_memory_claims
 from smartsplit.reports.report import Run, fig_accuracy_round, fig_latency, fig_memory, load_run, run_summary
 from smartsplit.reports.summary import SUMMARY_HEADERS, RunSummary, profiles_line, summary_rows
 from smartsplit.reports.table import markdown_table

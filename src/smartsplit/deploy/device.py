@@ -33,6 +33,7 @@ from smartsplit.deploy.wire import Reassembly, decode, encode, frames
 from smartsplit.engine.experiment import build_architecture, device_manager, start_meter
 from smartsplit.errors import SmartSplitError
 from smartsplit.models.profile import ProfileCache
+from smartsplit.records import MB
 from smartsplit.roles.device import DeviceRole
 from smartsplit.strategies import make_strategy
 
@@ -112,15 +113,15 @@ class _Device:
             self.limit = enforce_budget(budget, name=f"device-{self.id}", above_usage=True)
             self.budget = budget
             log.info("device %d: kernel memory limit %.1f MB (its footprint when ready %.1f MB, as charged to the "
-                     "cgroup, + budget %.1f MB; resident set %.1f MB)", self.id, self.limit.limit / 2**20,
-                     self.limit.base / 2**20, budget / 2**20, idle_footprint() / 2**20)
+                     "cgroup, + budget %.1f MB; resident set %.1f MB)", self.id, self.limit.limit / MB,
+                     self.limit.base / MB, budget / MB, idle_footprint() / MB)
         elif budget != self.budget:
             base = self.limit.base
             self.limit = enforce_budget(base + budget, name=f"device-{self.id}")
             self.limit = dataclasses.replace(self.limit, base=base)
             self.budget = budget
-            log.info("device %d: kernel memory limit now %.1f MB (budget %.1f MB)", self.id, self.limit.limit / 2**20,
-                     budget / 2**20)
+            log.info("device %d: kernel memory limit now %.1f MB (budget %.1f MB)", self.id, self.limit.limit / MB,
+                     budget / MB)
 
     def close(self) -> None:
         if self.limit is not None:

@@ -32,8 +32,8 @@ from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import DeviceLost, SmartSplitError
 from smartsplit.meter.saved import DeviceOutOfMemory
 from smartsplit.models.zoo import build_model
-from smartsplit.records import DeviceReport
-from smartsplit.roles.device import MB, SimulatedTimes, StepDone
+from smartsplit.records import MB, DeviceReport
+from smartsplit.roles.device import SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.roles.messages import DeviceResult
 from smartsplit.strategies import make_strategy

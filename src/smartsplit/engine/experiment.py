@@ -38,7 +38,7 @@ from smartsplit.machine import one_line
 from smartsplit.meter.heap import HeapMeter, MeterUnavailable, ShippedFigures, shim_path
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.models.zoo import build_model
-from smartsplit.records import RoundRecord
+from smartsplit.records import MB, RoundRecord
 from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
@@ -344,7 +344,7 @@ class Experiment:
                     "device": a.device_id,
                     "class": self.devices[a.device_id].device_class,
                     "cut": a.cut,
-                    "budget_forecast_mb": round(by_id[a.device_id].budget / 2**20, 3),
+                    "budget_forecast_mb": round(by_id[a.device_id].budget / MB, 3),
                     "feasible_cuts": list(by_id[a.device_id].feasible_cuts),
                     "predicted_step_s": by_id[a.device_id].step_times[a.cut - 1],
                 }

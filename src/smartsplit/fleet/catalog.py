@@ -17,8 +17,8 @@ import numpy as np
 import yaml
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.records import MB
 
-MIB = 2**20
 _NUMERIC_FIELDS = ("memory_mb", "gflops", "uplink_mbps", "downlink_mbps")
 _FLEET_HEADER = (
     "id",
@@ -165,7 +165,7 @@ def sample_fleet(
             unordered.append(
                 (
                     name,
-                    max(1, round(c.memory_mb * MIB * f[0])),
+                    max(1, round(c.memory_mb * MB * f[0])),
                     c.gflops * 1e9 * float(f[1]),
                     c.uplink_mbps * 1e6 / 8 * float(f[2]),
                     c.downlink_mbps * 1e6 / 8 * float(f[3]),

@@ -17,8 +17,8 @@ import numpy as np
 
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet.catalog import read_csv_rows
+from smartsplit.records import MB
 
-MIB = 2**20
 _HEADER = ("time_s", "budget_mb")
 
 
@@ -164,7 +164,7 @@ def save_trace_csv(trace: BudgetTrace, path: str | Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(_HEADER)
         for t, b in zip(trace.times_s, trace.budgets_bytes):
-            writer.writerow([repr(float(t)), repr(b / MIB)])
+            writer.writerow([repr(float(t)), repr(b / MB)])
 
 
 def load_trace_csv(path: str | Path) -> BudgetTrace:
@@ -173,7 +173,7 @@ def load_trace_csv(path: str | Path) -> BudgetTrace:
     def budget(mb: float) -> int:
         if mb < 0:
             raise ValueError(f"negative budget {mb} MB")
-        return round(mb * MIB)
+        return round(mb * MB)
 
     times, budgets = _read_series(path, _HEADER, budget, "trace")
     return BudgetTrace(times, budgets)

@@ -23,11 +23,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.records import RoundRecord
+from smartsplit.records import MB, RoundRecord
 from smartsplit.reports.summary import SUMMARY_HEADERS, RunSummary, summarise, summary_rows
 from smartsplit.reports.table import markdown_table
 
-MB = 2**20  # as in smartsplit.engine.round
 NAN = float("nan")
 
 

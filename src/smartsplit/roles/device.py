@@ -25,13 +25,12 @@ from smartsplit.engine.step import device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.meter.saved import DeviceOutOfMemory, count_saved_bytes
-from smartsplit.records import DeviceReport
+from smartsplit.records import MB, DeviceReport
 from smartsplit.roles.messages import (
     Activation, DeviceResult, Gradient, Observation, RoundInstructions, UnitHandoff, Update,
 )
 from smartsplit.strategies.base import StepObserver
 
-MB = 2**20
 UNLIMITED = 2**62  # a budget no plan exceeds: the plain plan, whatever memory says
 
 
