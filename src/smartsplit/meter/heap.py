@@ -139,7 +139,6 @@ class ShippedFigures:
         usable = data.get("measurement_version") == MEASUREMENT_VERSION
         self.figures: dict[str, Any] = data.get("figures", {}) if usable else {}
         self.machine: dict = data.get("machine", {})
-        self.command: str = data.get("command", "")
 
     @staticmethod
     def key(kind: str, threads: int, structure_: str, request: dict) -> str:
