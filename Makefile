@@ -24,6 +24,7 @@ run: setup data
 # the tests that read Fashion-MNIST need it: install it where we can, else they skip and say why
 test: setup
 	bash scripts/install-data.sh || echo "Fashion-MNIST not installed: the tests that need it will be skipped"
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 clean:

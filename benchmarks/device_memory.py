@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from smartsplit.engine.step import split_step
+from smartsplit.kernels.step import split_step
 from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.zoo import build_model, default_input_shape
 from smartsplit.records import MB

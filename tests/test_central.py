@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from smartsplit.fleet import Device
-from smartsplit.managers.central import SmartSplit, coverage_bonus, present_classes, statistical_utility, system_penalty
+from smartsplit.strategies.smartsplit import SmartSplit, coverage_bonus, present_classes, statistical_utility, system_penalty
 from smartsplit.records import DeviceReport
 from smartsplit.strategies import Candidate, sample_eligible
 from smartsplit.strategies.latency_only import LatencyOnly
@@ -273,7 +273,7 @@ def test_mec_nudges_may_not_lengthen_the_round_through_the_shared_edge() -> None
     12 s). Unit 2 scoring high asks the device at cut 2 to move shallower, which would load the edge with 16 s:
     refused, and not remembered as a move. Unit 2 scoring low asks the device at cut 1 to move deeper: edge 6 s,
     devices 12 s, no longer than before: taken."""
-    from smartsplit.managers.mec import MecManager
+    from smartsplit.strategies.mec import MecManager
 
     pair = [edge_heavy(0), edge_heavy(1)]
     joint = plan_of(SmartSplit(), pair, 2)
@@ -299,7 +299,7 @@ def test_mec_moves_deeper_only_where_the_edge_is_nearly_the_bottleneck() -> None
     under 0.8 of the round's 20 s, so a low score for unit 2 does not move it although cut 2 (12 s) would fit.
     With 9 s of edge work beside a device of 11 s, the edge is the round's near-bottleneck and cut 2 (10.5 s)
     keeps the round: the move is made."""
-    from smartsplit.managers.mec import MecManager
+    from smartsplit.strategies.mec import MecManager
 
     def plan_with(cands):
         mec = MecManager(L)
@@ -318,7 +318,7 @@ def test_mec_moves_deeper_only_where_the_edge_is_nearly_the_bottleneck() -> None
 
 
 def test_real_mec_manager_keeps_cuts_feasible() -> None:
-    from smartsplit.managers.mec import MecManager
+    from smartsplit.strategies.mec import MecManager
 
     mec = MecManager(5)
     mec.scores = {u: 0.0 for u in range(1, 6)}  # every unit agrees: cuts go one deeper where memory allows

@@ -35,7 +35,7 @@ from smartsplit.errors import SmartSplitError  # noqa: E402
 from smartsplit.fleet import constant_trace  # noqa: E402
 from smartsplit.records import DeviceReport  # noqa: E402
 from smartsplit.roles.device import SimulatedTimes  # noqa: E402
-from smartsplit.roles.messages import Activation, DeviceResult, RoundInstructions, UnitHandoff, Update  # noqa: E402
+from smartsplit.messages import Activation, DeviceResult, RoundInstructions, UnitHandoff, Update  # noqa: E402
 
 TINY = {
     "name": "tiny", "seed": 3, "meter": True,

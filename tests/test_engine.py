@@ -14,20 +14,20 @@ from torch import nn
 import smartsplit.engine.round as round_mod
 from smartsplit.config import build_config
 from smartsplit.data import Dataset
-from smartsplit.engine.aggregate import aggregate, unit_states
+from smartsplit.kernels.aggregate import aggregate, unit_states
 from smartsplit.engine.experiment import Experiment
-from smartsplit.engine.options import EngineOptions
+from smartsplit.strategies.options import EngineOptions
 from smartsplit.engine.round import Participant, run_round
-from smartsplit.engine.step import split_step
+from smartsplit.kernels.step import split_step
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
 from smartsplit.fleet.clock import EdgeSpec, step_times
-from smartsplit.managers.central import SmartSplit
+from smartsplit.strategies.smartsplit import SmartSplit
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.models.profile import ProfileCache, profile_chain
 from smartsplit.roles.device import DeviceRole, OptimizerSpec
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.roles.messages import EdgeInstructions, RoundInstructions, Update
+from smartsplit.messages import EdgeInstructions, RoundInstructions, Update
 from smartsplit.strategies import Candidate
 from smartsplit.strategies.fixed_cut import FixedCut, fedavg, splitfed
 
@@ -336,7 +336,7 @@ def test_each_device_sketches_its_own_steps_on_the_shared_edge(monkeypatch: pyte
     step observations, of its own units (taken on the device) and of the shared edge units (taken on the edge),
     are the gradients of its own steps, read while it held the edge (not after another device's step had
     refilled the shared gradients)."""
-    from smartsplit.managers.mec import GradientSketches, UpdateSketcher, step_sketches
+    from smartsplit.strategies.mec import GradientSketches, UpdateSketcher, step_sketches
 
     model, data = chain(), dataset()
     profile = profile_chain(model, SHAPE, BATCH)

@@ -18,7 +18,7 @@ import yaml
 from smartsplit.api import compare
 from smartsplit.config import build_config
 from smartsplit.engine.experiment import Experiment
-from smartsplit.engine.parallel import split_round
+from smartsplit.runtime.workers import split_round
 from smartsplit.errors import SmartSplitError
 from smartsplit.runtime.embedded import run_experiment
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from smartsplit.errors import SmartSplitError
-from smartsplit.managers.mec import MecManager, StepSketches, UpdateSketcher, importance
+from smartsplit.strategies.mec import MecManager, StepSketches, UpdateSketcher, importance
 
 ALL = (1, 2, 3, 4)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from smartsplit.engine.step import split_step
+from smartsplit.kernels.step import split_step
 from smartsplit.memory import planner
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo, micro_batch_sizes, quantize

@@ -9,7 +9,7 @@ from torch import nn
 from smartsplit.errors import SmartSplitError
 from smartsplit.memory.model import MARGIN_BYTES, MARGIN_FRACTION, activation_bytes, device_memory, optimizer_slots
 from smartsplit.meter.heap import UnitCost
-from smartsplit.meter.saved import DeviceOutOfMemory, SavedBytes, count_saved_bytes
+from smartsplit.kernels.saved import DeviceOutOfMemory, SavedBytes, count_saved_bytes
 from smartsplit.models.profile import ModelProfile, UnitProfile
 from smartsplit.models.profile import ProfileCache, profile_chain
 

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from test_engine import BATCH, CLASSES, SGD, chain, dataset, device, manager_for
 
-from smartsplit.engine.aggregate import unit_states
+from smartsplit.kernels.aggregate import unit_states
 from smartsplit.fleet import constant_trace
 from smartsplit.roles.central import CentralRole, evaluate
 from smartsplit.roles.device import DeviceRole, SimulatedTimes
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.roles.messages import Activation, EdgeInstructions, Gradient, RoundInstructions, UnitHandoff, Update
+from smartsplit.messages import Activation, EdgeInstructions, Gradient, RoundInstructions, UnitHandoff, Update
 from smartsplit.strategies import Assignment, RoundPlan
 from smartsplit.strategies.fixed_cut import fedavg
 

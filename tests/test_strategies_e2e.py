@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from smartsplit.config import build_config
-from smartsplit.engine.aggregate import aggregate, merge, unit_states
+from smartsplit.kernels.aggregate import aggregate, merge, unit_states
 from smartsplit.engine.experiment import Experiment
-from smartsplit.roles.messages import Update
+from smartsplit.messages import Update
 from smartsplit.strategies import STRATEGIES
 
 TINY = {

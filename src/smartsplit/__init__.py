@@ -20,7 +20,7 @@ _LAZY = {  # imported on first use, so that `import smartsplit` (and the CLI's s
     "Assignment": "smartsplit.strategies",
     "RoundPlan": "smartsplit.strategies",
     "PlanRules": "smartsplit.strategies",
-    "EngineOptions": "smartsplit.engine.options",
+    "EngineOptions": "smartsplit.strategies.options",
     "StepObserver": "smartsplit.strategies",
     "DeviceReport": "smartsplit.records",
     "RoundRecord": "smartsplit.records",

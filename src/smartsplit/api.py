@@ -71,7 +71,7 @@ def compare(
     Every run folder is checked before any run starts. Returns the summaries in (strategy, seed) order."""
     from smartsplit.reports.report import write_report
     from smartsplit.runtime.folder import check_run_folder, check_writable
-    from smartsplit.runtime.parallel import run_many
+    from smartsplit.runtime.concurrent import run_many
 
     base = _config(config, overrides)
     strategies = list(strategies)

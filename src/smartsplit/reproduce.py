@@ -193,7 +193,7 @@ def finished(config: Config) -> bool:
 
 def run_suite(suite: Suite, runs_dir: Path, workers: int | None, progress: bool) -> SuiteResult:
     """Run what is not finished yet (``workers`` processes, as ``compare`` runs them), then read every run back."""
-    from smartsplit.runtime.parallel import run_many
+    from smartsplit.runtime.concurrent import run_many
 
     runs = suite_configs(suite, runs_dir)
     pending = [config for _, config in runs if not finished(config)]

@@ -150,7 +150,7 @@ class _Device:
             ok = role.begin_step(args["step"])
             return {"ok": ok, "micro_batches": role.micro_batches() if ok else 0}
         if method == "forward":
-            from smartsplit.meter.saved import DeviceOutOfMemory
+            from smartsplit.kernels.saved import DeviceOutOfMemory
 
             try:
                 return {"activation": role.forward(args["micro_batch"]), "oom": False}

@@ -30,12 +30,12 @@ from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_s
 from smartsplit.deploy.wire import Reassembly, decode, encode, frames
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import DeviceLost, SmartSplitError
-from smartsplit.meter.saved import DeviceOutOfMemory
+from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.models.zoo import build_model
 from smartsplit.records import MB, DeviceReport
 from smartsplit.roles.device import SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.roles.messages import DeviceResult
+from smartsplit.messages import DeviceResult
 from smartsplit.strategies import make_strategy
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ def _start(command: list[str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "smartsplit.cli", *command], stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "smartsplit", *command], stdout=out, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from smartsplit.deploy import smartsplit_pb2 as pb
-from smartsplit.engine.options import EngineOptions
+from smartsplit.strategies.options import EngineOptions
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device
 from smartsplit.fleet.clock import EdgeSpec

@@ -42,7 +42,7 @@ from smartsplit.records import MB, RoundRecord
 from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
+from smartsplit.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, Strategy, make_strategy
 from smartsplit.strategies.base import StepObserver
 

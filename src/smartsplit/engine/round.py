@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from smartsplit.engine.options import EngineOptions
+from smartsplit.strategies.options import EngineOptions
 from smartsplit.errors import DeviceLost
 from smartsplit.fleet import AvailabilityTrace
 from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
-from smartsplit.meter.saved import DeviceOutOfMemory
+from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
 from smartsplit.roles.device import DeviceRole, SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.roles.messages import DeviceResult, Observation, RoundInstructions, Update
+from smartsplit.messages import DeviceResult, Observation, RoundInstructions, Update
 from smartsplit.strategies.base import StepObserver
 
 
@@ -76,7 +76,7 @@ def run_round(
     goes on without it.
     Each edge's updates come in device-id order (a device's update, then the edge's copy of its units), the
     shared copy last: aggregation does not depend on which device finished first, so devices that share
-    nothing can train apart (``engine.parallel``) and give the same global model.
+    nothing can train apart (``runtime.workers``) and give the same global model.
     """
     return assemble(simulate(participants, edges, edge_specs, profile, start_s, deadline_s, options, observer),
                     len(edges))

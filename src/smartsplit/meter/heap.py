@@ -333,8 +333,8 @@ def _rebuild_interned_strings(heap: Heap) -> None:
             return
 
 
-# What the parent's ``step_peak`` and ``unit_costs`` run in the child: the device's step lives with the engine.
-PROCEDURES = {"step_peak": "smartsplit.engine.measured:step_peak", "unit_costs": "smartsplit.engine.measured:unit_costs"}
+# What the parent's ``step_peak`` and ``unit_costs`` run in the child.
+PROCEDURES = {"step_peak": "smartsplit.meter.procedures:step_peak", "unit_costs": "smartsplit.meter.procedures:unit_costs"}
 
 
 def _procedure(target: str):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from smartsplit.meter.heap import HeapMeter, UnitCost, cached_json, structure, torch_version
-from smartsplit.meter.saved import count_saved_bytes
+from smartsplit.kernels.saved import count_saved_bytes
 
 
 BACKWARD_FLOPS = 2  # a unit's backward costs about twice its forward FLOPs

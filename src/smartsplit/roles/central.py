@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smartsplit.data import Dataset
-from smartsplit.engine.aggregate import aggregate, merge, unit_states
-from smartsplit.roles.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
+from smartsplit.kernels.aggregate import aggregate, merge, unit_states
+from smartsplit.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
 from smartsplit.strategies.base import Candidate, RoundPlan, StepObserver, Strategy
 
 

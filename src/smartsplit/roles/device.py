@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from smartsplit.data import Dataset
-from smartsplit.engine.aggregate import unit_state, unit_states
-from smartsplit.engine.step import device_forward, edge_backward, make_optimizer
+from smartsplit.kernels.aggregate import unit_state, unit_states
+from smartsplit.kernels.step import device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
-from smartsplit.meter.saved import DeviceOutOfMemory, count_saved_bytes
+from smartsplit.kernels.saved import DeviceOutOfMemory, count_saved_bytes
 from smartsplit.records import MB, DeviceReport
-from smartsplit.roles.messages import (
+from smartsplit.messages import (
     Activation, DeviceResult, Gradient, Observation, RoundInstructions, UnitHandoff, Update,
 )
 from smartsplit.strategies.base import StepObserver

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from smartsplit.engine.aggregate import unit_state, unit_states
-from smartsplit.engine.step import edge_backward, make_optimizer
+from smartsplit.kernels.aggregate import unit_state, unit_states
+from smartsplit.kernels.step import edge_backward, make_optimizer
 from smartsplit.roles.device import OptimizerSpec
-from smartsplit.roles.messages import Activation, EdgeInstructions, Gradient, Observation, UnitHandoff, Update
+from smartsplit.messages import Activation, EdgeInstructions, Gradient, Observation, UnitHandoff, Update
 from smartsplit.strategies.base import StepObserver
 
 

@@ -1,7 +1,7 @@
 """The Ray engine: the same experiment on a Ray cluster (``engine: ray``), with the sequential engine's metrics.
 
 The central role stays in the driver (this process): it selects, plans, aggregates, evaluates and writes the
-run folder. Rounds train on actors, each holding a replica of the experiment's roles (``engine.parallel``:
+run folder. Rounds train on actors, each holding a replica of the experiment's roles (``runtime.workers``:
 the data loaded once, the fleet, shards and traces rebuilt from the config and seed); a round's independent
 parts (an edge server with the devices that train through it, devices that train their whole model alone) are
 calls on those actors, so the edge servers' work runs as actors and lone devices anywhere. ``compare`` with
@@ -17,7 +17,7 @@ import logging
 import os
 
 from smartsplit.config import Config
-from smartsplit.engine.parallel import Replica, batch_ranges, split_round, strategy_blob
+from smartsplit.runtime.workers import Replica, batch_ranges, split_round, strategy_blob
 from smartsplit.engine.round import RoundOutcome, assemble
 from smartsplit.errors import SmartSplitError
 from smartsplit.roles.central import summarise_scores

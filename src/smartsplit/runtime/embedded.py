@@ -70,7 +70,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 def start_engine(config: Config, strategy: Strategy | None = None):
     """The ``RoundExecutor`` of ``config.engine`` (None: sequential, in this process), started; close it after."""
     if config.engine == "parallel":
-        from smartsplit.engine.parallel import ProcessRounds
+        from smartsplit.runtime.workers import ProcessRounds
 
         return ProcessRounds(config, strategy, config.workers)
     if config.engine == "ray":

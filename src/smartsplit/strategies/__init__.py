@@ -1,6 +1,7 @@
 """Strategies: the interface the server loop is built around, the registry of names, and the baselines.
 
-SmartSplit's own strategy (the central manager, with the MEC manager's cut fine-tuning) is in ``managers``.
+SmartSplit's own strategy (the central manager, ``smartsplit``, with the MEC manager's cut fine-tuning, ``mec``)
+and the options that say how the engine runs a strategy's rounds (``options``) are here too.
 """
 
 from smartsplit.strategies.base import Assignment, Candidate, PerCut, PlanRules, RoundPlan, StepObserver, Strategy

@@ -11,11 +11,10 @@ import numpy as np
 
 from torch import nn
 
-from smartsplit.engine.options import EngineOptions
 from smartsplit.fleet import Device
+from smartsplit.messages import Observation
 from smartsplit.records import DeviceReport
-
-Observation = tuple[int, int, object]  # (local step, unit, what the step observer returned)
+from smartsplit.strategies.options import EngineOptions
 
 
 T = TypeVar("T")

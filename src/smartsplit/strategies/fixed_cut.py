@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from smartsplit.engine.options import EngineOptions
+from smartsplit.strategies.options import EngineOptions
 from smartsplit.strategies.base import Assignment, Candidate, PlanRules, RoundPlan, Strategy
 from smartsplit.strategies.selection import sample_eligible
 

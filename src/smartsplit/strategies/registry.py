@@ -48,8 +48,8 @@ def _latency_only(config: StrategyConfig, num_units: int, seed: int) -> Strategy
 
 def _smartsplit(**switches: bool) -> StrategyFactory:
     def make(config: StrategyConfig, num_units: int, seed: int) -> Strategy:
-        from smartsplit.managers.central import SmartSplit
-        from smartsplit.managers.mec import MecManager
+        from smartsplit.strategies.smartsplit import SmartSplit
+        from smartsplit.strategies.mec import MecManager
 
         mec = MecManager(num_units, high=config.mec_high, low=config.mec_low, smoothing=config.mec_smoothing,
                          cooldown=config.mec_cooldown, seed=seed)

@@ -32,7 +32,7 @@ from smartsplit.strategies.selection import (
 )
 
 if TYPE_CHECKING:
-    from smartsplit.managers.mec import MecManager
+    from smartsplit.strategies.mec import MecManager
 
 
 # --------------------------------------------------------------------------- the central manager
@@ -259,7 +259,7 @@ class SmartSplit(Strategy):
         return self.mec.observer() if self.cut_finetuning and self.mec is not None else None
 
     def round_finished(self, rnd: int, reports: Sequence[DeviceReport], observations: dict[int, list[Observation]] | None = None) -> None:
-        from smartsplit.managers.mec import step_sketches
+        from smartsplit.strategies.mec import step_sketches
 
         self.history.observe(reports)
         if self.mec is not None and observations:

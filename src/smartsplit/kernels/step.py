@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from smartsplit.meter.saved import SavedBytes, count_saved_bytes
+from smartsplit.kernels.saved import SavedBytes, count_saved_bytes
 
 
 @dataclass(frozen=True)

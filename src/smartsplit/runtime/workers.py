@@ -31,7 +31,7 @@ from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assem
 from smartsplit.errors import SmartSplitError
 from smartsplit.runtime.allocator import freeze_collector, tune_allocator
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
-from smartsplit.roles.messages import EdgeInstructions, RoundInstructions
+from smartsplit.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smartsplit.roles.messages import Update
+from smartsplit.messages import Update
 
 
 def merge(updates: list[Update]) -> Update:
