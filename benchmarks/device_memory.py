@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from smartsplit.kernels.step import split_step
+from smartsplit.kernels.step import reference_step
 from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.zoo import build_model, default_input_shape
 from smartsplit.records import MB
@@ -52,7 +52,7 @@ def device_seconds(model: nn.Sequential, cut: int, x, y, *, micro_batch=None, se
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        split_step(units, edge, x, y, opt, None, micro_batch=micro_batch, segments=tuple(segments))
+        reference_step(units, edge, x, y, opt, None, micro_batch=micro_batch, segments=tuple(segments))
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 

@@ -18,7 +18,7 @@ from smartsplit.kernels.aggregate import aggregate, unit_states
 from smartsplit.engine.experiment import Experiment
 from smartsplit.strategies.options import EngineOptions
 from smartsplit.engine.round import Participant, run_round
-from smartsplit.kernels.step import split_step
+from smartsplit.kernels.step import reference_step
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
 from smartsplit.fleet.clock import EdgeSpec, step_times
 from smartsplit.strategies.smartsplit import SmartSplit
@@ -81,7 +81,7 @@ def test_split_step_at_cut_L_is_the_plain_step() -> None:
     split_opt = torch.optim.SGD(split.parameters(), lr=0.1, momentum=0.5)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.5)
     for _ in range(2):
-        r = split_step(split, nn.Sequential(), x, y, split_opt, None)
+        r = reference_step(split, nn.Sequential(), x, y, split_opt, None)
         loss = plain_step(plain, x, y, plain_opt)
         assert r.loss == pytest.approx(loss, rel=1e-6)
         assert r.cut_bytes == 0 and r.samples == BATCH and r.saved_bytes > 0
@@ -96,7 +96,7 @@ def test_split_step_grads_equal_whole_model_grads(cut: int) -> None:
     data = dataset()
     x, y = data.x[:BATCH], data.y[:BATCH]
     split, whole = chain(), chain()
-    r = split_step(split[:cut], split[cut:], x, y, None, None)  # no optimizers: grads stay for inspection
+    r = reference_step(split[:cut], split[cut:], x, y, None, None)  # no optimizers: grads stay for inspection
     loss = plain_step(whole, x, y, None)
     assert r.loss == pytest.approx(loss, rel=1e-6)
     assert r.cut_bytes == BATCH * 8 * 4  # both cut activations are B x 8 floats
@@ -113,7 +113,7 @@ def test_split_step_updates_equal_plain_updates_at_intermediate_cut() -> None:
     opt = torch.optim.SGD(whole.parameters(), lr=0.1)
     for s in range(3):
         x, y = data.x[s * BATCH : (s + 1) * BATCH], data.y[s * BATCH : (s + 1) * BATCH]
-        split_step(split[:1], split[1:], x, y, dev_opt, edge_opt)
+        reference_step(split[:1], split[1:], x, y, dev_opt, edge_opt)
         plain_step(whole, x, y, opt)
     for a, b in zip(split.parameters(), whole.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
@@ -125,7 +125,7 @@ def test_split_step_saved_bytes_match_the_memory_model(cut: int) -> None:
     data = dataset()
     model = chain()
     profile = profile_chain(model, SHAPE, BATCH)
-    r = split_step(model[:cut], model[cut:], data.x[:BATCH], data.y[:BATCH], None, None)
+    r = reference_step(model[:cut], model[cut:], data.x[:BATCH], data.y[:BATCH], None, None)
     assert r.saved_bytes == activation_bytes(profile, cut)
 
 

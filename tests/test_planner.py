@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from smartsplit.kernels.step import split_step
+from smartsplit.kernels.step import reference_step
 from smartsplit.memory import planner
 from smartsplit.memory.model import activation_bytes, activation_peaks, device_memory
 from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo, micro_batch_sizes, quantize
@@ -141,8 +141,8 @@ def test_checkpointed_micro_batched_step_equals_plain_step(fraction):
     plan = plan_segments(profile, cut, int(activation_bytes(profile, cut) * fraction))
     assert plan is not None and plan.segments, "the budget should force checkpointing"
     plain, planned = copy.deepcopy(model), copy.deepcopy(model)
-    r1 = split_step(plain[:cut], plain[cut:], x, y, None, None)
-    r2 = split_step(planned[:cut], planned[cut:], x, y, None, None, micro_batch=2, segments=plan.segments)
+    r1 = reference_step(plain[:cut], plain[cut:], x, y, None, None)
+    r2 = reference_step(planned[:cut], planned[cut:], x, y, None, None, micro_batch=2, segments=plan.segments)
     assert r1.loss == pytest.approx(r2.loss, rel=1e-5)
     for a, b in zip(plain.parameters(), planned.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

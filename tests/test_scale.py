@@ -52,7 +52,7 @@ def test_fleet_forecasts_equal_each_device_planned_alone(strategy, budgets) -> N
     assert len({c.budget for c in candidates}) > 10  # many budgets, several plan searches
     micro_batches = set()
     for c in candidates:
-        manager, edge = x.manager(c.device.id), x.edges[x.edge_of(c.device)]
+        manager, edge = x.manager(c.device.id), x.edge_specs[x.central.edge_of(c.device.id)]
         for cut in range(1, x.num_units + 1):
             plan = manager.plan(cut, c.budget) or manager.plan(cut, UNLIMITED)
             micro_batches.add(plan.micro_batch)

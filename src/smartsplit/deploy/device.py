@@ -29,12 +29,13 @@ from smartsplit.data import load_data
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.limits import AvailableMemoryTrace, FixedBudget, enforce_budget, idle_footprint
 from smartsplit.deploy.link import claimed, open_channel
-from smartsplit.deploy.wire import Reassembly, decode, encode, frames
+from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
 from smartsplit.engine.experiment import build_architecture, device_manager, start_meter
 from smartsplit.errors import SmartSplitError
 from smartsplit.models.profile import ProfileCache
 from smartsplit.records import MB
-from smartsplit.roles.device import DeviceRole
+from smartsplit.fleet import BudgetTrace, Device
+from smartsplit.roles.device import DeviceRole, OptimizerSpec, SimulatedTimes
 from smartsplit.strategies import make_strategy
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,15 @@ class _Device:
         train, _ = load_data(config)
         architecture = build_architecture(config, train)
         meter = start_meter(config) if config.meter else None
-        optimizer = info["optimizer"]
+        optimizer = typed(OptimizerSpec, info["optimizer"], "the welcome's optimizer")
         profiles = ProfileCache(meter, (optimizer.name, optimizer.lr, optimizer.momentum))
 
         def profile_at(batch: int):
             return profiles.get(config.model.name, architecture, train.shape, batch)
 
         self.strategy = make_strategy(config.strategy, len(architecture), config.seed)
-        device = info["device"]
-        trace = _budget(self.options.budget, info["trace"])
+        device = typed(Device, info["device"], "the welcome's device")
+        trace = _budget(self.options.budget, typed(BudgetTrace, info["trace"], "the welcome's budget trace"))
         manager = device_manager(config, profile_at, optimizer, device, self.strategy.rules.checkpointing)
         measure = self._real_peak if self.counter is not None and config.meter else None
         t = config.training
@@ -136,19 +137,18 @@ class _Device:
             if self.counter is not None:
                 self.counter.baseline = self.counter.heap.live()
             observer = self.strategy.step_observer() if args["observe"] else None
-            role.start_round(args["instructions"], observer)
-            return [role.batch_len(i) for i in range(role.batches)]
+            return role.start_round(args["instructions"], observer)
         if method == "plan_step":
             plan, handoff = role.plan_step(args["clock"])
             budget = role.trace.at(args["clock"])
             if self.limit is not None:
                 self._enforce(budget)
-            return {"plan": plan, "handoff": handoff, "cut": role.cut, "budget": budget}
+            return {"plan": plain(plan) if plan is not None else None, "handoff": handoff, "cut": role.cut,
+                    "budget": budget}
         if method == "begin_step":
             if self.counter is not None:
                 self.counter.heap.reset_peak()
-            ok = role.begin_step(args["step"])
-            return {"ok": ok, "micro_batches": role.micro_batches() if ok else 0}
+            return role.begin_step(args["step"])
         if method == "forward":
             from smartsplit.kernels.saved import DeviceOutOfMemory
 
@@ -158,8 +158,8 @@ class _Device:
                 return {"activation": None, "oom": True}
         simple = {"budget_returns_at": lambda: role.budget_returns_at(args["clock"]), "paused": role.paused,
                   "dropped_out": role.dropped_out, "backward": lambda: role.backward(args["gradient"]),
-                  "end_step": role.end_step, "take_back": lambda: role.take_back(args["handoff"]),
-                  "finish_round": lambda: role.finish_round(args["times"])}
+                  "end_step": lambda: plain(role.end_step()), "take_back": lambda: role.take_back(args["handoff"]),
+                  "finish_round": lambda: role.finish_round(typed(SimulatedTimes, args["times"], "finish_round's times"))}
         if method not in simple:
             raise SmartSplitError(f"the edge called {method!r}, which this device does not know; are both ends "
                                   "running the same SmartSplit version?")

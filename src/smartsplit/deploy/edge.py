@@ -17,23 +17,25 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import grpc
-import numpy as np
 import yaml
 
 from smartsplit.config import build_config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
-from smartsplit.deploy.wire import Reassembly, decode, encode, frames
+from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
 from smartsplit.engine.round import Participant, run_round
 from smartsplit.errors import DeviceLost, SmartSplitError
+from smartsplit.fleet import AvailabilityTrace, Device
+from smartsplit.fleet.clock import EdgeSpec
+from smartsplit.memory.ondevice import DevicePlan
+from smartsplit.models.profile import ModelProfile
 from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.models.zoo import build_model
-from smartsplit.records import MB, DeviceReport
-from smartsplit.roles.device import SimulatedTimes, StepDone
+from smartsplit.roles.device import OptimizerSpec, RoundTally, SimulatedTimes, StepDone
+from smartsplit.strategies.options import EngineOptions
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import DeviceResult
 from smartsplit.strategies import make_strategy
@@ -182,10 +184,7 @@ class RemoteDevice:
         self.timeout_s, self.connect_s = timeout_s, connect_s
         self.faults, self.wire = faults, wire
         self.lost = False
-        self._lens: list[int] = []
-        self._micro = 0
-        self.cut = 0
-        self._seen = {"steps": 0, "samples": 0, "losses": [], "budget": None, "peak": 0, "micro": set(), "pauses": 0}
+        self.tally: RoundTally | None = None  # what the edge saw of the device's round: its report if it is lost
         self._link: _Link | None = None
 
     def _call(self, method: str, **args):
@@ -219,50 +218,41 @@ class RemoteDevice:
         now, before = self._link.frame_bytes, self._frames_before
         return {"frames_up": now["up"] - before["up"], "frames_down": now["down"] - before["down"]}
 
-    # ---- what run_round and split_step call
+    # ---- the DeviceSide the round engine drives
 
-    def start_round(self, instructions, observer=None) -> None:
-        self.instructions, self.cut = instructions, instructions.cut
-        self._lens = self._call("start_round", instructions=instructions, observe=observer is not None)
+    def start_round(self, instructions, observer=None) -> list[int]:
+        self.tally = RoundTally(assigned_cut=instructions.cut, cut=instructions.cut)
+        step_sizes = self._call("start_round", instructions=instructions, observe=observer is not None)
         self.wire["model_down"] += _nbytes(t for state in instructions.weights.values() for t in state.values())
-
-    @property
-    def batches(self) -> int:
-        return len(self._lens)
-
-    def batch_len(self, step: int) -> int:
-        return self._lens[step]
+        return step_sizes
 
     def plan_step(self, clock_s: float):
         reply = self._call("plan_step", clock=clock_s)
-        self.cut = reply["cut"]
-        seen = self._seen
-        seen["budget"] = reply["budget"] if seen["budget"] is None else min(seen["budget"], reply["budget"])
-        if reply["plan"] is not None:
-            seen["peak"] = max(seen["peak"], reply["plan"].peak_bytes)
-            seen["micro"].add(reply["plan"].micro_batch)
+        seen, plan = self.tally, reply["plan"]
+        if plan is not None:
+            plan = typed(DevicePlan, plan, f"device {self.id}'s plan")
+        seen.cut = reply["cut"]
+        seen.min_budget = reply["budget"] if seen.min_budget is None else min(seen.min_budget, reply["budget"])
+        if plan is not None:
+            seen.peak_predicted = max(seen.peak_predicted, plan.peak_bytes)
+            seen.micro_batches.add(plan.micro_batch)
         if reply["handoff"] is not None:
             self.wire["handoff_up"] += _nbytes(t for state in reply["handoff"].weights.values() for t in state.values())
-        return reply["plan"], reply["handoff"]
+        return plan, reply["handoff"]
 
     def budget_returns_at(self, clock_s: float):
         return self._call("budget_returns_at", clock=clock_s)
 
     def paused(self) -> None:
-        self._seen["pauses"] += 1
+        self.tally.pauses += 1
         self._call("paused")
 
     def dropped_out(self) -> None:
         if not self.lost:
             self._call("dropped_out")
 
-    def begin_step(self, step: int) -> bool:
-        reply = self._call("begin_step", step=step)
-        self._micro = reply["micro_batches"]
-        return reply["ok"]
-
-    def micro_batches(self) -> int:
-        return self._micro
+    def begin_step(self, step: int) -> int:
+        return self._call("begin_step", step=step)
 
     def forward(self, micro_batch: int):
         reply = self._call("forward", micro_batch=micro_batch)
@@ -279,11 +269,12 @@ class RemoteDevice:
         self._call("backward", gradient=gradient)
 
     def end_step(self) -> StepDone:
-        done = self._call("end_step")
-        log.debug("device %d: step %d done, loss %.4f", self.id, self._seen["steps"] + 1, done.loss)
-        self._seen["steps"] += 1
-        self._seen["samples"] += done.samples
-        self._seen["losses"].append(done.loss)
+        done = typed(StepDone, self._call("end_step"), f"device {self.id}'s step")
+        seen = self.tally
+        seen.steps += 1
+        seen.samples += done.samples
+        seen.losses.append(done.loss)
+        log.debug("device %d: step %d done, loss %.4f", self.id, seen.steps, done.loss)
         return done
 
     def take_back(self, handoff) -> None:
@@ -293,23 +284,15 @@ class RemoteDevice:
     def finish_round(self, times: SimulatedTimes) -> DeviceResult:
         if not self.lost:
             try:
-                result = self._call("finish_round", times=times)
+                result = self._call("finish_round", times=plain(times))
                 if result.update is not None:
                     self.wire["model_up"] += _nbytes(t for state in result.update.units.values() for t in state.values())
                 return result
             except DeviceLost:
                 pass
         # gone: the device's units went with it; what the edge saw of it is its report
-        seen, losses = self._seen, self._seen["losses"]
-        report = DeviceReport(
-            device=self.id, device_class=self.device.device_class, cut=self.instructions.cut, final_cut=self.cut,
-            budget_mb=round((seen["budget"] or 0) / MB, 3), peak_predicted_mb=round(seen["peak"] / MB, 3),
-            peak_measured_mb=None, micro_batches=sorted(seen["micro"]), oom_events=0, replans=0, cut_moves=0,
-            pauses=seen["pauses"], dropped_out=True, steps=seen["steps"], samples=seen["samples"],
-            loss=float(np.mean(losses)) if losses else None,
-            loss_rms=float(np.sqrt(np.mean(np.square(losses)))) if losses else None, **asdict(times),
-        )
-        return DeviceResult(None, report, [])
+        self.tally.dropped_out = True
+        return DeviceResult(None, self.tally.report(self.device, times, unread_budget=0), [])
 
 
 def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s: float = 60.0,
@@ -323,14 +306,17 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
     welcome = _call_retrying(lambda: central.Register(encode("register", {"edge": name}), metadata=meta), retry_s, server)
     _, info = decode(welcome)
     config = build_config(yaml.safe_load(info["config"]), source="the config the central server sent")
-    index, profile, spec = info["edge"], info["profile"], info["spec"]
+    index = info["edge"]
+    profile = typed(ModelProfile, info["profile"], "the central server's model profile")
+    spec = typed(EdgeSpec, info["spec"], "the central server's edge spec")
+    optimizer = typed(OptimizerSpec, info["optimizer"], "the central server's optimizer")
     architecture = build_model(config.model.name, in_channels=info["input_shape"][0], num_classes=info["num_classes"],
                                width=config.model.width, input_size=info["input_shape"][1], seed=config.seed)
     import torch
 
     torch.set_num_threads(config.threads)
     strategy = make_strategy(config.strategy, len(architecture), config.seed)
-    role = EdgeRole(index, architecture, info["optimizer"])
+    role = EdgeRole(index, architecture, optimizer)
     service = EdgeService(info["devices"], info["config"], info["optimizer"])
     grpc_server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], listen, certs, name,
                                      workers=len(info["devices"]) + 8, unary=False)  # a stream holds a worker
@@ -349,11 +335,14 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
             observer = strategy.step_observer() if work["observe"] else None
             role.start_round(work["edge"], observer)
             participants = [
-                Participant(RemoteDevice(service, device, timeout_s, connect_s, faults, wire), instructions, 0, availability)
+                Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s,
+                                         faults, wire),
+                            instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
                 for instructions, device, availability in work["devices"]
             ]
+            options = typed(EngineOptions, work["options"], "the round's engine options")
             outcome = run_round(participants, [role], [spec], profile, start_s=work["start_s"],
-                                deadline_s=work["deadline_s"], options=work["options"], observer=observer)
+                                deadline_s=work["deadline_s"], options=options, observer=observer)
             for p in participants:
                 wire.update(p.role.frames())
             result = {"round": work["round"], "edge": index, "updates": outcome.updates[0], "results": outcome.results,

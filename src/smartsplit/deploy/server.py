@@ -22,7 +22,7 @@ import grpc
 from smartsplit.config import Config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.link import peer_identity, start_server
-from smartsplit.deploy.wire import decode, encode
+from smartsplit.deploy.wire import decode, encode, plain
 from smartsplit.engine.round import RoundOutcome
 from smartsplit.reports.summary import RunSummary
 from smartsplit.runtime.embedded import run_experiment
@@ -66,12 +66,12 @@ class CentralService(rpc.CentralServicer):
                 log.warning("edge-%d registered again (restarted?): it is handed its unfinished round again", edge)
             self.registered.add(edge)
             x = self.experiment
-        devices = {d.id: {"device": d, "shard": x.shards[d.id], "trace": x.traces[d.id]}
+        devices = {d.id: {"device": plain(d), "shard": x.shards[d.id], "trace": plain(x.traces[d.id])}
                    for d in x.devices if x.central.edge_of(d.id) == edge}
         log.info("edge-%d registered from %s, %d devices", edge, context.peer(), len(devices))
         return encode("welcome", {
-            "edge": edge, "config": x.config.to_yaml(), "profile": x.profile, "spec": x.edges[edge],
-            "optimizer": x.optimizer, "input_shape": tuple(x.train.shape), "num_classes": x.train.num_classes,
+            "edge": edge, "config": x.config.to_yaml(), "profile": plain(x.profile),
+            "spec": plain(x.edge_specs[edge]), "optimizer": plain(x.optimizer), "input_shape": tuple(x.train.shape), "num_classes": x.train.num_classes,
             "devices": devices,
         })
 
@@ -105,14 +105,14 @@ class CentralService(rpc.CentralServicer):
         by_edge: dict[int, list] = {e: [] for e in range(self.num_edges)}
         for instructions in device_instructions:
             d = instructions.device_id
-            by_edge[x.central.edge_of(d)].append((instructions, x.devices[d], x.availability[d]))
+            by_edge[x.central.edge_of(d)].append((instructions, plain(x.devices[d]), plain(x.availability[d])))
         with self._changed:
             self.experiment = x
             self.results = {}
             self.work = {
                 e: {"round": edge_instructions[e].round, "edge": edge_instructions[e], "devices": by_edge[e],
                     "start_s": x.clock_s, "deadline_s": x.config.training.round_deadline_s,
-                    "options": x.strategy.execution, "observe": observer is not None}
+                    "options": plain(x.strategy.execution), "observe": observer is not None}
                 for e in range(self.num_edges)
             }
             self._changed.notify_all()

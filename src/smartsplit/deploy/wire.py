@@ -2,42 +2,41 @@
 
 A message's fields become JSON in which every tensor and numpy array is a reference into the payload's list of
 raw-byte tensors (dtype, shape, bytes). Dicts keep their keys' types (unit indices are ints), tuples stay
-tuples, and floats round-trip exactly. A body can only build the dataclasses listed in ``_TYPES``: a peer can
-send data, never code. Large payloads cross a stream as ``Frame`` chunks (``frames`` / ``Reassembly``).
+tuples, and floats round-trip exactly. A body holds tensors, numbers, strings and the messages of
+``smartsplit.messages`` (with the ``DeviceReport`` a result carries), each field checked against its declared
+type as it is built: a peer can send data, never code, and never an object of its choosing.
+
+Typed records that are not messages (a device's plan, the model's profile, budget and availability traces, the
+fleet's devices) cross as plain data: the sender writes ``plain(record)``, and the receiver, which knows what
+it expects there, builds ``typed(Record, data, what)`` on arrival, every field checked the same way.
+Large payloads cross a stream as ``Frame`` chunks (``frames`` / ``Reassembly``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from typing import Any, Iterator
+import types
+import typing
+from typing import Any, Iterator, TypeVar, Union
 
 import numpy as np
 import torch
 
+from smartsplit import messages
 from smartsplit.deploy import smartsplit_pb2 as pb
-from smartsplit.strategies.options import EngineOptions
 from smartsplit.errors import SmartSplitError
-from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device
-from smartsplit.fleet.clock import EdgeSpec
-from smartsplit.memory.model import MemoryBreakdown
-from smartsplit.memory.ondevice import DevicePlan
-from smartsplit.meter.heap import UnitCost
-from smartsplit.models.profile import ModelProfile, UnitProfile
 from smartsplit.records import DeviceReport
-from smartsplit.roles import messages
-from smartsplit.roles.device import OptimizerSpec, SimulatedTimes, StepDone
 
 CHUNK_BYTES = 1 << 20  # a stream frame's payload
 STREAM_LIMIT = 4 << 20  # the most one stream message may carry (a frame and its framing fit well within)
 UNARY_LIMIT = 1 << 30  # the most a control-plane call may carry (a round's weights for an edge and its devices)
 
-_TYPES = {cls.__name__: cls for cls in (
-    messages.RoundInstructions, messages.EdgeInstructions, messages.Activation, messages.Gradient,
-    messages.UnitHandoff, messages.Update, messages.DeviceResult, DeviceReport, SimulatedTimes, StepDone,
-    Device, BudgetTrace, AvailabilityTrace, EdgeSpec, EngineOptions, DevicePlan, MemoryBreakdown, ModelProfile,
-    UnitProfile, UnitCost, OptimizerSpec,
-)}
+_MESSAGES = (messages.RoundInstructions, messages.EdgeInstructions, messages.Activation, messages.Gradient,
+             messages.UnitHandoff, messages.Update, messages.DeviceResult, DeviceReport)
+_TYPES = {cls.__name__: cls for cls in _MESSAGES}
+T = TypeVar("T")
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool,
@@ -110,8 +109,93 @@ def _decode(value: Any, tensors) -> Any:
         cls = _TYPES.get(value["$dc"])
         if cls is None:
             raise WireError(f"unknown message type {value['$dc']!r}; are both ends running the same SmartSplit version?")
-        return cls(**{k: _decode(v, tensors) for k, v in value["fields"].items()})
+        return typed(cls, {k: _decode(v, tensors) for k, v in value["fields"].items()}, f"a {cls.__name__}")
     raise WireError(f"unreadable value {str(value)[:80]}")
+
+
+def plain(record: Any) -> dict[str, Any]:
+    """A typed record (a frozen dataclass of numbers, strings, tensors and records) as plain data to send."""
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if f.init}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def typed(cls: type[T], data: Any, what: str) -> T:
+    """``data`` a peer sent, built into the record ``cls``: exactly its fields, each of its declared type
+    (recursively); anything else is a ``WireError`` naming ``what`` and the field."""
+    if not isinstance(data, dict):
+        raise WireError(f"{what}: expected the fields of a {cls.__name__}, got {type(data).__name__}")
+    hints = _field_types(cls)
+    unknown, missing = set(data) - set(hints), {n for n, f in _required(cls).items() if f} - set(data)
+    if unknown or missing:
+        raise WireError(f"{what}: a {cls.__name__} with unknown fields {sorted(map(str, unknown))} or missing "
+                        f"{sorted(missing)}; are both ends running the same SmartSplit version?")
+    values = {name: _as(hints[name], value, f"{what}.{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (SmartSplitError, ValueError, TypeError) as exc:
+        raise WireError(f"{what}: not a valid {cls.__name__} ({exc})") from None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+@functools.cache
+def _required(cls: type) -> dict[str, bool]:
+    return {f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            for f in dataclasses.fields(cls) if f.init}
+
+
+_ATOMS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), torch.Tensor: (torch.Tensor,),
+          np.ndarray: (np.ndarray,)}
+
+
+def _as(tp: Any, value: Any, what: str) -> Any:
+    """``value`` checked (and, for tuples and records, built) as type ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is object or tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else typed(tp, value, what)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _as(next(a for a in args if a is not type(None)), value, what) if len(args) == 2 else value
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise WireError(f"{what}: expected a sequence, got {type(value).__name__}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise WireError(f"{what}: expected {len(args)} items, got {len(value)}")
+            return tuple(_as(a, v, f"{what}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        items = [_as(args[0] if args else Any, v, f"{what}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise WireError(f"{what}: expected a mapping, got {type(value).__name__}")
+        key, item = args or (Any, Any)
+        return {_as(key, k, f"{what} key"): _as(item, v, f"{what}[{k!r}]") for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in args:
+            raise WireError(f"{what}: {value!r} is not one of {args}")
+        return value
+    allowed = _ATOMS.get(tp)
+    if allowed is None:
+        raise WireError(f"{what}: a field of type {tp} cannot travel")
+    if not isinstance(value, allowed) or (isinstance(value, bool) and tp is not bool):
+        raise WireError(f"{what}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+    return value
 
 
 def _tensor(t: pb.Tensor) -> torch.Tensor | np.ndarray:

@@ -6,7 +6,7 @@ import copy
 import time
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from smartsplit.config import Config
 from smartsplit.data import Dataset, load_data, partition
 from smartsplit.engine.forecast import Forecast
-from smartsplit.engine.round import Participant, RoundOutcome, run_round
+from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.fleet import (
@@ -43,7 +43,7 @@ from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import EdgeInstructions, RoundInstructions
-from smartsplit.strategies import Candidate, Strategy, make_strategy
+from smartsplit.strategies import Candidate, RoundPlan, Strategy, make_strategy
 from smartsplit.strategies.base import StepObserver
 
 
@@ -230,18 +230,18 @@ class Experiment:
         ]
         self.local_steps = [len(local_batches(shard, t.batch_size, t.local_steps, t.local_epochs, None)) for shard in self.shards]
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
-        self.edges = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]
+        self.edge_specs = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]  # one per edge server
         self.traces = build_traces(config, self.devices)
         self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.plan_memo = PlanMemo()  # what every device's planning shares
         self._candidates: dict[int, Candidate] = {}  # each device's, until its budget forecast changes
-        self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edges))
+        self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edge_specs))
         if hasattr(executor, "evaluate"):  # the engine's workers score the test set's batches apart
             self.central.evaluator = executor.evaluate
         self._managers: dict[int, OnDeviceManager] = {}  # per device, made when first needed
         self._device_roles: dict[int, DeviceRole] = {}  # likewise: a fleet's memory grows with the devices used
-        self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edges))]
+        self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edge_specs))]
         self.clock_s = 0.0  # simulated time since the experiment started
 
     def manager(self, device_id: int) -> OnDeviceManager:
@@ -294,9 +294,6 @@ class Experiment:
     def profile(self) -> ModelProfile:
         return self.profile_at(self.config.training.batch_size)
 
-    def edge_of(self, device: Device) -> int:
-        return self.central.edge_of(device.id)
-
     def budget_forecast(self, device: Device) -> int:
         """A low quantile of the budget the device had over the recent window."""
         b, trace = self.config.fleet.budgets, self.traces[device.id]
@@ -319,22 +316,36 @@ class Experiment:
             out.append(known)
         if fresh:
             forecast = Forecast(self.manager(fresh[0][1].id), self.profile, [d for _, d, _ in fresh],
-                                [b for _, _, b in fresh], [self.edges[self.edge_of(d)] for _, d, _ in fresh],
+                                [b for _, _, b in fresh], [self.edge_specs[self.central.edge_of(d.id)] for _, d, _ in fresh],
                                 [self.local_steps[d.id] for _, d, _ in fresh])
             for row, (position, device, budget) in enumerate(fresh):
                 out[position] = self._candidates[device.id] = Candidate(
                     device=device, budget=budget, **forecast.figures(row), samples=len(self.shards[device.id]),
-                    label_counts=self.label_counts[device.id], edge=self.edge_of(device),
+                    label_counts=self.label_counts[device.id], edge=self.central.edge_of(device.id),
                 )
         return out
 
     def run_round(self, rnd: int) -> RoundRecord:
+        """One round: the strategy plans it over the candidates, the executor trains it, the central server
+        aggregates (and evaluates, on evaluation rounds); the clock moves on by the round's latency."""
         started = time.perf_counter()
         t = self.config.training
         candidates = self.candidates()
         plan = self.central.plan_round(rnd, candidates, t.devices_per_round)
+        decision = self._decision(rnd, plan, candidates)
+        device_instructions, edge_instructions = self.central.instructions(rnd, plan, self.clock_s)
+        observer = self.central.step_observer()
+        outcome = (self.executor or Experiment.train_here)(self, device_instructions, edge_instructions, observer)
+        latency = max((r.finish_s for r in outcome.reports), default=0.0)
+        self.clock_s += latency
+        evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds
+        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results, evaluated)
+        return self._record(rnd, plan, candidates, outcome, evaluation, latency, decision, time.perf_counter() - started)
+
+    def _decision(self, rnd: int, plan: RoundPlan, candidates: list[Candidate]) -> dict:
+        """What the strategy decided and on what figures (``decisions.jsonl``'s line)."""
         by_id = {c.device.id: c for c in candidates}
-        decision = {
+        return {
             "round": rnd + 1,
             "strategy": self.strategy.name,
             "candidates": len(candidates),
@@ -352,20 +363,16 @@ class Experiment:
             ],
             **plan.notes,
         }
-        device_instructions, edge_instructions = self.central.instructions(rnd, plan, self.clock_s)
-        observer = self.central.step_observer()
-        outcome = (self.executor or Experiment.train_here)(self, device_instructions, edge_instructions, observer)
+
+    def _record(self, rnd: int, plan: RoundPlan, candidates: list[Candidate], outcome: RoundOutcome, evaluation,
+                latency: float, decision: dict, wall_s: float) -> RoundRecord:
         reports = outcome.reports
-        latency = max((r.finish_s for r in reports), default=0.0)
-        self.clock_s += latency
-        evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds
-        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results, evaluated)
         compute_s = sum(r.compute_s for r in reports)
         return RoundRecord(
             round=rnd + 1,
             accuracy=evaluation.accuracy if evaluation else None,
             loss=evaluation.loss if evaluation else None,
-            participants=len(device_instructions),
+            participants=len(plan.assignments),
             excluded=plan.excluded,
             offline=len(self.devices) - len(candidates),
             dropouts=sum(r.dropped_out for r in reports),
@@ -385,7 +392,7 @@ class Experiment:
             mec_moves=plan.notes.get("mec_moves_by_direction"),
             latency_s=latency,
             clock_s=self.clock_s,
-            wall_s=time.perf_counter() - started,
+            wall_s=wall_s,
             faults=outcome.faults or None,
             wire=outcome.wire or None,
             devices=reports,
@@ -396,15 +403,22 @@ class Experiment:
                    observer: StepObserver | None) -> RoundOutcome:
         """The round's training in this process: every device and edge role, wired by the round engine (the
         default ``RoundExecutor``: called as ``Experiment.train_here(experiment, ...)`` like any other)."""
-        for edge, instructions in zip(self.edge_roles, edge_instructions):
-            edge.start_round(instructions, observer)
+        parts = self.train_part(device_instructions, edge_instructions, range(len(self.edge_roles)), observer)
+        return assemble(parts, len(self.edge_specs))
+
+    def train_part(self, device_instructions: Sequence[RoundInstructions], edge_instructions: list[EdgeInstructions],
+                   edges: Iterable[int], observer: StepObserver | None) -> RoundParts:
+        """Some of the round's devices, with the ``edges`` they train through, simulated together here: the whole
+        round (``train_here``), or a worker's part of it (``runtime.workers``)."""
+        for e in edges:
+            self.edge_roles[e].start_round(edge_instructions[e], observer)
         participants = [
             Participant(self.device_role(i.device_id), i, self.central.edge_of(i.device_id), self.availability[i.device_id])
             for i in device_instructions
         ]
-        return run_round(participants, self.edge_roles, self.edges, self.profile, start_s=self.clock_s,
-                         deadline_s=self.config.training.round_deadline_s, options=self.strategy.execution,
-                         observer=observer)
+        return simulate(participants, self.edge_roles, self.edge_specs, self.profile, start_s=self.clock_s,
+                        deadline_s=self.config.training.round_deadline_s, options=self.strategy.execution,
+                        observer=observer)
 
     def state_dict(self, rounds_done: int) -> dict:
         """Everything a resumed run needs to continue exactly as this one would have."""

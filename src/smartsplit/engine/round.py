@@ -23,7 +23,8 @@ from smartsplit.fleet import AvailabilityTrace
 from smartsplit.fleet.clock import EdgeSpec, model_transfer_s, recompute_s, step_times
 from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.models.profile import ModelProfile
-from smartsplit.roles.device import DeviceRole, SimulatedTimes, StepDone
+from smartsplit.memory.ondevice import DevicePlan
+from smartsplit.roles.device import DeviceSide, SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import DeviceResult, Observation, RoundInstructions, Update
 from smartsplit.strategies.base import StepObserver
@@ -31,7 +32,7 @@ from smartsplit.strategies.base import StepObserver
 
 @dataclass
 class Participant:
-    role: DeviceRole
+    role: DeviceSide
     instructions: RoundInstructions
     edge: int = 0  # index of the edge server the device is attached to
     availability: AvailabilityTrace | None = None  # when it is online (absolute time); None: always
@@ -119,133 +120,186 @@ def simulate(
     observer: StepObserver | None = None,
 ) -> RoundParts:
     """``run_round``'s simulation, its results not yet in aggregation order."""
-    num_units = profile.num_units
     env = simpy.Environment()
     queues = [simpy.Resource(env, capacity=1) for _ in edges]
-    device_updates: dict[int, tuple[int, list[Update]]] = {}
-    results: list[DeviceResult] = []
-
-    def device_process(p: Participant, after: simpy.Process | None):
-        if after is not None:
-            yield after  # sequential order: wait for the previous device's whole round
-        device, edge, spec, queue = p.role, edges[p.edge], edge_specs[p.edge], queues[p.edge]
-        assigned = p.instructions.cut
-        edge.open(device.id)
-        times, dropped = SimulatedTimes(), False
-        offline = p.availability.offline_from(start_s) if p.availability is not None else None
-        offline_at = None if offline is None else offline - start_s  # seconds into the round
-
-        def stays_online(seconds: float) -> bool:
-            return offline_at is None or env.now + seconds <= offline_at
-
-        i, steps, resumed_at = 0, 0, 0.0
-        try:
-            device.start_round(p.instructions, observer)
-            down_s, up_s = model_transfer_s(profile, assigned, device.device, spec)
-            if not stays_online(down_s):
-                dropped = True
-            else:
-                yield env.timeout(down_s)
-                times.comm_s += down_s
-                times.bytes_down += profile.param_bytes(1, assigned)
-
-            while i < device.batches and not dropped:
-                # after a pause, the budget is read at the very moment it changed: start_s + now may fall an ulp short
-                clock = max(start_s + env.now, resumed_at)
-                plan, handoff = device.plan_step(clock)
-                if handoff is not None:
-                    edge.receive(handoff)
-                if plan is None:  # nothing fits, not even cut 1: wait for memory to come back
-                    resume = device.budget_returns_at(clock)
-                    if resume is None or (deadline_s is not None and resume - start_s >= deadline_s):
-                        break
-                    wait = max(resume - start_s - env.now, 0.0)
-                    if not stays_online(wait):
-                        dropped = True
-                        break
-                    device.paused()
-                    times.paused_s += wait
-                    yield env.timeout(wait)
-                    resumed_at = resume
-                    continue
-
-                size = device.batch_len(i)
-                scale = size / profile.batch
-                t = step_times(profile, device.cut, device.device, spec, scale, plan.recompute_flops, -(-size // plan.micro_batch))
-                to_edge = device.cut < num_units  # units past the device's cut (its own handed-over ones too) run on the edge
-                if not stays_online(t.forward_s + (t.uplink_s if to_edge else t.backward_s)):
-                    dropped = True
-                    break
-                yield env.timeout(t.forward_s)
-                if to_edge:
-                    yield env.timeout(t.uplink_s)
-                    arrived = env.now
-                    with queue.request() as turn:
-                        if offline_at is None:
-                            yield turn
-                        elif turn not in (yield turn | env.timeout(max(offline_at - env.now, 0.0))):
-                            dropped = True  # went offline in the queue: the request is let go
-                            break
-                        times.wait_s += env.now - arrived
-                        if not stays_online(t.edge_s + t.downlink_s + t.backward_s):
-                            dropped = True  # would leave before the step ends: it is not run at all
-                            break
-                        done = split_step(device, edge, i)
-                        if done is not None:
-                            yield env.timeout(t.edge_s)
-                    if done is not None:
-                        yield env.timeout(t.downlink_s)
-                else:
-                    done = split_step(device, None, i)
-                if done is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
-                    break
-                i, steps = i + 1, steps + 1
-                yield env.timeout(t.backward_s)
-                times.compute_s += t.forward_s + t.backward_s
-                times.recompute_s += recompute_s(plan.recompute_flops, device.device.flops_per_s, scale)
-                times.comm_s += t.uplink_s + t.downlink_s
-                times.bytes_up += done.cut_bytes
-                times.bytes_down += done.cut_bytes
-        except DeviceLost:  # a device in another process disconnected or stopped answering: it drops out now
-            edge.abort(device.id)
-            dropped = True
-
-        if dropped:
-            device.dropped_out()
-            if offline_at is not None:
-                yield env.timeout(max(offline_at - env.now, 0.0))  # it leaves at that moment
-        if steps and not dropped:
-            yield env.timeout(up_s)
-            times.comm_s += up_s
-            times.bytes_up += profile.param_bytes(1, assigned)
-        handed_back, own_copy, seen_by_edge = edge.close(device.id)
-        if handed_back is not None:
-            device.take_back(handed_back)
-        times.finish_s = env.now
-        result = device.finish_round(times)
-        if result.update is not None:
-            device_updates[device.id] = (p.edge, [result.update] + ([own_copy] if own_copy is not None else []))
-            result = DeviceResult(result.update, result.report, result.observations + seen_by_edge)
-        results.append(result)
-
+    parts = RoundParts({}, {}, [])
     previous = None
     for p in participants:
-        process = env.process(device_process(p, previous if options.edge_order == "sequential" else None))
-        previous = process
+        device_round = DeviceRound(env, p, edges[p.edge], edge_specs[p.edge], queues[p.edge], profile, start_s,
+                                   deadline_s, observer)
+        after = previous if options.edge_order == "sequential" else None
+        previous = env.process(device_round.run(after, parts))
     env.run()
+    parts.shared.update((e, copy) for e, edge in enumerate(edges) if (copy := edge.finish_round()) is not None)
+    return parts
 
-    shared = {e: copy for e, edge in enumerate(edges) if (copy := edge.finish_round()) is not None}
-    return RoundParts(device_updates, shared, results)
+
+class _DropsOut(Exception):
+    """The device leaves the round now: it goes offline, or (deployed) its process is lost."""
 
 
-def split_step(device: DeviceRole, edge: EdgeRole | None, step: int) -> StepDone | None:
-    """One local step, micro-batch by micro-batch: the device's activation up, the edge's gradient down.
-    None when the step ran out of memory on the device (it cannot start, or the memory guard stopped a
-    forward), in which case the edge drops what it accumulated."""
-    if not device.begin_step(step):
+class DeviceRound:
+    """One device's part of a round, phase by phase, on the round's simulated clock: ``download`` its units,
+    then ``plan`` (waiting while nothing fits) and ``step`` until its local steps are done, and ``report``.
+    Every way out early (offline before a transfer or a step ends, offline while queued at the edge, the device
+    process lost) raises ``_DropsOut``, and ``drop_out`` handles them all alike. ``device`` is any
+    ``DeviceSide``: the simulator's role, or a device in another process."""
+
+    def __init__(self, env: simpy.Environment, participant: Participant, edge: EdgeRole, spec: EdgeSpec,
+                 queue: simpy.Resource, profile: ModelProfile, start_s: float, deadline_s: float | None,
+                 observer: StepObserver | None) -> None:
+        self.env, self.edge, self.spec, self.queue, self.profile = env, edge, spec, queue, profile
+        self.device: DeviceSide = participant.role
+        self.instructions, self.edge_index = participant.instructions, participant.edge
+        self.start_s, self.deadline_s, self.observer = start_s, deadline_s, observer
+        self.times = SimulatedTimes()
+        offline = participant.availability.offline_from(start_s) if participant.availability is not None else None
+        self.offline_at = None if offline is None else offline - start_s  # seconds into the round
+        self.step_sizes: list[int] = []
+        self.steps = 0
+        self.resumed_at = 0.0
+
+    def run(self, after: simpy.Process | None, parts: RoundParts):
+        """The SimPy process: the phases in order; the device's result goes into ``parts``."""
+        if after is not None:
+            yield after  # sequential order: wait for the previous device's whole round
+        self.edge.open(self.device.id)
+        dropped = False
+        try:
+            yield from self.download()
+            while self.steps < len(self.step_sizes):
+                plan = yield from self.plan()
+                if plan is None or not (yield from self.step(plan)):
+                    break  # past the deadline with nothing fitting, or out of memory: the round ends here for it
+        except DeviceLost:  # a device in another process disconnected or stopped answering
+            self.edge.abort(self.device.id)
+            dropped = True
+        except _DropsOut:
+            dropped = True
+        if dropped:
+            yield from self.drop_out()
+        elif self.steps:
+            yield from self.upload()
+        self.report(parts)
+
+    def must_stay_online(self, seconds: float) -> None:
+        if self.offline_at is not None and self.env.now + seconds > self.offline_at:
+            raise _DropsOut
+
+    def download(self):
+        """The device loads its units; the model's weights cross the downlink."""
+        self.step_sizes = self.device.start_round(self.instructions, self.observer)
+        cut = self.instructions.cut
+        down_s, self.upload_s = model_transfer_s(self.profile, cut, self.device.device, self.spec)
+        self.must_stay_online(down_s)
+        yield self.env.timeout(down_s)
+        self.times.comm_s += down_s
+        self.times.bytes_down += self.profile.param_bytes(1, cut)
+
+    def plan(self):
+        """The plan of the next step at the budget of now: units the device gives up go to the edge (the
+        hand-off); while nothing fits, not even cut 1, it waits for memory to come back. None: it would not
+        come back before the deadline (or ever)."""
+        while True:
+            # after a pause, the budget is read at the very moment it changed: start_s + now may fall an ulp short
+            clock = max(self.start_s + self.env.now, self.resumed_at)
+            plan, handoff = self.device.plan_step(clock)
+            if handoff is not None:
+                self.edge.receive(handoff)
+            if plan is not None:
+                return plan
+            resume = self.device.budget_returns_at(clock)
+            if resume is None or (self.deadline_s is not None and resume - self.start_s >= self.deadline_s):
+                return None
+            wait = max(resume - self.start_s - self.env.now, 0.0)
+            self.must_stay_online(wait)
+            self.device.paused()
+            self.times.paused_s += wait
+            yield self.env.timeout(wait)
+            self.resumed_at = resume
+
+    def step(self, plan: DevicePlan):
+        """One local step under ``plan``, timed by the clock model: forward, the activation up, the edge's turn
+        (its queue), the gradient down, backward. False when the step ran out of memory."""
+        env, profile, times = self.env, self.profile, self.times
+        size = self.step_sizes[self.steps]
+        scale = size / profile.batch
+        t = step_times(profile, plan.cut, self.device.device, self.spec, scale, plan.recompute_flops,
+                       -(-size // plan.micro_batch))
+        to_edge = plan.cut < profile.num_units  # units past the device's cut (its own handed-over ones too) run on the edge
+        self.must_stay_online(t.forward_s + (t.uplink_s if to_edge else t.backward_s))
+        yield env.timeout(t.forward_s)
+        if to_edge:
+            yield env.timeout(t.uplink_s)
+            done = yield from self.edge_turn(t)
+            if done is not None:
+                yield env.timeout(t.downlink_s)
+        else:
+            done = split_step(self.device, None, self.steps)
+        if done is None:  # simulated out-of-memory: the step is lost and the device drops out of the round
+            return False
+        self.steps += 1
+        yield env.timeout(t.backward_s)
+        times.compute_s += t.forward_s + t.backward_s
+        times.recompute_s += recompute_s(plan.recompute_flops, self.device.device.flops_per_s, scale)
+        times.comm_s += t.uplink_s + t.downlink_s
+        times.bytes_up += done.cut_bytes
+        times.bytes_down += done.cut_bytes
+        return True
+
+    def edge_turn(self, t):
+        """Queue at the edge, then run the split step while the edge serves this device alone."""
+        arrived = self.env.now
+        with self.queue.request() as turn:
+            if self.offline_at is None:
+                yield turn
+            elif turn not in (yield turn | self.env.timeout(max(self.offline_at - self.env.now, 0.0))):
+                raise _DropsOut  # went offline in the queue: the request is let go
+            self.times.wait_s += self.env.now - arrived
+            self.must_stay_online(t.edge_s + t.downlink_s + t.backward_s)  # else the step is not run at all
+            done = split_step(self.device, self.edge, self.steps)
+            if done is not None:
+                yield self.env.timeout(t.edge_s)
+        return done
+
+    def drop_out(self):
+        """Its finished steps count (its update as of the last one is aggregated; no upload is charged); it
+        leaves at the moment it goes offline."""
+        self.device.dropped_out()
+        if self.offline_at is not None:
+            yield self.env.timeout(max(self.offline_at - self.env.now, 0.0))
+
+    def upload(self):
+        yield self.env.timeout(self.upload_s)
+        self.times.comm_s += self.upload_s
+        self.times.bytes_up += self.profile.param_bytes(1, self.instructions.cut)
+
+    def report(self, parts: RoundParts) -> None:
+        """The edge returns the units the device handed it; the device reports; its update, and the edge's copy
+        of its units, join the round's parts."""
+        device = self.device
+        handed_back, own_copy, seen_by_edge = self.edge.close(device.id)
+        if handed_back is not None:
+            device.take_back(handed_back)
+        self.times.finish_s = self.env.now
+        result = device.finish_round(self.times)
+        if result.update is not None:
+            parts.device_updates[device.id] = (self.edge_index, [result.update, *([own_copy] if own_copy else [])])
+            result = DeviceResult(result.update, result.report, result.observations + seen_by_edge)
+        parts.results.append(result)
+
+
+def split_step(device: DeviceSide, edge: EdgeRole | None, step: int) -> StepDone | None:
+    """One local step, micro-batch by micro-batch: the device's forward to its cut, the activation up, the edge's
+    forward, loss and backward, the gradient down, the device's backward; then both optimizers step. With no
+    edge the device holds every unit and computes the loss itself. None when the step ran out of memory on
+    the device (it cannot start, or the memory guard stopped a forward); the edge then drops what it
+    accumulated. (``kernels.step.reference_step`` is the same maths in one call, both halves in this process.)"""
+    micro_batches = device.begin_step(step)
+    if not micro_batches:
         return None
     try:
-        for micro_batch in range(device.micro_batches()):
+        for micro_batch in range(micro_batches):
             activation = device.forward(micro_batch)
             if activation is not None:
                 device.backward(edge.serve(activation))

@@ -1,4 +1,6 @@
-"""One split training step, the whole of it in one place."""
+"""The two halves of a split step (``device_forward``, ``edge_backward``) and the optimizer, which the device and edge
+roles run; and ``reference_step``, the same maths in one call with both halves in this process: the yardstick the
+running step (``engine.round.split_step``, which passes messages between the roles) is tested against."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class StepResult:
     cut_bytes: int  # bytes that crossed to the edge, all micro-batches together (0 when the device ran every unit)
 
 
-def split_step(
+def reference_step(
     device_units: nn.Sequential,
     edge_units: nn.Sequential,
     x: torch.Tensor,

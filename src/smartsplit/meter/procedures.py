@@ -1,7 +1,7 @@
 """What the memory meter measures, run inside its child process (``smartsplit.meter``): one steady-state
 device step under a plan, and each unit alone (the figures the memory model composes).
 
-A measured step is the device's side of ``kernels.step.split_step``, one micro-batch loaded at a time; the edge is
+A measured step is the device's side of ``kernels.step.reference_step``, one micro-batch loaded at a time; the edge is
 not in the process, so the gradient of the cut activation comes back as a fresh tensor, as a link would deliver it.
 """
 
@@ -19,7 +19,7 @@ from smartsplit.meter.heap import Heap
 
 
 def device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) -> None:
-    """The device's side of a split step, as ``kernels.step.split_step`` runs it, with one micro-batch loaded at
+    """The device's side of a split step, as ``kernels.step.reference_step`` runs it, with one micro-batch loaded at
     a time; the edge's answer is a fresh gradient tensor."""
     if opt is not None:
         opt.zero_grad(set_to_none=True)

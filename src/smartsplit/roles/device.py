@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -65,29 +65,62 @@ class SimulatedTimes:
     bytes_down: int = 0
 
 
-@dataclass
-class _RoundState:
-    instructions: RoundInstructions
-    units: nn.Sequential
-    optimizer: torch.optim.Optimizer | None
-    batches: list[np.ndarray]
-    observer: StepObserver | None
+@dataclass(kw_only=True)
+class RoundTally:
+    """What a device's round counted, from which its report is written: by the device itself, or by its edge
+    from what crossed the stream when the device is lost mid-round."""
+
+    assigned_cut: int  # the cut the central server assigned
     cut: int  # where the device cuts now (shallower than assigned after a hand-off)
-    plan: DevicePlan | None = None
-    planned_for: int = -1  # the budget the plan was made for
-    planned_at: int = 0  # the budget when the latest step was planned
-    steps: int = 0  # finished
-    samples: int = 0
-    losses: list[float] = field(default_factory=list)
+    min_budget: int | None = None  # the lowest budget it planned at
     peak_predicted: int = 0
     peak_measured: int | None = None
-    min_budget: int | None = None
+    micro_batches: set[int] = field(default_factory=set)
     oom_events: int = 0
     replans: int = 0
     cut_moves: int = 0
     pauses: int = 0
     dropped_out: bool = False
-    micro_batches: set[int] = field(default_factory=set)
+    steps: int = 0  # finished
+    samples: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def report(self, device: Device, times: SimulatedTimes, unread_budget: int) -> DeviceReport:
+        """The round's ``DeviceReport``; ``unread_budget`` stands for the budget when the device never planned."""
+        budget = unread_budget if self.min_budget is None else self.min_budget
+        losses = self.losses
+        return DeviceReport(
+            device=device.id,
+            device_class=device.device_class,
+            cut=self.assigned_cut,
+            final_cut=self.cut,
+            budget_mb=round(budget / MB, 3),
+            peak_predicted_mb=round(self.peak_predicted / MB, 3),
+            peak_measured_mb=round(self.peak_measured / MB, 3) if self.peak_measured is not None else None,
+            micro_batches=sorted(self.micro_batches),
+            oom_events=self.oom_events,
+            replans=self.replans,
+            cut_moves=self.cut_moves,
+            pauses=self.pauses,
+            dropped_out=self.dropped_out,
+            steps=self.steps,
+            samples=self.samples,
+            loss=float(np.mean(losses)) if losses else None,
+            loss_rms=float(np.sqrt(np.mean(np.square(losses)))) if losses else None,
+            **asdict(times),
+        )
+
+
+@dataclass(kw_only=True)
+class _RoundState(RoundTally):
+    instructions: RoundInstructions
+    units: nn.Sequential
+    optimizer: torch.optim.Optimizer | None
+    batches: list[np.ndarray]
+    observer: StepObserver | None
+    plan: DevicePlan | None = None
+    planned_for: int = -1  # the budget the plan was made for
+    planned_at: int = 0  # the budget when the latest step was planned
     observations: list[Observation] = field(default_factory=list)
     # the step under way
     step: int = 0
@@ -97,6 +130,45 @@ class _RoundState:
     loss_sum: float = 0.0
     crossed: int = 0
     pending: torch.Tensor | None = None  # the micro-batch's cut activation, waiting for its gradient
+
+
+class DeviceSide(Protocol):
+    """A device's part of a round, as the round engine (``engine.round``) drives it, phase by phase: the same
+    calls whether the device is a role in this process (``DeviceRole``) or a process across a stream
+    (``deploy.edge.RemoteDevice``).
+
+    download: ``start_round``; plan: ``plan_step`` (with the units to hand the edge when the cut moves up),
+    ``budget_returns_at`` and ``paused`` while nothing fits; step: ``begin_step``, then ``forward`` and
+    ``backward`` per micro-batch, ``end_step``; hand-off back: ``take_back``; drop-out: ``dropped_out``;
+    report: ``finish_round``.
+    """
+
+    id: int
+    device: Device
+
+    def start_round(self, instructions: RoundInstructions, observer: StepObserver | None = None) -> list[int]:
+        """Load units 1..cut from the instructions; the number of examples of each local step this round."""
+
+    def plan_step(self, clock_s: float) -> tuple[DevicePlan | None, UnitHandoff | None]: ...
+
+    def budget_returns_at(self, clock_s: float) -> float | None: ...
+
+    def paused(self) -> None: ...
+
+    def begin_step(self, step: int) -> int:
+        """Micro-batches of local step ``step``; 0 when it cannot start (out of memory)."""
+
+    def forward(self, micro_batch: int) -> Activation | None: ...
+
+    def backward(self, gradient: Gradient) -> None: ...
+
+    def end_step(self) -> StepDone: ...
+
+    def take_back(self, handoff: UnitHandoff) -> None: ...
+
+    def dropped_out(self) -> None: ...
+
+    def finish_round(self, times: SimulatedTimes) -> DeviceResult: ...
 
 
 def local_batches(
@@ -141,14 +213,17 @@ class DeviceRole:
 
     # ---- a round
 
-    def start_round(self, instructions: RoundInstructions, observer: StepObserver | None = None) -> None:
+    def start_round(self, instructions: RoundInstructions, observer: StepObserver | None = None) -> list[int]:
+        """Load units 1..cut from the instructions; the number of examples of each local step this round."""
         units = copy.deepcopy(self.architecture[: instructions.cut])
         for index, state in instructions.weights.items():
             units[index - 1].load_state_dict(state)
         batches = self.local_batches(instructions)
         opt = make_optimizer(list(units.parameters()), self.optimizer.name, self.optimizer.lr, self.optimizer.momentum)
         self.manager.checkpointing = instructions.checkpointing
-        self._round = _RoundState(instructions, units, opt, batches, observer, instructions.cut)
+        self._round = _RoundState(instructions=instructions, units=units, optimizer=opt, batches=batches,
+                                  observer=observer, assigned_cut=instructions.cut, cut=instructions.cut)
+        return [len(b) for b in batches]
 
     def local_batches(self, instructions: RoundInstructions) -> list[np.ndarray]:
         """The sample indices of each local step this round: seeded passes over the device's shard."""
@@ -156,16 +231,9 @@ class DeviceRole:
                              np.random.default_rng(list(instructions.batch_seed)))
 
     @property
-    def batches(self) -> int:
-        return len(self._state.batches)
-
-    @property
     def cut(self) -> int:
+        """Where the device cuts now."""
         return self._state.cut
-
-    def batch_len(self, step: int) -> int:
-        """Examples in local step ``step`` (a short last batch has fewer)."""
-        return len(self._state.batches[step])
 
     def budget_returns_at(self, clock_s: float) -> float | None:
         """When the budget next changes after ``clock_s`` (None: never)."""
@@ -203,25 +271,22 @@ class DeviceRole:
 
     # ---- a step: begin_step, then forward (and backward with the edge's gradient) per micro-batch, then end_step
 
-    def begin_step(self, step: int) -> bool:
-        """Start local step ``step`` under the plan ``plan_step`` made; False when even with nothing saved the
-        plan does not fit the budget it was made at (an out-of-memory event: the step cannot start)."""
+    def begin_step(self, step: int) -> int:
+        """Start local step ``step`` under the plan ``plan_step`` made: its number of micro-batches, or 0 when even
+        with nothing saved the plan does not fit the budget it was made at (an out-of-memory event: the step
+        cannot start)."""
         r = self._state
         budget, plan = r.planned_at, r.plan
         memory = plan.memory
         if memory.total - memory.activations > budget:
             r.oom_events += 1
-            return False
+            return 0
         if r.optimizer is not None:
             r.optimizer.zero_grad(set_to_none=True)
         indices = r.batches[step]
         r.x, r.y = self.data.x[indices], self.data.y[indices]
         r.loss_sum, r.crossed, r.budget, r.step = 0.0, 0, budget, step
-        return True
-
-    def micro_batches(self) -> int:
-        r = self._state
-        return -(-len(r.y) // r.plan.micro_batch)
+        return -(-len(r.y) // plan.micro_batch)
 
     def forward(self, micro_batch: int) -> Activation | None:
         """Run micro-batch ``micro_batch`` to the cut: the ``Activation`` for the edge, or None when the device
@@ -300,29 +365,9 @@ class DeviceRole:
         r = self._state
         update = None
         if r.steps:
-            update = Update(units=unit_states(r.units, 1, r.instructions.cut),
-                            samples={i: r.samples for i in range(1, r.instructions.cut + 1)})
-        budget = self.trace.at(0.0) if r.min_budget is None else r.min_budget
-        report = DeviceReport(
-            device=self.id,
-            device_class=self.device.device_class,
-            cut=r.instructions.cut,
-            final_cut=r.cut,
-            budget_mb=round(budget / MB, 3),
-            peak_predicted_mb=round(r.peak_predicted / MB, 3),
-            peak_measured_mb=round(r.peak_measured / MB, 3) if r.peak_measured is not None else None,
-            micro_batches=sorted(r.micro_batches),
-            oom_events=r.oom_events,
-            replans=r.replans,
-            cut_moves=r.cut_moves,
-            pauses=r.pauses,
-            dropped_out=r.dropped_out,
-            steps=r.steps,
-            samples=r.samples,
-            loss=float(np.mean(r.losses)) if r.losses else None,
-            loss_rms=float(np.sqrt(np.mean(np.square(r.losses)))) if r.losses else None,
-            **asdict(times),
-        )
+            update = Update(units=unit_states(r.units, 1, r.assigned_cut),
+                            samples={i: r.samples for i in range(1, r.assigned_cut + 1)})
+        report = r.report(self.device, times, unread_budget=self.trace.at(0.0))
         observations = r.observations if r.steps else []
         self._round = None
         return DeviceResult(update, report, observations)

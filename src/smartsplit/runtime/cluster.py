@@ -17,10 +17,8 @@ import logging
 import os
 
 from smartsplit.config import Config
-from smartsplit.runtime.workers import Replica, batch_ranges, split_round, strategy_blob
-from smartsplit.engine.round import RoundOutcome, assemble
+from smartsplit.runtime.workers import Replica, WorkerRounds, strategy_blob
 from smartsplit.errors import SmartSplitError
-from smartsplit.roles.central import summarise_scores
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,11 @@ def connect(address: str | None, cpus: int | None = None) -> bool:
     return True
 
 
-class RayRounds:
-    """A ``RoundExecutor`` that trains each round's independent parts on Ray actors."""
+class RayRounds(WorkerRounds):
+    """Trains each round's independent parts on Ray actors (every part, even a round's only one: the driver
+    need not hold the devices' roles)."""
+
+    single_part_here = False
 
     def __init__(self, config: Config, strategy=None, workers: int | None = None) -> None:
         ray = self._ray = import_ray()
@@ -70,17 +71,11 @@ class RayRounds:
             self.close()
             raise
 
-    def __call__(self, experiment, device_instructions, edge_instructions, observer) -> RoundOutcome:
-        parts = split_round(experiment, device_instructions, len(self._actors))
-        calls = [a.train.remote(part, edge_instructions, experiment.clock_s, observer) for a, part in zip(self._actors, parts)]
-        return assemble(self._ray.get(calls), len(experiment.edges))
+    def _on_workers(self, method: str, calls: list[tuple]) -> list:
+        return self._ray.get([getattr(actor, method).remote(*args) for actor, args in zip(self._actors, calls)])
 
-    def evaluate(self, model, test, batch_size: int):
-        """``roles.central.evaluate``'s figures, the test batches scored on the actors at once."""
-        state = self._ray.put(model.state_dict())
-        calls = [a.score.remote(state, batch_size, first, last)
-                 for a, (first, last) in zip(self._actors, batch_ranges(len(test), batch_size, len(self._actors)))]
-        return summarise_scores([s for scores in self._ray.get(calls) for s in scores], len(test))
+    def _shared(self, value):
+        return self._ray.put(value)
 
     def close(self) -> None:
         for actor in getattr(self, "_actors", []):

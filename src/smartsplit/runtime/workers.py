@@ -27,7 +27,7 @@ from multiprocessing import get_context
 import torch
 
 from smartsplit.config import Config
-from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
+from smartsplit.engine.round import RoundOutcome, RoundParts, assemble
 from smartsplit.errors import SmartSplitError
 from smartsplit.runtime.allocator import freeze_collector, tune_allocator
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
@@ -100,16 +100,8 @@ class Replica:
 
     def train(self, part: Part, edge_instructions: list[EdgeInstructions], clock_s: float,
               observer: StepObserver | None) -> RoundParts:
-        x = self.experiment
-        x.clock_s = clock_s
-        for e in part.edges:
-            x.edge_roles[e].start_round(edge_instructions[e], observer)
-        participants = [
-            Participant(x.device_role(i.device_id), i, x.central.edge_of(i.device_id), x.availability[i.device_id])
-            for i in part.instructions
-        ]
-        return simulate(participants, x.edge_roles, x.edges, x.profile, start_s=clock_s,
-                        deadline_s=x.config.training.round_deadline_s, options=x.strategy.execution, observer=observer)
+        self.experiment.clock_s = clock_s
+        return self.experiment.train_part(part.instructions, edge_instructions, part.edges, observer)
 
     def score(self, state: dict, batch_size: int, first: int, last: int) -> list[tuple[float, int]]:
         """The global model ``state``'s scores on test batches ``first..last-1`` (this replica's own test set)."""
@@ -141,12 +133,8 @@ def _start_worker(config_json: str, blob: bytes | None) -> None:
     _replica = Replica(Config.model_validate_json(config_json), blob)
 
 
-def _train(part: Part, edge_instructions, clock_s, observer) -> RoundParts:
-    return _replica.train(part, edge_instructions, clock_s, observer)
-
-
-def _score(state, batch_size, first, last):
-    return _replica.score(state, batch_size, first, last)
+def _call_replica(method: str, args: tuple):
+    return getattr(_replica, method)(*args)
 
 
 def batch_ranges(examples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -156,34 +144,55 @@ def batch_ranges(examples: int, batch_size: int, workers: int) -> list[tuple[int
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-class ProcessRounds:
-    """A ``RoundExecutor`` that trains each round's independent parts in ``workers`` local processes."""
+class WorkerRounds:
+    """A ``RoundExecutor`` over workers that each hold a ``Replica``: a round's independent parts train on them
+    at once, and the test set's batches are scored on them at once. Subclasses say how a call reaches the
+    workers (``_on_workers``)."""
+
+    workers: int
+    single_part_here = True  # a round of one part trains in this process, without the round trip
+
+    def _on_workers(self, method: str, calls: list[tuple]) -> list:
+        """``Replica.<method>(*args)`` for each ``args`` in ``calls``, at most one per worker at a time."""
+        raise NotImplementedError
+
+    def __call__(self, experiment, device_instructions: list[RoundInstructions],
+                 edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome:
+        parts = split_round(experiment, device_instructions, self.workers)
+        if len(parts) <= 1 and self.single_part_here:
+            return experiment.train_here(device_instructions, edge_instructions, observer)
+        calls = [(part, edge_instructions, experiment.clock_s, observer) for part in parts]
+        return assemble(self._on_workers("train", calls), len(experiment.edge_specs))
+
+    def evaluate(self, model, test, batch_size: int) -> Evaluation:
+        """``roles.central.evaluate``'s figures, the batches scored in the workers at once."""
+        state = self._shared(model.state_dict())
+        ranges = batch_ranges(len(test), batch_size, self.workers)
+        scores = self._on_workers("score", [(state, batch_size, a, b) for a, b in ranges])
+        return summarise_scores([s for part in scores for s in part], len(test))
+
+    def _shared(self, value):
+        """``value`` as the workers should receive it when every call gets it (Ray stores it once)."""
+        return value
+
+
+class ProcessRounds(WorkerRounds):
+    """Trains each round's independent parts in ``workers`` local processes."""
 
     def __init__(self, config: Config, strategy=None, workers: int | None = None) -> None:
         self.workers = workers or default_workers(config.threads)
         self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
                                          initializer=_start_worker, initargs=(config.model_dump_json(), strategy_blob(strategy)))
 
-    def __call__(self, experiment, device_instructions: list[RoundInstructions],
-                 edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome:
-        parts = split_round(experiment, device_instructions, self.workers)
-        if len(parts) <= 1:  # nothing to run at once: here, without the round trip
-            return experiment.train_here(device_instructions, edge_instructions, observer)
-        futures = [self._pool.submit(_train, part, edge_instructions, experiment.clock_s, observer) for part in parts]
+    def _on_workers(self, method: str, calls: list[tuple]) -> list:
+        futures = [self._pool.submit(_call_replica, method, args) for args in calls]
         try:
-            return assemble([f.result() for f in futures], len(experiment.edges))
+            return [f.result() for f in futures]
         except BrokenProcessPool:
             raise SmartSplitError(
                 "engine: parallel: a worker process died (its error is above). A script that runs experiments with "
                 "engine: parallel must start them under `if __name__ == \"__main__\":` (workers are spawned and "
                 "import the script); else run with engine: sequential") from None
-
-    def evaluate(self, model, test, batch_size: int) -> Evaluation:
-        """``roles.central.evaluate``'s figures, the batches scored in the workers at once."""
-        state = model.state_dict()
-        futures = [self._pool.submit(_score, state, batch_size, a, b)
-                   for a, b in batch_ranges(len(test), batch_size, self.workers)]
-        return summarise_scores([s for f in futures for s in f.result()], len(test))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
