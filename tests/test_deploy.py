@@ -30,7 +30,7 @@ from smartsplit.deploy.device import DeviceOptions, run_device  # noqa: E402
 from smartsplit.deploy.edge import EdgeService  # noqa: E402
 from smartsplit.deploy.launch import free_port  # noqa: E402
 from smartsplit.deploy.link import claimed, open_channel, start_server  # noqa: E402
-from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, tensor_bytes  # noqa: E402
+from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, plain, tensor_bytes, typed  # noqa: E402
 from smartsplit.errors import SmartSplitError  # noqa: E402
 from smartsplit.fleet import constant_trace  # noqa: E402
 from smartsplit.records import DeviceReport  # noqa: E402
@@ -272,6 +272,33 @@ def test_a_payload_cannot_name_a_type_outside_the_messages():
         encode("x", {"trace": constant_trace})  # a function is code, not data
     with pytest.raises(WireError, match="could not be read"):
         decode(pb.Payload(kind="call", body="{not json"))
+
+
+def test_plans_profiles_and_traces_cross_as_plain_data_and_arrive_typed():
+    from smartsplit.fleet import BudgetTrace, Device
+    from smartsplit.memory.model import MemoryBreakdown
+    from smartsplit.memory.ondevice import DevicePlan
+
+    plan = DevicePlan(cut=3, micro_batch=8, segments=((1, 2),), memory=MemoryBreakdown(10, 2, 30, 4, 5, 1, "forward 3"),
+                      held_bytes=25, recompute_flops=1000, compute_s=0.5, recompute_s=0.125, round_trips=2)
+    trace = BudgetTrace((0.0, 5.0), (1 << 20, 1 << 19))
+    device = Device(7, "phone", 1 << 30, 2e9, 1e6, 2e6)
+    with pytest.raises(WireError, match="DevicePlan cannot travel"):
+        encode("reply", {"plan": plan})  # a record crosses as plain data, never as an object the peer names
+    _, got = decode(pb.Payload.FromString(encode("reply", {"plan": plain(plan), "trace": plain(trace),
+                                                           "device": plain(device)}).SerializeToString()))
+    assert typed(DevicePlan, got["plan"], "the plan") == plan and typed(DevicePlan, got["plan"], "p").segments == ((1, 2),)
+    assert typed(BudgetTrace, got["trace"], "the trace") == trace and typed(Device, got["device"], "the device") == device
+    wrong = dict(got["plan"], micro_batch="8")
+    with pytest.raises(WireError, match=r"the plan\.micro_batch: expected int, got str"):
+        typed(DevicePlan, wrong, "the plan")
+    nested = dict(got["plan"], memory=dict(got["plan"]["memory"], static=[1]))
+    with pytest.raises(WireError, match=r"the plan\.memory\.static: expected int, got list"):
+        typed(DevicePlan, nested, "the plan")
+    with pytest.raises(WireError, match="unknown fields \\['shell'\\]"):
+        typed(Device, dict(got["device"], shell="rm -rf /"), "the device")
+    with pytest.raises(WireError, match="the trace: not a valid BudgetTrace"):
+        typed(BudgetTrace, {"times_s": [0.0, 5.0], "budgets_bytes": [1]}, "the trace")
 
 
 def test_deployment_commands_explain_what_is_missing(tmp_path):

@@ -17,7 +17,7 @@ from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import aggregate, unit_states
 from smartsplit.engine.experiment import Experiment
 from smartsplit.strategies.options import EngineOptions
-from smartsplit.engine.round import Participant, run_round
+from smartsplit.engine.round import Participant, train_round
 from smartsplit.kernels.step import reference_step
 from smartsplit.fleet import AvailabilityTrace, BudgetTrace, Device, constant_trace
 from smartsplit.fleet.clock import EdgeSpec, step_times
@@ -179,7 +179,7 @@ def test_unit_states_are_detached_copies() -> None:
     assert not torch.equal(states[3]["weight"], c[2].weight)
 
 
-# --------------------------------------------------------------------------- run_round
+# --------------------------------------------------------------------------- train_round
 
 
 @dataclasses.dataclass
@@ -223,7 +223,7 @@ def play_round(model, specs: list[Spec], data, profile, edges: list[EdgeSpec], o
         instructions = RoundInstructions(0, s.device.id, s.cut, unit_states(model, 1, s.cut), s.manager.checkpointing,
                                          s.replan, s.move_cut, (0, 0, s.device.id), start_s)
         participants.append(Participant(role, instructions, s.edge, s.availability))
-    outcome = run_round(participants, edge_roles, edges, profile, start_s=start_s, deadline_s=deadline_s,
+    outcome = train_round(participants, edge_roles, edges, profile, start_s=start_s, deadline_s=deadline_s,
                         options=EngineOptions(edge_copies, edge_order), observer=observer)
     return outcome.updates, [r.to_json() for r in outcome.reports], outcome.observations
 
@@ -250,7 +250,7 @@ def part(model: nn.Sequential, dev: Device, cut: int, budget: int, steps: list[n
 
 
 def round_on_one_edge(model, parts, data, profile, edge, opt, **kwargs):
-    """run_round with a single edge server: its contributions and the device reports."""
+    """train_round with a single edge server: its contributions and the device reports."""
     groups, reports, _ = play_round(model, parts, data, profile, [edge], opt, **kwargs)
     return groups[0], reports
 

@@ -75,7 +75,7 @@ def test_edge_role_alone_answers_an_activation_with_the_gradient_and_trains_its_
     model = chain()
     edge = EdgeRole(0, model, SGD)
     edge.start_round(EdgeInstructions(0, unit_states(model, 1, len(model)), {7: 1}, "shared"))
-    edge.open(7)
+    edge.open_session(7)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn((BATCH, 8), generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
     half = BATCH // 2
@@ -91,7 +91,7 @@ def test_edge_role_alone_answers_an_activation_with_the_gradient_and_trains_its_
     assert sum(a.loss for a in answers) == pytest.approx(loss.item(), rel=1e-6)
     sgd_by_hand(by_hand)
 
-    assert edge.close(7) == (None, None, [])  # nothing handed over, no copy of its own, no observer
+    assert edge.close_session(7) == (None, None, [])  # nothing handed over, no copy of its own, no observer
     update = edge.finish_round()
     assert isinstance(update, Update) and update.samples == {2: BATCH, 3: BATCH}
     for index, unit in zip((2, 3), by_hand):
@@ -103,7 +103,7 @@ def test_edge_role_trains_units_a_device_hands_over_and_gives_them_back() -> Non
     model = chain()
     edge = EdgeRole(0, model, SGD)
     edge.start_round(EdgeInstructions(0, unit_states(model, 1, len(model)), {3: 2}, "per-device"))
-    edge.open(3)
+    edge.open_session(3)
     moved = copy.deepcopy(model[1])
     with torch.no_grad():
         for p in moved.parameters():
@@ -117,7 +117,7 @@ def test_edge_role_trains_units_a_device_hands_over_and_gives_them_back() -> Non
     (F.cross_entropy(by_hand(received), y, reduction="sum") / BATCH).backward()
     assert torch.allclose(answer.tensor, received.grad, atol=1e-7)
     sgd_by_hand(by_hand)
-    back, own, seen = edge.close(3)
+    back, own, seen = edge.close_session(3)
     assert plain(back) and sorted(back.weights) == [2]
     assert torch.allclose(back.weights[2]["0.weight"], by_hand[0][0].weight, atol=1e-7)
     # the device's own server-side copy (units past its assigned cut 2) trained on its samples

@@ -287,16 +287,33 @@ def _launch(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartsplit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    experiments = (_add_run_command, _add_check_command, _add_compare_command, _add_report_command,
+                   _add_profile_command, _add_reproduce_command)
+    deployment = (_add_certs_command, _add_server_command, _add_edge_command, _add_device_command, _add_launch_command)
+    for add in experiments + deployment:
+        add(sub)
+    return parser
 
-    def engine_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--calibrate", action="store_true",
-                             help="measure device memory on this machine instead of using the profiles shipped with "
-                                  "SmartSplit (plans may then differ from other machines')")
-        command.add_argument("--engine", choices=["sequential", "parallel", "ray"],
-                             help="where rounds train (the config's engine; same results on each)")
-        command.add_argument("--ray-address", metavar="ADDRESS",
-                             help="ray: the cluster to join, e.g. auto or ray://head:10001 (default: a local Ray)")
 
+def _engine_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--calibrate", action="store_true",
+                         help="measure device memory on this machine instead of using the profiles shipped with "
+                              "SmartSplit (plans may then differ from other machines')")
+    command.add_argument("--engine", choices=["sequential", "parallel", "ray"],
+                         help="where rounds train (the config's engine; same results on each)")
+    command.add_argument("--ray-address", metavar="ADDRESS",
+                         help="ray: the cluster to join, e.g. auto or ray://head:10001 (default: a local Ray)")
+
+
+def _secured(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--certs", metavar="DIR", help="certificate folder (smartsplit certs)")
+    command.add_argument("--insecure", action="store_true",
+                         help="no TLS, no certificates: for a lab network you trust, never the internet")
+    command.add_argument("--quiet", action="store_true", help="warnings only")
+    command.add_argument("--verbose", action="store_true", help="debug messages")
+
+
+def _add_run_command(sub) -> None:
     run = sub.add_parser("run", help="run one experiment from a YAML config")
     run.add_argument("config", nargs="?")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished round")
@@ -306,16 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     run.add_argument("--verbose", action="store_true", help="a line per round, and debug messages")
-    engine_options(run)
+    _engine_options(run)
     run.add_argument("--workers", dest="round_workers", type=int, metavar="N",
                      help="parallel/ray: worker processes or actors (default: cores // threads)")
     run.set_defaults(func=_run)
 
+
+def _add_check_command(sub) -> None:
     check = sub.add_parser("check", help="validate a config and build its experiment (data, model, fleet) without training")
     check.add_argument("config")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     check.set_defaults(func=_check)
 
+
+def _add_compare_command(sub) -> None:
     compare = sub.add_parser("compare", help="run a config under several strategies and print one table")
     compare.add_argument("config")
     compare.add_argument("--strategies", default="fedavg,splitfed,smartsplit")
@@ -326,14 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true", help="replace runs already in the run folders")
     compare.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     compare.add_argument("--verbose", action="store_true", help="a line per round of every run, and debug messages")
-    engine_options(compare)
+    _engine_options(compare)
     compare.set_defaults(func=_compare)
 
+
+def _add_report_command(sub) -> None:
     report = sub.add_parser("report", help="write report.md and figures for one or more run folders")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="report folder (default: <parent of the first run>/report)")
     report.set_defaults(func=_report)
 
+
+def _add_profile_command(sub) -> None:
     profile = sub.add_parser("profile", help="per-unit profile and per-cut device memory of a zoo model or your own")
     profile.add_argument("--model", required=True, help="a zoo model or your own: package.module:factory")
     profile.add_argument("--input", metavar="C,H,W", help="input shape per example (default: the zoo model's; needed for your own model)")
@@ -345,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--no-meter", action="store_true", help="skip the memory meter (faster; the prediction is then no bound)")
     profile.set_defaults(func=_profile)
 
+
+def _add_reproduce_command(sub) -> None:
     reproduce = sub.add_parser("reproduce", help="run the paper-claims suite and write DIR/results.md: each claim "
                                                  "beside this project's figure, command, seeds and machine")
     reproduce.add_argument("--out", required=True, metavar="DIR",
@@ -356,13 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--verbose", action="store_true", help="a line per round of every run, and debug messages")
     reproduce.set_defaults(func=_reproduce)
 
-    def secured(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--certs", metavar="DIR", help="certificate folder (smartsplit certs)")
-        command.add_argument("--insecure", action="store_true",
-                             help="no TLS, no certificates: for a lab network you trust, never the internet")
-        command.add_argument("--quiet", action="store_true", help="warnings only")
-        command.add_argument("--verbose", action="store_true", help="debug messages")
 
+def _add_certs_command(sub) -> None:
     certs = sub.add_parser("certs", help="write a private certificate authority and a certificate per server, edge and device")
     certs.add_argument("dir")
     certs.add_argument("--devices", type=int, required=True)
@@ -373,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--overwrite", action="store_true", help="replace the authority already in DIR")
     certs.set_defaults(func=_certs)
 
+
+def _add_server_command(sub) -> None:
     server = sub.add_parser("server", help="run the central server of a deployment (edges and devices in other processes)")
     server.add_argument("config")
     server.add_argument("--listen", required=True, metavar="HOST:PORT")
@@ -380,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
     server.add_argument("--resume", action="store_true", help="continue the run in the run folder after its last saved round")
     server.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
-    secured(server)
+    _secured(server)
     server.set_defaults(func=_server)
 
+
+def _add_edge_command(sub) -> None:
     edge = sub.add_parser("edge", help="run an edge server of a deployment")
     edge.add_argument("--server", required=True, metavar="HOST:PORT")
     edge.add_argument("--listen", required=True, metavar="HOST:PORT", help="where its devices connect")
@@ -390,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--timeout", type=float, default=60.0, help="seconds a device may take to answer before it is dropped")
     edge.add_argument("--connect-timeout", type=float, default=120.0,
                       help="seconds to wait for a round's device to connect before it is dropped for the round")
-    secured(edge)
+    _secured(edge)
     edge.set_defaults(func=_edge)
 
+
+def _add_device_command(sub) -> None:
     device = sub.add_parser("device", help="run one device of a deployment")
     device.add_argument("--edge", required=True, metavar="HOST:PORT")
     device.add_argument("--id", type=int, required=True, help="its device id (its certificate is device-<id>)")
@@ -402,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--enforce-budget", action="store_true",
                         help="run under a kernel memory limit (cgroup) of the idle footprint plus the budget (root)")
     device.add_argument("--no-meter", action="store_true", help="do not measure the real steps' peaks")
-    secured(device)
+    _secured(device)
     device.set_defaults(func=_device)
 
+
+def _add_launch_command(sub) -> None:
     launch = sub.add_parser("launch", help="run a config as a deployment: server, edges and devices as processes")
     launch.add_argument("config")
     launch.add_argument("--local", action="store_true", help="every process on this machine, on loopback")
@@ -420,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--quiet", action="store_true")
     launch.add_argument("--verbose", action="store_true")
     launch.set_defaults(func=_launch)
-    return parser
 
 
 def _logging(verbose: bool, quiet: bool, stamped: bool = False) -> None:

@@ -1,7 +1,7 @@
 """The edge server process: the server-side copies of its devices' units, and the pace of their rounds.
 
 It registers with the central server (which tells it the run's config and which devices are its), listens for
-its devices' streams, and each round runs the round engine over them (``engine.round.run_round``) with the
+its devices' streams, and each round runs the round engine over them (``engine.round.train_round``) with the
 devices in their own processes: every call the engine makes on a device role crosses the stream, in the order
 of the simulated clock (lockstep), so a deployed run trains exactly what the embedded engine trains. A device
 that disconnects or does not answer within the timeout drops out of the round (``DeviceLost``).
@@ -26,7 +26,7 @@ from smartsplit.config import build_config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
 from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
-from smartsplit.engine.round import Participant, run_round
+from smartsplit.engine.round import Participant, train_round
 from smartsplit.errors import DeviceLost, SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, Device
 from smartsplit.fleet.clock import EdgeSpec
@@ -330,24 +330,7 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
                 return
             if kind == "wait":
                 continue
-            started = time.perf_counter()
-            faults, wire = Counter(), Counter()
-            observer = strategy.step_observer() if work["observe"] else None
-            role.start_round(work["edge"], observer)
-            participants = [
-                Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s,
-                                         faults, wire),
-                            instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
-                for instructions, device, availability in work["devices"]
-            ]
-            options = typed(EngineOptions, work["options"], "the round's engine options")
-            outcome = run_round(participants, [role], [spec], profile, start_s=work["start_s"],
-                                deadline_s=work["deadline_s"], options=options, observer=observer)
-            for p in participants:
-                wire.update(p.role.frames())
-            result = {"round": work["round"], "edge": index, "updates": outcome.updates[0], "results": outcome.results,
-                      "faults": dict(faults), "wire": dict(wire),
-                      "wall_s": time.perf_counter() - started}
+            result = _train_round(work, index, role, service, strategy, spec, profile, timeout_s, connect_s)
             try:
                 central.FinishRound(encode("result", result), metadata=meta)
             except grpc.RpcError as exc:  # the server went away: it hands the round out again when it is back
@@ -357,6 +340,28 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
         service.close_all()
         grpc_server.stop(grace=2.0)
         channel.close()
+
+
+def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, strategy, spec: EdgeSpec,
+                 profile: ModelProfile, timeout_s: float, connect_s: float) -> dict:
+    """One round the central server handed out, run by the round engine over this edge's devices (each a
+    ``RemoteDevice``); what the edge sends back: updates, results, faults and bytes on the wire."""
+    started = time.perf_counter()
+    faults, wire = Counter(), Counter()
+    observer = strategy.step_observer() if work["observe"] else None
+    role.start_round(work["edge"], observer)
+    participants = [
+        Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s, faults, wire),
+                    instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
+        for instructions, device, availability in work["devices"]
+    ]
+    options = typed(EngineOptions, work["options"], "the round's engine options")
+    outcome = train_round(participants, [role], [spec], profile, start_s=work["start_s"], deadline_s=work["deadline_s"],
+                        options=options, observer=observer)
+    for p in participants:
+        wire.update(p.role.frames())
+    return {"round": work["round"], "edge": index, "updates": outcome.updates[0], "results": outcome.results,
+            "faults": dict(faults), "wire": dict(wire), "wall_s": time.perf_counter() - started}
 
 
 def _call_retrying(call, retry_s: float, server: str):

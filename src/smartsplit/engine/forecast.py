@@ -46,15 +46,15 @@ class Forecast:
     round trip), never its own device's speed."""
 
     def __init__(self, planner: OnDeviceManager, profile: ModelProfile, devices: Sequence[Device], budgets: Sequence[int],
-                 edges: Sequence[EdgeSpec], steps: Sequence[int]) -> None:
+                 edge_specs: Sequence[EdgeSpec], steps: Sequence[int]) -> None:
         self.planner, self.profile = planner, profile
         self.devices = _Devices(
             np.array([d.flops_per_s for d in devices], dtype=float),
             np.array([d.uplink_bytes_per_s for d in devices], dtype=float),
             np.array([d.downlink_bytes_per_s for d in devices], dtype=float),
         )
-        self.edges = EdgeSpec(np.array([e.flops_per_s for e in edges], dtype=float),
-                              np.array([e.latency_s for e in edges], dtype=float))
+        self.edge_specs = EdgeSpec(np.array([e.flops_per_s for e in edge_specs], dtype=float),
+                                   np.array([e.latency_s for e in edge_specs], dtype=float))
         self.steps = np.array(steps, dtype=np.int64)
         groups: dict[int, list[int]] = {}  # devices whose budgets round alike share their plan options
         for row, budget in enumerate(budgets):
@@ -82,9 +82,9 @@ class Forecast:
             peaks[rows] = np.array([o.memory.total for o in options], dtype=np.int64)[pick]
             recompute[rows] = np.array([int(o.recompute_flops) for o in options], dtype=np.int64)[pick]
             trips[rows] = np.array([o.round_trips for o in options], dtype=np.int64)[pick]
-        step = step_times(self.profile, cut, self.devices, self.edges, 1.0, recompute, trips)
+        step = step_times(self.profile, cut, self.devices, self.edge_specs, 1.0, recompute, trips)
         total = step.total  # an array: the forward and edge seconds are per device
-        transfers = sum(model_transfer_s(self.profile, cut, self.devices, self.edges))
+        transfers = sum(model_transfer_s(self.profile, cut, self.devices, self.edge_specs))
         return CutForecast(
             peaks=peaks.tolist(),
             step_s=total.tolist(),

@@ -54,9 +54,9 @@ class RoundOutcome:
         return {r.report.device: r.observations for r in self.results if r.observations}
 
 
-def run_round(
+def train_round(
     participants: list[Participant],
-    edges: list[EdgeRole],
+    edge_roles: list[EdgeRole],
     edge_specs: list[EdgeSpec],
     profile: ModelProfile,
     start_s: float = 0.0,
@@ -79,8 +79,8 @@ def run_round(
     shared copy last: aggregation does not depend on which device finished first, so devices that share
     nothing can train apart (``runtime.workers``) and give the same global model.
     """
-    return assemble(simulate(participants, edges, edge_specs, profile, start_s, deadline_s, options, observer),
-                    len(edges))
+    return assemble(simulate(participants, edge_roles, edge_specs, profile, start_s, deadline_s, options,
+                             observer), len(edge_roles))
 
 
 @dataclass
@@ -111,7 +111,7 @@ def assemble(parts: list[RoundParts] | RoundParts, num_edges: int) -> RoundOutco
 
 def simulate(
     participants: list[Participant],
-    edges: list[EdgeRole],
+    edge_roles: list[EdgeRole],
     edge_specs: list[EdgeSpec],
     profile: ModelProfile,
     start_s: float = 0.0,
@@ -119,18 +119,18 @@ def simulate(
     options: EngineOptions = EngineOptions(),
     observer: StepObserver | None = None,
 ) -> RoundParts:
-    """``run_round``'s simulation, its results not yet in aggregation order."""
+    """``train_round``'s simulation, its results not yet in aggregation order."""
     env = simpy.Environment()
-    queues = [simpy.Resource(env, capacity=1) for _ in edges]
+    queues = [simpy.Resource(env, capacity=1) for _ in edge_roles]
     parts = RoundParts({}, {}, [])
     previous = None
     for p in participants:
-        device_round = DeviceRound(env, p, edges[p.edge], edge_specs[p.edge], queues[p.edge], profile, start_s,
+        device_round = DeviceRound(env, p, edge_roles[p.edge], edge_specs[p.edge], queues[p.edge], profile, start_s,
                                    deadline_s, observer)
         after = previous if options.edge_order == "sequential" else None
         previous = env.process(device_round.run(after, parts))
     env.run()
-    parts.shared.update((e, copy) for e, edge in enumerate(edges) if (copy := edge.finish_round()) is not None)
+    parts.shared.update((e, copy) for e, edge in enumerate(edge_roles) if (copy := edge.finish_round()) is not None)
     return parts
 
 
@@ -163,7 +163,7 @@ class DeviceRound:
         """The SimPy process: the phases in order; the device's result goes into ``parts``."""
         if after is not None:
             yield after  # sequential order: wait for the previous device's whole round
-        self.edge.open(self.device.id)
+        self.edge.open_session(self.device.id)
         dropped = False
         try:
             yield from self.download()
@@ -278,7 +278,7 @@ class DeviceRound:
         """The edge returns the units the device handed it; the device reports; its update, and the edge's copy
         of its units, join the round's parts."""
         device = self.device
-        handed_back, own_copy, seen_by_edge = self.edge.close(device.id)
+        handed_back, own_copy, seen_by_edge = self.edge.close_session(device.id)
         if handed_back is not None:
             device.take_back(handed_back)
         self.times.finish_s = self.env.now

@@ -4,6 +4,7 @@ meter measures (``meter``), built from per-unit figures the meter measured once.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from smartsplit.errors import SmartSplitError
 from smartsplit.meter.heap import UnitCost
@@ -84,6 +85,39 @@ def device_memory(profile: ModelProfile, cut: int, *, slots: int, segments: Segm
     """
     if not 1 <= cut <= profile.num_units:
         raise SmartSplitError(f"cut {cut} is outside 1..{profile.num_units}")
+    step = _step_figures(profile, cut, segments, slots)
+    moments: list[MemoryBreakdown] = []
+    # The first micro-batch's backward allocates each unit's gradients; from the second on they all exist and
+    # each unit's backward adds to them.
+    for first in (True, False) if micro_batches > 1 else (True,):
+        when = "" if micro_batches == 1 else (", first micro-batch" if first else ", later micro-batches")
+        _pass_moments(step, cut, segments, first, when, moments)
+    optimizer_peak = max(c.optimizer_peak for c in step.costs)
+    moments.append(MemoryBreakdown(step.fixed + sum(step.grads), 0, 0, 0, optimizer_peak, phase="optimizer"))
+    peak = max(moments, key=lambda m: m.total)
+    return replace(peak, margin=int(MARGIN_FRACTION * peak.total) + MARGIN_BYTES)
+
+
+class _StepFigures(NamedTuple):
+    """What every moment of ``device_memory``'s walk reads: the device units' costs and what is held where."""
+
+    units: list[UnitProfile]
+    costs: list[UnitCost]
+    grads: list[int]  # each unit's gradients
+    fixed: int  # weights and optimizer state
+    node_prefix: list[int]  # graph bytes held by units 1..i beyond their saved tensors
+    held: list[int]  # ``_held_prefix`` with the segments checkpointed ...
+    full: list[int]  # ... and with none
+    out: list[int]  # out[i]: the output of unit i (out[0]: the raw batch)
+    kept_boundary: list[bool]  # ``_boundaries_held`` with the segments checkpointed ...
+    full_boundary: list[bool]  # ... and with none
+    cut_io: int  # the cut activation and the gradient returned for it
+    segment_of: dict[int, tuple[int, int]]  # the segment each checkpointed unit is in
+    regraph: dict[tuple[int, int], int]  # graph bytes each segment's recomputation builds again
+
+
+def _step_figures(profile: ModelProfile, cut: int, segments: Segments, slots: int) -> _StepFigures:
+    """The per-unit figures and held-bytes prefixes of one step at ``cut`` that ``device_memory`` walks."""
     units = profile.device_units(cut)
     costs = [_cost(u, slots, first=(l == 1)) for l, u in enumerate(units, start=1)]
     grads = [c.grads for c in costs]
@@ -100,49 +134,50 @@ def device_memory(profile: ModelProfile, cut: int, *, slots: int, segments: Segm
     kept_boundary = _boundaries_held(profile, cut, segments)
     full_boundary = _boundaries_held(profile, cut, ())
     cut_io = 2 * out[cut]
-    x = profile.input_bytes
-    moments: list[MemoryBreakdown] = []
-
-    def moment(phase: str, static: int, activations: int, transient: int, io: int = 0, batch: int = x) -> None:
-        moments.append(MemoryBreakdown(static, batch, activations, io, transient, phase=phase))
-
     segment_of = {l: (a, b) for a, b in segments for l in range(a, b + 1)}
     # recomputing a segment builds its graph again, with the checkpoint's bookkeeping, until its backward ends
     regraph = {(a, b): sum(nodes[a - 1 : b]) for a, b in segments}
-    # The first micro-batch's backward allocates each unit's gradients; from the second on they all exist and
-    # each unit's backward adds to them.
-    for first in (True, False) if micro_batches > 1 else (True,):
-        when = "" if micro_batches == 1 else (", first micro-batch" if first else ", later micro-batches")
+    return _StepFigures(
+        units, costs, grads, fixed, node_prefix, held, full, out, kept_boundary, full_boundary, cut_io, segment_of, regraph
+    )
 
-        def grads_while(l: int) -> int:  # gradients that exist while unit l runs backward
-            return sum(grads[l:]) if first else sum(grads)
 
-        def backward(l: int) -> int:
-            c = costs[l - 1]
-            if l == cut:
-                return c.backward_first_at_cut if first else c.backward_accumulating_at_cut
-            return c.backward_first if first else c.backward_accumulating
+def _pass_moments(
+    step: _StepFigures, cut: int, segments: Segments, first: bool, when: str, moments: list[MemoryBreakdown]
+) -> None:
+    """Appends to ``moments`` those of one micro-batch's forward, link, recomputations and backward (``first``:
+    the first micro-batch, whose backward allocates the gradients)."""
+    units, costs, grads, fixed, node_prefix, held, full, out, kept_boundary, full_boundary, cut_io, segment_of, regraph = step
 
-        forward_static = fixed + (0 if first else sum(grads))
-        for l in range(1, cut + 1):
-            current = out[l - 1] if l > 1 and not kept_boundary[l - 1] else 0  # its input, if nothing else holds it
-            moment(f"forward {l}{when}", forward_static, held[l - 1] + node_prefix[l - 1] + current, costs[l - 1].forward_peak)
-        moment(f"link{when}", forward_static, held[cut] + node_prefix[cut], 0, cut_io)
-        for a, b in segments:  # recomputation, when backward reaches the segment: the units above it are done
-            for j in range(a, b + 1):
-                below = held[a - 1] + full[j - 1] - full[a - 1] + node_prefix[j - 1] + regraph[a, b]
-                current = out[j - 1] if j > a and not full_boundary[j - 1] else 0
-                in_flight = out[b] if b < cut else 0
-                moment(f"recompute {j}{when}", fixed + grads_while(b), below + current, costs[j - 1].forward_peak + in_flight, cut_io)
-        for l in range(cut, 0, -1):
-            a, b = segment_of.get(l, (l, l))
-            below = held[a - 1] + full[l - 1] - full[a - 1] + node_prefix[l] + regraph.get((a, b), 0)
-            own = units[l - 1].internal_bytes + (out[l] if units[l - 1].saves_output and l < cut else 0)
-            # below the cut, the unit's figure includes the gradient of its output, made just before it runs
-            moment(f"backward {l}{when}", fixed + grads_while(l), below + own, backward(l), cut_io)
-    moment("optimizer", fixed + sum(grads), 0, max(c.optimizer_peak for c in costs), batch=0)
-    peak = max(moments, key=lambda m: m.total)
-    return replace(peak, margin=int(MARGIN_FRACTION * peak.total) + MARGIN_BYTES)
+    def moment(phase: str, static: int, activations: int, transient: int, io: int = 0) -> None:
+        moments.append(MemoryBreakdown(static, out[0], activations, io, transient, phase=phase))
+
+    def grads_while(l: int) -> int:  # gradients that exist while unit l runs backward
+        return sum(grads[l:]) if first else sum(grads)
+
+    def backward(l: int) -> int:
+        c = costs[l - 1]
+        if l == cut:
+            return c.backward_first_at_cut if first else c.backward_accumulating_at_cut
+        return c.backward_first if first else c.backward_accumulating
+
+    forward_static = fixed + (0 if first else sum(grads))
+    for l in range(1, cut + 1):
+        current = out[l - 1] if l > 1 and not kept_boundary[l - 1] else 0  # its input, if nothing else holds it
+        moment(f"forward {l}{when}", forward_static, held[l - 1] + node_prefix[l - 1] + current, costs[l - 1].forward_peak)
+    moment(f"link{when}", forward_static, held[cut] + node_prefix[cut], 0, cut_io)
+    for a, b in segments:  # recomputation, when backward reaches the segment: the units above it are done
+        for j in range(a, b + 1):
+            below = held[a - 1] + full[j - 1] - full[a - 1] + node_prefix[j - 1] + regraph[a, b]
+            current = out[j - 1] if j > a and not full_boundary[j - 1] else 0
+            in_flight = out[b] if b < cut else 0
+            moment(f"recompute {j}{when}", fixed + grads_while(b), below + current, costs[j - 1].forward_peak + in_flight, cut_io)
+    for l in range(cut, 0, -1):
+        a, b = segment_of.get(l, (l, l))
+        below = held[a - 1] + full[l - 1] - full[a - 1] + node_prefix[l] + regraph.get((a, b), 0)
+        own = units[l - 1].internal_bytes + (out[l] if units[l - 1].saves_output and l < cut else 0)
+        # below the cut, the unit's figure includes the gradient of its output, made just before it runs
+        moment(f"backward {l}{when}", fixed + grads_while(l), below + own, backward(l), cut_io)
 
 
 def _held_prefix(profile: ModelProfile, cut: int, segments: Segments) -> list[int]:

@@ -135,17 +135,8 @@ def _push(slot: dict[int, list], held: int, entry: tuple, work: list[int]) -> No
 
 def _quantised_search(units, cut: int, budget: int, out: list[int], seg: np.ndarray, prefix_cost: np.ndarray) -> tuple[Segments | None, bool]:
     """Bounded time: DP over memory quanta, vectorised over memory and segment ends."""
-    sizes = [u.internal_bytes for u in units] + out + [int(v) for v in seg[seg > 0]]
-    quantum = reduce(math.gcd, [s for s in sizes if s > 0], 0) or 1
-    exact = budget // quantum <= MAX_LEVELS
-    if not exact:
-        quantum = math.ceil(budget / MAX_LEVELS)
-    q = lambda b: -(-int(b) // quantum)  # noqa: E731 - round up to quanta
-    levels = budget // quantum
+    levels, exact, internal, outq, segq = _quantise(units, cut, budget, out, seg)
     width = levels + 1
-    internal = [q(u.internal_bytes) for u in units]
-    outq = [q(b) for b in out]
-    segq = np.vectorize(q)(seg) if cut else seg
 
     inf = np.inf
     best = np.full((cut + 1, 2, width), inf)
@@ -190,11 +181,34 @@ def _quantised_search(units, cut: int, budget: int, out: list[int], seg: np.ndar
             cand[(m_index[None, :] - shift) > room[: len(ends), None]] = inf
             relax(slice(i + 1, last + 1), 0, cand, i, held_i, shift, i + 1)
 
-    finals = best[cut]
+    return _trace_back(best[cut], cut, width, from_i, from_held, from_m, from_start), exact
+
+
+def _quantise(units, cut: int, budget: int, out: list[int], seg: np.ndarray) -> tuple[int, bool, list[int], list[int], np.ndarray]:
+    """The memory quantum for the bounded search: budget levels, whether the quanta are exact, and the sizes in
+    quanta (rounded up) of unit internals, outputs and segment recomputations."""
+    sizes = [u.internal_bytes for u in units] + out + [int(v) for v in seg[seg > 0]]
+    quantum = reduce(math.gcd, [s for s in sizes if s > 0], 0) or 1
+    exact = budget // quantum <= MAX_LEVELS
+    if not exact:
+        quantum = math.ceil(budget / MAX_LEVELS)
+    q = lambda b: -(-int(b) // quantum)  # noqa: E731 - round up to quanta
+    levels = budget // quantum
+    internal = [q(u.internal_bytes) for u in units]
+    outq = [q(b) for b in out]
+    segq = np.vectorize(q)(seg) if cut else seg
+    return levels, exact, internal, outq, segq
+
+
+def _trace_back(
+    finals: np.ndarray, cut: int, width: int, from_i: np.ndarray, from_held: np.ndarray, from_m: np.ndarray, from_start: np.ndarray
+) -> Segments | None:
+    """The checkpointed segments of the cheapest final state, followed back through the DP's from-tables; None
+    when no state fits."""
     flat = int(np.argmin(finals))
     held_f, m_f = divmod(flat, width)
     if not np.isfinite(finals[held_f, m_f]):
-        return None, exact
+        return None
     segments = []
     i, h, m = cut, held_f, m_f
     while i > 0:
@@ -202,5 +216,5 @@ def _quantised_search(units, cut: int, budget: int, out: list[int], seg: np.ndar
         if start > 0:
             segments.append((int(start), int(i)))
         i, h, m = int(pi), int(ph), int(pm)
-    return tuple(reversed(segments)), exact
+    return tuple(reversed(segments))
 

@@ -67,81 +67,95 @@ def step_peak(heap: Heap, blob, input_shape, batch, micro_batch, segments, optim
     return peak
 
 
+def _exercise(u, x, opt, g) -> None:
+    """Forward, backward and optimizer step of unit ``u`` on ``x``, twice (gradients from ``g``)."""
+    for _ in range(2):
+        out = u(x)
+        out.backward(torch.randn(out.shape, generator=g))
+        if opt is not None:
+            opt.step()
+        del out
+        x.grad = None
+
+
+def _settled_base(heap: Heap, unit_blob, x, g, optimizer) -> int:
+    """Exercise a throw-away copy of the unit, so the runtime's one-time caches exist; the live heap after it."""
+    spare = pickle.loads(unit_blob)
+    _exercise(spare, x, make_optimizer(list(spare.parameters()), *optimizer), g)
+    del spare
+    gc.collect()
+    heap.settle()
+    return heap.live()
+
+
+def _backward_peak(heap: Heap, u, x, g, at_cut: bool) -> int:
+    """Highest heap during the backward of one forward of ``u``, above what was live just before it."""
+    out = u(x)
+    if at_cut:  # the output is the activation sent and the gradient comes from the caller: both stay
+        top, grad = out, torch.randn(out.shape, generator=g)
+    else:  # the gradient reaches the unit as the next unit would hand it over, made by autograd and let
+        # go once used, with the output itself held only by what saved it
+        top = out * 1.0
+        grad = torch.randn(top.shape, generator=g)
+    del out
+    before = heap.live()
+    heap.reset_peak()
+    top.backward(grad)
+    x.grad = None
+    return heap.peak() - before
+
+
+def _measure_unit(heap: Heap, u, x, opt, g, base: int) -> dict:
+    """The figures of one unit ``u`` (with its optimizer ``opt``), above the settled heap ``base``; the caller
+    holds ``u``, ``opt`` and ``x`` throughout."""
+    _exercise(u, x, opt, g)  # as mid-training: optimizer state exists
+    gc.collect()
+    static = heap.live() - base
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    grads = static - (heap.live() - base)
+
+    before = heap.live()
+    heap.reset_peak()
+    out = u(x)
+    forward_peak, forward_kept = heap.peak() - before, heap.live() - before
+    del out
+
+    # each with no gradients yet (the first micro-batch), then with them (they accumulate)
+    below_first, below_accumulating = _backward_peak(heap, u, x, g, False), _backward_peak(heap, u, x, g, False)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    at_cut_first, at_cut_accumulating = _backward_peak(heap, u, x, g, True), _backward_peak(heap, u, x, g, True)
+    # checkpointed, the unit holds its graph and the checkpoint's own bookkeeping until its backward
+    before = heap.live()
+    out = checkpoint(u, x, use_reentrant=False)
+    checkpoint_kept = heap.live() - before
+    out.backward(torch.randn(out.shape, generator=g))
+    del out
+    x.grad = None
+    before = heap.live()  # the gradients exist, as at the end of a step
+    heap.reset_peak()
+    if opt is not None:
+        opt.step()
+    optimizer_peak = heap.peak() - before
+    return dict(static=static, grads=grads, forward_peak=forward_peak, forward_kept=forward_kept,
+                backward_first=below_first, backward_accumulating=below_accumulating,
+                backward_first_at_cut=at_cut_first, backward_accumulating_at_cut=at_cut_accumulating,
+                checkpoint_kept=checkpoint_kept, optimizer_peak=optimizer_peak)
+
+
 def unit_costs(heap: Heap, blob, input_shape, micro_batch, optimizer) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     units = pickle.loads(blob)
     h = torch.randn((micro_batch, *input_shape), generator=g)
-
-    def exercise(u, x, opt) -> None:  # forward, backward and optimizer step, twice
-        for _ in range(2):
-            out = u(x)
-            out.backward(torch.randn(out.shape, generator=g))
-            if opt is not None:
-                opt.step()
-            del out
-            x.grad = None
-
     rows = []
     for index, unit in enumerate(units):
         unit_blob = pickle.dumps(unit)
         x = h.detach().requires_grad_(index > 0)  # in the chain, only the raw batch needs no gradient
-        spare = pickle.loads(unit_blob)  # a throw-away copy first, so the runtime's one-time caches exist
-        exercise(spare, x, make_optimizer(list(spare.parameters()), *optimizer))
-        del spare
-        gc.collect()
-        heap.settle()
-        base = heap.live()
+        base = _settled_base(heap, unit_blob, x, g, optimizer)
         u = pickle.loads(unit_blob)
         opt = make_optimizer(list(u.parameters()), *optimizer)
-        exercise(u, x, opt)  # as mid-training: optimizer state exists
-        gc.collect()
-        static = heap.live() - base
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        grads = static - (heap.live() - base)
-
-        before = heap.live()
-        heap.reset_peak()
-        out = u(x)
-        forward_peak, forward_kept = heap.peak() - before, heap.live() - before
-        del out
-
-        def backward_peak(at_cut: bool) -> int:
-            out = u(x)
-            if at_cut:  # the output is the activation sent and the gradient comes from the caller: both stay
-                top, grad = out, torch.randn(out.shape, generator=g)
-            else:  # the gradient reaches the unit as the next unit would hand it over, made by autograd and let
-                # go once used, with the output itself held only by what saved it
-                top = out * 1.0
-                grad = torch.randn(top.shape, generator=g)
-            del out
-            before = heap.live()
-            heap.reset_peak()
-            top.backward(grad)
-            x.grad = None
-            return heap.peak() - before
-
-        # each with no gradients yet (the first micro-batch), then with them (they accumulate)
-        below_first, below_accumulating = backward_peak(False), backward_peak(False)
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        at_cut_first, at_cut_accumulating = backward_peak(True), backward_peak(True)
-        # checkpointed, the unit holds its graph and the checkpoint's own bookkeeping until its backward
-        before = heap.live()
-        out = checkpoint(u, x, use_reentrant=False)
-        checkpoint_kept = heap.live() - before
-        out.backward(torch.randn(out.shape, generator=g))
-        del out
-        x.grad = None
-        before = heap.live()  # the gradients exist, as at the end of a step
-        heap.reset_peak()
-        if opt is not None:
-            opt.step()
-        optimizer_peak = heap.peak() - before
-        rows.append(dict(static=static, grads=grads, forward_peak=forward_peak, forward_kept=forward_kept,
-                         backward_first=below_first, backward_accumulating=below_accumulating,
-                         backward_first_at_cut=at_cut_first, backward_accumulating_at_cut=at_cut_accumulating,
-                         checkpoint_kept=checkpoint_kept, optimizer_peak=optimizer_peak))
+        rows.append(_measure_unit(heap, u, x, opt, g, base))
         with torch.no_grad():
             h = u(h)
         del u, opt, x

@@ -97,6 +97,53 @@ def _build_unit(gm: fx.GraphModule, nodes: list[fx.Node], src: fx.Node, out: Any
     return fx.GraphModule(gm, g, class_name=f"Unit{index}")
 
 
+def _find_cuts(gm: fx.GraphModule, is_tensor: dict[fx.Node, bool],
+               label: str) -> tuple[list[fx.Node], list[tuple[int, fx.Node]]]:
+    """The graph's nodes in order (get_attr and output left out) and the cuts: (position, value crossing) pairs.
+    Raises :class:`SmartSplitError` if there is none."""
+    graph_nodes = list(gm.graph.nodes)
+    # get_attr nodes (parameters, buffers) are free: any unit may read them.
+    order = [n for n in graph_nodes if n.op not in ("get_attr", "output")]
+    pos = {n: i for i, n in enumerate(order)}
+    end = len(order)  # position of the output node
+    last_use = {n: max((end if u.op == "output" else pos.get(u, -1) for u in n.users), default=pos[n])
+                for n in order}
+
+    # Sweep: values live after position i are those defined at <= i and used at > i. Cut after i
+    # when that is a single tensor produced since the previous cut (so no unit is an identity).
+    cuts: list[tuple[int, fx.Node]] = []
+    live: set[fx.Node] = set()
+    for i, n in enumerate(order):
+        live = {m for m in live if last_use[m] > i}
+        if last_use[n] > i:
+            live.add(n)
+        if i < end - 1 and len(live) == 1:
+            (v,) = live
+            if pos[v] > (cuts[-1][0] if cuts else 0) and is_tensor.get(v, False):
+                cuts.append((i, v))
+    if not cuts:
+        raise SmartSplitError(
+            f"model {label} has no point where a single tensor crosses between layers, so it cannot "
+            "be split into units; pass an nn.Sequential of units instead"
+        )
+    return order, cuts
+
+
+def _build_chain(gm: fx.GraphModule, order: list[fx.Node], cuts: list[tuple[int, fx.Node]]) -> nn.Sequential:
+    """The units between consecutive cuts, from the graph's input to its output, as an ``nn.Sequential``."""
+    graph_nodes = list(gm.graph.nodes)
+    placeholder = next(n for n in graph_nodes if n.op == "placeholder")
+    output = next(n for n in graph_nodes if n.op == "output")
+    units: list[nn.Module] = []
+    assert order[0] is placeholder
+    src, start = placeholder, 1
+    for k, (i, v) in enumerate(cuts):
+        units.append(_build_unit(gm, order[start:i + 1], src, v, k + 1))
+        src, start = v, i + 1
+    units.append(_build_unit(gm, order[start:], src, output.args[0], len(cuts) + 1))
+    return nn.Sequential(*units)
+
+
 def as_chain(model: nn.Module, example_input: torch.Tensor) -> nn.Sequential:
     """Return ``model`` as an ``nn.Sequential`` of one-tensor-in, one-tensor-out units.
 
@@ -118,43 +165,8 @@ def as_chain(model: nn.Module, example_input: torch.Tensor) -> nn.Sequential:
             f"model {label} returns {type(reference).__name__}, not a single tensor; "
             "pass an nn.Sequential of units instead"
         )
-
-    graph_nodes = list(gm.graph.nodes)
-    placeholder = next(n for n in graph_nodes if n.op == "placeholder")
-    output = next(n for n in graph_nodes if n.op == "output")
-    # get_attr nodes (parameters, buffers) are free: any unit may read them.
-    order = [n for n in graph_nodes if n.op not in ("get_attr", "output")]
-    pos = {n: i for i, n in enumerate(order)}
-    end = len(order)  # position of the output node
-    last_use = {n: max((end if u.op == "output" else pos.get(u, -1) for u in n.users), default=pos[n])
-                for n in order}
-
-    # Sweep: values live after position i are those defined at <= i and used at > i. Cut after i
-    # when that is a single tensor produced since the previous cut (so no unit is an identity).
-    cuts: list[tuple[int, fx.Node]] = []
-    live: set[fx.Node] = set()
-    for i, n in enumerate(order):
-        live = {m for m in live if last_use[m] > i}
-        if last_use[n] > i:
-            live.add(n)
-        if i < end - 1 and len(live) == 1:
-            (v,) = live
-            if pos[v] > (cuts[-1][0] if cuts else 0) and rec.is_tensor.get(v, False):
-                cuts.append((i, v))
-    if not cuts:
-        raise SmartSplitError(
-            f"model {label} has no point where a single tensor crosses between layers, so it cannot "
-            "be split into units; pass an nn.Sequential of units instead"
-        )
-
-    units: list[nn.Module] = []
-    assert order[0] is placeholder
-    src, start = placeholder, 1
-    for k, (i, v) in enumerate(cuts):
-        units.append(_build_unit(gm, order[start:i + 1], src, v, k + 1))
-        src, start = v, i + 1
-    units.append(_build_unit(gm, order[start:], src, output.args[0], len(cuts) + 1))
-    chain = nn.Sequential(*units)
+    order, cuts = _find_cuts(gm, rec.is_tensor, label)
+    chain = _build_chain(gm, order, cuts)
 
     result = _run_eval(chain, model, example_input)
     if not (isinstance(result, torch.Tensor) and result.shape == reference.shape

@@ -92,7 +92,7 @@ class CentralRole:
             )
             for a in plan.assignments
         ]
-        edges = [
+        edge_instructions = [
             EdgeInstructions(
                 round=rnd, weights=unit_states(self.model, 1, len(self.model)),
                 cuts={a.device_id: a.cut for a in plan.assignments if self.edge_of(a.device_id) == e},
@@ -100,7 +100,7 @@ class CentralRole:
             )
             for e in range(self.num_edges)
         ]
-        return devices, edges
+        return devices, edge_instructions
 
     def finish_round(self, rnd: int, edge_updates: list[list[Update]], results: Sequence[DeviceResult],
                      evaluate_now: bool = True) -> Evaluation | None:

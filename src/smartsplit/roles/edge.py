@@ -68,7 +68,7 @@ class EdgeRole:
         else:
             self._global = model
 
-    def open(self, device_id: int) -> None:
+    def open_session(self, device_id: int) -> None:
         """A device starts its round through this edge."""
         cut = self._cuts[device_id]
         if self._shared is not None:
@@ -125,7 +125,7 @@ class EdgeRole:
         for optimizer in self._sessions[device_id].optimizers:
             optimizer.zero_grad(set_to_none=True)
 
-    def close(self, device_id: int) -> tuple[UnitHandoff | None, Update | None, list[Observation]]:
+    def close_session(self, device_id: int) -> tuple[UnitHandoff | None, Update | None, list[Observation]]:
         """The device's round is over: the units it handed over (to take back), its own server-side copy's update
         (per-device copies only) and what the step observer saw of the edge's units for it."""
         session = self._sessions.pop(device_id)

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -103,6 +104,40 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
         torch.set_num_threads(threads)
 
 
+def _state_saver(experiment: Experiment, state_path: Path, started_as: dict) -> Callable[[int], None]:
+    """Saves what a resumed run needs, atomically, after a round's results are written."""
+
+    def save(rounds_done: int) -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(rounds_done)}, tmp)
+        os.replace(tmp, state_path)
+
+    return save
+
+
+def _play_rounds(experiment: Experiment, run_dir: Path, start: int, records: list[RoundRecord],
+                 save: Callable[[int], None], progress: bool) -> None:
+    """Rounds ``start + 1`` on, each written (decision, metrics, state) as soon as it ends."""
+    config = experiment.config
+    bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
+    with open(run_dir / "metrics.jsonl", "a") as metrics, open(run_dir / "decisions.jsonl", "a") as decisions:
+        for record in experiment.rounds(start):
+            decisions.write(json.dumps(record.decision) + "\n")
+            decisions.flush()
+            records.append(record)
+            metrics.write(json.dumps(record.to_json()) + "\n")
+            metrics.flush()
+            save(record.round)
+            if record.accuracy is not None:
+                bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
+            log.debug("%s round %d: accuracy %s, loss %s, %d devices, cuts %s, latency %.1f s (simulated), "
+                      "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, _figure(record.accuracy),
+                      _figure(record.loss), record.participants, record.cuts, record.latency_s, record.oom_events,
+                      record.dropouts, record.wall_s)
+            bar.update()
+    bar.close()
+
+
 def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: Strategy | None,
          executor: RoundExecutor | None) -> RunSummary:
     started = time.perf_counter()
@@ -130,31 +165,10 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
                      config.model.name, len(experiment.devices), start + 1, config.training.rounds, run_dir)
             log.info("%s: %s", config.name, profiles_line([profile_sources(experiment.meter)]))
 
-            def save(rounds_done: int) -> None:
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({"format": STATE_FORMAT, "config": started_as, **experiment.state_dict(rounds_done)}, tmp)
-                os.replace(tmp, state_path)
-
+            save = _state_saver(experiment, state_path, started_as)
             if start == 0:
                 save(0)  # a run killed while it writes its first round's results can still resume (from round 1)
-            bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
-            with open(metrics_path, "a") as metrics, open(decisions_path, "a") as decisions:
-                for record in experiment.rounds(start):
-                    decisions.write(json.dumps(record.decision) + "\n")
-                    decisions.flush()
-                    records.append(record)
-                    metrics.write(json.dumps(record.to_json()) + "\n")
-                    metrics.flush()
-                    save(record.round)
-                    if record.accuracy is not None:
-                        bar.set_postfix(acc=f"{record.accuracy:.3f}", sim=f"{record.clock_s:.0f}s")
-                    log.debug("%s round %d: accuracy %s, loss %s, %d devices, cuts %s, latency %.1f s (simulated), "
-                              "%d OOM, %d drop-outs, wall %.1f s", config.name, record.round, _figure(record.accuracy),
-                              _figure(record.loss),
-                              record.participants, record.cuts, record.latency_s, record.oom_events, record.dropouts,
-                              record.wall_s)
-                    bar.update()
-            bar.close()
+            _play_rounds(experiment, run_dir, start, records, save, progress)
             torch.save(experiment.model.state_dict(), run_dir / "model.pt")  # the final global model, plain tensors
     finally:
         experiment.close()

@@ -178,6 +178,7 @@ class SmartSplit(Strategy):
     # ---- the round
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
+        """Select (utility, within the deadline), assign cuts jointly, let the MEC manager fine-tune them."""
         feasible = [c for c in candidates if c.feasible_cuts]
         times = {c.device.id: self.history.times(c) for c in feasible}
         fastest = {c.device.id: min(times[c.device.id][0][x - 1] for x in c.feasible_cuts) for c in feasible}
@@ -194,34 +195,57 @@ class SmartSplit(Strategy):
         chosen.sort(key=lambda c: c.device.id)
 
         cuts, rebalance_moves = self._assign(chosen, times)
-        moved = {"deeper": 0, "shallower": 0}
-        if self.cut_finetuning and self.mec is not None:
-            # The MEC manager's nudges may not make the round longer: the round's predicted latency (its slowest
-            # device or its busiest edge) may not exceed the joint assignment's, nor a device miss the deadline.
-            # A deeper move must also pay: it takes a unit off the shared edge copy, which learns from every
-            # device's activations, to train it per device and average it, so it is made only where the device's
-            # edge is (nearly) the round's bottleneck and shedding its work there is worth something.
-            bound = predicted_latency(chosen, cuts, times)
-            for c in chosen:
-                i = c.device.id
-
-                def keeps_the_round(new_cut: int, i: int = i, edge: int = c.edge, feasible: tuple = c.feasible_cuts) -> bool:
-                    if new_cut not in feasible:
-                        return False
-                    trial = {**cuts, i: new_cut}
-                    in_time = self.deadline_s is None or times[i][0][new_cut - 1] <= self.deadline_s
-                    if not (in_time and predicted_latency(chosen, trial, times) <= bound):
-                        return False
-                    return new_cut < cuts[i] or edge_loads(chosen, cuts, times)[edge] >= EDGE_BUSY * bound
-
-                new = self.mec.adjust(i, cuts[i], c.feasible_cuts, accept=keeps_the_round)
-                if new != cuts[i] and new in c.feasible_cuts:
-                    moved["deeper" if new > cuts[i] else "shallower"] += 1
-                    cuts[i] = new
+        moved = self._fine_tune(chosen, cuts, times) if self.cut_finetuning and self.mec is not None else {
+            "deeper": 0, "shallower": 0}
         for c in chosen:
             self.history.plan(c, cuts[c.device.id])
+        notes = {
+            "selected": self._selected_notes(chosen, cuts, times, scores),
+            "preferred_round_s": preferred,
+            "dropped_by_deadline": len(feasible) - len(pool),
+            "edge_load_s": {str(e): v for e, v in sorted(edge_loads(chosen, cuts, times).items())},
+            "predicted_latency_s": predicted_latency(chosen, cuts, times),
+            "rebalance_moves": rebalance_moves,
+            "mec_moves": moved["deeper"] + moved["shallower"],
+            "mec_moves_by_direction": moved,
+            "unit_importance": {str(u): float(v) for u, v in sorted(self.importance.items())},
+        }
+        return RoundPlan(
+            assignments=tuple(Assignment(c.device.id, cuts[c.device.id]) for c in chosen),
+            excluded=len(candidates) - len(feasible),
+            notes=notes,
+        )
 
-        load = edge_loads(chosen, cuts, times)
+    def _fine_tune(self, chosen: list[Candidate], cuts: dict[int, int], times: dict) -> dict[str, int]:
+        """The MEC manager's nudges to ``cuts`` (in place); how many went each way.
+
+        They may not make the round longer: the round's predicted latency (its slowest device or its busiest
+        edge) may not exceed the joint assignment's, nor a device miss the deadline. A deeper move must also pay:
+        it takes a unit off the shared edge copy, which learns from every device's activations, to train it per
+        device and average it, so it is made only where the device's edge is (nearly) the round's bottleneck and
+        shedding its work there is worth something."""
+        moved = {"deeper": 0, "shallower": 0}
+        bound = predicted_latency(chosen, cuts, times)
+        for c in chosen:
+            i = c.device.id
+
+            def keeps_the_round(new_cut: int, i: int = i, edge: int = c.edge, feasible: tuple = c.feasible_cuts) -> bool:
+                if new_cut not in feasible:
+                    return False
+                trial = {**cuts, i: new_cut}
+                in_time = self.deadline_s is None or times[i][0][new_cut - 1] <= self.deadline_s
+                if not (in_time and predicted_latency(chosen, trial, times) <= bound):
+                    return False
+                return new_cut < cuts[i] or edge_loads(chosen, cuts, times)[edge] >= EDGE_BUSY * bound
+
+            new = self.mec.adjust(i, cuts[i], c.feasible_cuts, accept=keeps_the_round)
+            if new != cuts[i] and new in c.feasible_cuts:
+                moved["deeper" if new > cuts[i] else "shallower"] += 1
+                cuts[i] = new
+        return moved
+
+    def _selected_notes(self, chosen: list[Candidate], cuts: dict[int, int], times: dict, scores: dict) -> list[dict]:
+        """Each chosen device's scores, cut and predicted round time, for the round's decision record."""
         selected = []
         for c in chosen:
             s, i = scores[c.device.id], c.device.id
@@ -238,22 +262,7 @@ class SmartSplit(Strategy):
                 "cut": cuts[i],
                 "predicted_round_s": float(times[i][0][cuts[i] - 1]),
             })
-        notes = {
-            "selected": selected,
-            "preferred_round_s": preferred,
-            "dropped_by_deadline": len(feasible) - len(pool),
-            "edge_load_s": {str(e): v for e, v in sorted(load.items())},
-            "predicted_latency_s": predicted_latency(chosen, cuts, times),
-            "rebalance_moves": rebalance_moves,
-            "mec_moves": moved["deeper"] + moved["shallower"],
-            "mec_moves_by_direction": moved,
-            "unit_importance": {str(u): float(v) for u, v in sorted(self.importance.items())},
-        }
-        return RoundPlan(
-            assignments=tuple(Assignment(c.device.id, cuts[c.device.id]) for c in chosen),
-            excluded=len(candidates) - len(feasible),
-            notes=notes,
-        )
+        return selected
 
     def step_observer(self) -> StepObserver | None:
         return self.mec.observer() if self.cut_finetuning and self.mec is not None else None
