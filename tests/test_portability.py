@@ -13,7 +13,7 @@ from torch import nn
 from smartsplit.config import load_config
 from smartsplit.data import load_data
 from smartsplit.data.datasets import FASHION_MNIST_ROOT
-from smartsplit.engine.experiment import build_architecture, profile_sources, start_meter
+from smartsplit.engine.build import build_architecture, profile_sources, start_meter
 from smartsplit.machine import describe, kernel_fingerprint, one_line
 from smartsplit.memory.ondevice import micro_batch_sizes
 from smartsplit.meter.heap import MEASUREMENT_VERSION, HeapMeter, MeterUnavailable, ShippedFigures, shim_path, structure

@@ -30,7 +30,7 @@ from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.limits import AvailableMemoryTrace, FixedBudget, enforce_budget, idle_footprint
 from smartsplit.deploy.link import claimed, open_channel
 from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
-from smartsplit.engine.experiment import build_architecture, device_manager, start_meter
+from smartsplit.engine.build import build_architecture, device_manager, start_meter
 from smartsplit.errors import SmartSplitError
 from smartsplit.models.profile import ProfileCache
 from smartsplit.records import MB

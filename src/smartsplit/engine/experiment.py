@@ -1,43 +1,27 @@
-"""An experiment: data, fleet, model and strategy from a config, run round by round."""
+"""An experiment: data, fleet, model and strategy from a config (built by ``engine.build``), run round by round."""
 
 from __future__ import annotations
 
 import copy
 import time
-import logging
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from smartsplit.config import Config
-from smartsplit.data import Dataset, load_data, partition
+from smartsplit.data import load_data, partition
+from smartsplit.engine.build import (
+    build_architecture, build_availability, build_fleet, build_traces, device_manager, start_meter,
+)
 from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
-from smartsplit.errors import SmartSplitError
+from smartsplit.fleet import Device
 from smartsplit.fleet.clock import EdgeSpec
-from smartsplit.fleet import (
-    AvailabilityTrace,
-    BudgetTrace,
-    Device,
-    always_online,
-    constant_trace,
-    fleet_from_csv,
-    foreground_app_trace,
-    load_availability_csv,
-    load_catalog,
-    load_trace_csv,
-    on_off_trace,
-    sample_fleet,
-)
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager, PlanMemo
-from smartsplit.machine import one_line
-from smartsplit.meter.heap import HeapMeter, MeterUnavailable, ShippedFigures, shim_path
+from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.profile import ModelProfile, ProfileCache
-from smartsplit.models.zoo import build_model
 from smartsplit.records import MB, RoundRecord
 from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
@@ -45,118 +29,6 @@ from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies import Candidate, RoundPlan, Strategy, make_strategy
 from smartsplit.strategies.base import StepObserver
-
-
-def build_fleet(config: Config) -> list[Device]:
-    f = config.fleet
-    if f.csv is not None:
-        devices = sorted(fleet_from_csv(f.csv), key=lambda d: d.id)
-        if len(devices) != f.devices:
-            raise SmartSplitError(f"fleet.csv: {f.csv} lists {len(devices)} devices but fleet.devices is {f.devices}")
-        if [d.id for d in devices] != list(range(len(devices))):
-            raise SmartSplitError(f"fleet.csv: device ids in {f.csv} must be 0..{len(devices) - 1}")
-        return devices
-    catalog = load_catalog(f.catalog)
-    return _named("fleet.classes", sample_fleet)(f.devices, f.classes, seed=config.seed, catalog=catalog, jitter=f.jitter)
-
-
-def _trace_files(field: str, csv_dir: str, devices: list[Device]) -> dict[int, Path]:
-    """The ``device-<id>.csv`` files of a trace folder, by device id; a folder missing or holding a file that
-    matches no device is refused."""
-    folder = Path(csv_dir)
-    if not folder.is_dir():
-        raise SmartSplitError(f"{field}: {csv_dir} is not a folder (expected device-<id>.csv files)")
-    expected = {f"device-{d.id}.csv": d.id for d in devices}
-    stray = sorted(p.name for p in folder.glob("*.csv") if p.name not in expected)
-    if stray:
-        raise SmartSplitError(f"{field}: {folder / stray[0]} matches no device (the fleet's files are "
-                              f"device-0.csv .. device-{len(devices) - 1}.csv); rename or remove it")
-    return {expected[p.name]: p for p in folder.glob("*.csv")}
-
-
-def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
-    """One memory-budget trace per device, on the experiment's clock; seeded per device."""
-    b = config.fleet.budgets
-    files = _trace_files("fleet.budgets.csv_dir", b.csv_dir, devices) if b.kind == "csv" else {}
-    traces = []
-    for device in devices:
-        if b.kind == "foreground":
-            trace = foreground_app_trace(
-                device.memory_bytes, seed=config.seed * 100_003 + device.id, horizon_s=b.horizon_s,
-                mean_gap_s=b.mean_gap_s, mean_hold_s=b.mean_hold_s, max_take=b.max_take, floor=b.floor,
-            )
-        elif device.id in files:
-            trace = load_trace_csv(files[device.id])
-        else:
-            trace = constant_trace(device.memory_bytes)
-        traces.append(trace)
-    return traces
-
-
-def build_availability(config: Config, devices: list[Device]) -> list[AvailabilityTrace]:
-    """One availability trace per device, on the experiment's clock; seeded per device."""
-    a = config.fleet.availability
-    files = _trace_files("fleet.availability.csv_dir", a.csv_dir, devices) if a.kind == "csv" else {}
-    traces = []
-    for device in devices:
-        if a.kind == "on_off":
-            traces.append(on_off_trace([config.seed, 7, device.id], a.mean_on_s, a.mean_off_s, a.horizon_s))
-        elif device.id in files:
-            traces.append(load_availability_csv(files[device.id]))
-        else:
-            traces.append(always_online())
-    return traces
-
-
-def _named(field: str, build):
-    """``build``, its user errors prefixed with the config field they come from."""
-
-    def wrapped(*args, **kwargs):
-        try:
-            return build(*args, **kwargs)
-        except SmartSplitError as exc:
-            message = str(exc)
-            raise SmartSplitError(message if message.startswith(field) else f"{field}: {message}") from None
-
-    return wrapped
-
-
-def _check_on_data(model: nn.Sequential, data: Dataset, name: str) -> None:
-    """Run the model on two real examples before any round: a model that does not fit the data fails here, in
-    one line, not mid-run."""
-    batch = data.x[:2]
-    try:
-        with torch.no_grad():
-            out = model(batch)
-    except Exception as exc:
-        raise SmartSplitError(f"model.name {name!r}: the model does not run on {data.name} examples of shape "
-                              f"{tuple(data.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(batch), data.num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise SmartSplitError(f"model.name {name!r}: the model's output is {got} for {len(batch)} examples; it must be "
-                              f"(batch, {data.num_classes}), one score per class of {data.name}")
-
-
-def build_architecture(config: Config, train: Dataset) -> nn.Sequential:
-    """The config's model for ``train``'s examples, checked on two of them (seeded weights)."""
-    model = _named("model.name", build_model)(
-        config.model.name,
-        in_channels=train.shape[0],
-        num_classes=train.num_classes,
-        width=config.model.width,
-        input_size=train.shape[1],
-        seed=config.seed,
-    )
-    _check_on_data(model, train, config.model.name)
-    return model
-
-
-def device_manager(config: Config, profile_at: Callable[[int], ModelProfile], optimizer: OptimizerSpec,
-                   device: Device, checkpointing: bool, memo: PlanMemo | None = None) -> OnDeviceManager:
-    """The on-device manager of ``device`` (the central server keeps one per device too, to predict plans)."""
-    return OnDeviceManager(profile_at, config.training.batch_size, optimizer.slots, device.flops_per_s,
-                           round_trip_s=2 * config.edge.latency_s, checkpointing=checkpointing, memo=memo,
-                           resolution=config.fleet.budgets.resolution)
 
 
 class RoundExecutor(Protocol):
@@ -167,29 +39,6 @@ class RoundExecutor(Protocol):
                  edge_instructions: list[EdgeInstructions], observer: StepObserver | None) -> RoundOutcome: ...
 
 
-def start_meter(config: Config) -> HeapMeter | None:
-    """The memory meter of ``config`` (figures shipped with SmartSplit unless ``calibrate``), or None (with a
-    warning) where it cannot run: runs then plan with uncalibrated profiles and record no measured peaks."""
-    try:
-        shim_path()
-    except MeterUnavailable as e:
-        log.warning("%s; device peaks will not be measured and plans rest on saved-tensor profiles only", e)
-        return None
-    return HeapMeter(config.threads, shipped=None if config.calibrate else ShippedFigures())
-
-
-def profile_sources(meter: HeapMeter | None) -> dict:
-    """Which memory profiles a run planned from: ``shipped`` with SmartSplit (and the machine they were measured
-    on), ``host`` (measured on this machine), or ``none`` (meter off: saved-tensor sizes alone); with how many
-    figures came from each."""
-    if meter is None:
-        return {"source": "none"}
-    if meter.shipped is None:
-        return {"source": "host", **meter.used()}
-    return {"source": "shipped", **meter.used(), "shipped_from": one_line(meter.shipped.machine) if meter.shipped.machine else None}
-
-
-log = logging.getLogger(__name__)
 
 
 class Experiment:

@@ -32,7 +32,7 @@ class RunSummary:
     to_target: dict | None  # {"round", "clock_s"} of the first round at or above the target
     wall_s: float | None
     run_dir: str | None = None
-    profiles: dict | None = None  # which memory profiles the run planned from (engine.experiment.profile_sources)
+    profiles: dict | None = None  # which memory profiles the run planned from (engine.build.profile_sources)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,8 @@ import yaml
 from tqdm import tqdm
 
 from smartsplit.config import Config, build_config
-from smartsplit.engine.experiment import Experiment, RoundExecutor, profile_sources
+from smartsplit.engine.build import profile_sources
+from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
 from smartsplit.records import RoundRecord
 from smartsplit.reports.summary import RunSummary, profiles_line, summarise
