@@ -29,7 +29,10 @@ from smartsplit.data import load_data
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.limits import AvailableMemoryTrace, FixedBudget, enforce_budget, idle_footprint
 from smartsplit.deploy.link import claimed, open_channel
-from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
+from smartsplit.deploy.checks import Malformed, ModelShapes, check_int, check_number, check_sender
+from smartsplit.deploy.wire import HELLO_BYTES, Reassembly, WireError, decode, encode, frames, plain, typed
+from smartsplit.kernels.saved import DeviceOutOfMemory
+from smartsplit.messages import RoundInstructions
 from smartsplit.engine.build import build_architecture, device_manager, start_meter
 from smartsplit.errors import SmartSplitError
 from smartsplit.models.profile import ProfileCache
@@ -75,6 +78,10 @@ class _Device:
         self.counter = _HeapCounter.here()
         self.limit = None  # the kernel memory limit it runs under (--enforce-budget)
         self.budget = 0
+        self.shapes: ModelShapes | None = None  # what the edge's messages must look like, once welcomed
+        self.message_limit = HELLO_BYTES
+        self.pending = None  # the activation sent, whose gradient is due
+        self.assigned_cut = self.step_count = self.micro_batches = 0  # of the round and the step under way
 
     def welcome(self, info: dict) -> None:
         if self.role is not None:
@@ -100,6 +107,8 @@ class _Device:
         t = config.training
         self.role = DeviceRole(device, train, info["shard"], trace, manager, architecture, optimizer, t.batch_size,
                                t.local_steps, t.local_epochs, measure=measure)
+        self.shapes = ModelShapes.of(architecture, train.shape, train.num_classes, t.batch_size)
+        self.message_limit = self.shapes.message_limit(optimizer.slots)
         import torch
 
         torch.set_num_threads(config.threads)
@@ -131,13 +140,27 @@ class _Device:
     def _real_peak(self, plan) -> int:
         return max(self.counter.heap.peak() - self.counter.baseline, 0)
 
+    _ARGS = {"start_round": {"instructions", "observe"}, "plan_step": {"clock"}, "budget_returns_at": {"clock"},
+             "paused": set(), "dropped_out": set(), "begin_step": {"step"}, "forward": {"micro_batch"},
+             "backward": {"gradient"}, "end_step": set(), "take_back": {"handoff"}, "finish_round": {"times"}}
+
     def call(self, method: str, args: dict) -> Any:
+        """Run the edge's call on the device role, once it is checked against the round under way (``checks``):
+        a call that is not in good form raises ``Malformed`` before the role sees any of it."""
+        if self.role is None:
+            raise Malformed(f"a {method[:40]!r} call before the welcome")
+        if method not in self._ARGS or not isinstance(args, dict) or set(args) != self._ARGS[method]:
+            raise Malformed(f"an unknown call {method[:40]!r}, or its arguments are not {sorted(self._ARGS.get(method, ()))}")
+        self._check(method, args)
         role = self.role
         if method == "start_round":
             if self.counter is not None:
                 self.counter.baseline = self.counter.heap.live()
             observer = self.strategy.step_observer() if args["observe"] else None
-            return role.start_round(args["instructions"], observer)
+            self.pending, self.assigned_cut = None, args["instructions"].cut
+            sizes = role.start_round(args["instructions"], observer)
+            self.step_count = len(sizes)
+            return sizes
         if method == "plan_step":
             plan, handoff = role.plan_step(args["clock"])
             budget = role.trace.at(args["clock"])
@@ -148,22 +171,46 @@ class _Device:
         if method == "begin_step":
             if self.counter is not None:
                 self.counter.heap.reset_peak()
-            return role.begin_step(args["step"])
+            self.micro_batches = role.begin_step(args["step"])
+            return self.micro_batches
         if method == "forward":
-            from smartsplit.kernels.saved import DeviceOutOfMemory
-
             try:
-                return {"activation": role.forward(args["micro_batch"]), "oom": False}
+                activation = role.forward(args["micro_batch"])
             except DeviceOutOfMemory:
                 return {"activation": None, "oom": True}
+            self.pending = activation
+            return {"activation": activation, "oom": False}
         simple = {"budget_returns_at": lambda: role.budget_returns_at(args["clock"]), "paused": role.paused,
                   "dropped_out": role.dropped_out, "backward": lambda: role.backward(args["gradient"]),
                   "end_step": lambda: plain(role.end_step()), "take_back": lambda: role.take_back(args["handoff"]),
                   "finish_round": lambda: role.finish_round(typed(SimulatedTimes, args["times"], "finish_round's times"))}
-        if method not in simple:
-            raise SmartSplitError(f"the edge called {method!r}, which this device does not know; are both ends "
-                                  "running the same SmartSplit version?")
         return simple[method]()
+
+    def _check(self, method: str, args: dict) -> None:
+        shapes, role = self.shapes, self.role
+        if method == "start_round":
+            i = args["instructions"]
+            if not isinstance(i, RoundInstructions) or not isinstance(args["observe"], bool):
+                raise Malformed("start_round without RoundInstructions")
+            check_sender(i.device_id, self.id, "the round's instructions")
+            check_int(i.cut, "the round's cut", 1, shapes.num_units)
+            shapes.check_units(i.weights, range(1, i.cut + 1), "the round's weights")
+        elif method in ("plan_step", "budget_returns_at"):
+            check_number(args["clock"], "the clock", low=0.0)
+        elif method == "begin_step":
+            check_int(args["step"], "the step", 0, self.step_count - 1)
+        elif method == "forward":
+            check_int(args["micro_batch"], "the micro-batch", 0, self.micro_batches - 1)
+        elif method == "backward":
+            pending = self.pending
+            if pending is None:
+                raise Malformed("a gradient for no activation")
+            shapes.check_gradient(args["gradient"], device_id=self.id, step=pending.step,
+                                  micro_batch=pending.micro_batch, like=pending.tensor)
+            self.pending = None
+        elif method == "take_back":
+            handed = range(role.cut + 1, self.assigned_cut + 1)
+            shapes.check_handoff(args["handoff"], self.id, handed, "the units handed back")
 
 
 def _budget(spec: str, trace):
@@ -208,7 +255,9 @@ def _serve(edge: str, certs: Path | None, name: str, me: _Device, options: Devic
 
 
 def _session(edge: str, certs: Path | None, name: str, me: _Device) -> bool:
-    """One stream to the edge; True when the edge said the run is over."""
+    """One stream to the edge; True when the edge said the run is over. A message from the edge that cannot be
+    read ends the stream (logged; the device connects again); a call not in good form is refused (the edge
+    drops the device for the round) and nothing of it is applied."""
     outgoing: queue.Queue = queue.Queue()
 
     def requests():
@@ -221,7 +270,7 @@ def _session(edge: str, certs: Path | None, name: str, me: _Device) -> bool:
     with open_channel(edge, certs, name, unary=False) as channel:
         stub = rpc.EdgeStub(channel)
         outgoing.put(encode("hello", {"device": me.id}))
-        assembly = Reassembly()
+        assembly = Reassembly(me.message_limit)
         try:
             for frame in stub.Session(requests(), metadata=claimed(name), wait_for_ready=False):
                 payload = assembly.add(frame)
@@ -230,17 +279,30 @@ def _session(edge: str, certs: Path | None, name: str, me: _Device) -> bool:
                 kind, body = decode(payload)
                 if kind == "welcome":
                     me.welcome(body)
+                    assembly.limit = me.message_limit
                     outgoing.put(encode("ready"))
-                elif kind == "call":
-                    try:
-                        reply = encode("reply", me.call(body["method"], body["args"]))
-                    except Exception as exc:  # the edge drops this device for the round and logs why
-                        log.exception("%s: %s failed", name, body["method"])
-                        reply = encode("error", f"{type(exc).__name__}: {exc}")
-                    outgoing.put(reply)
+                elif kind == "call" and isinstance(body, dict):
+                    outgoing.put(_answer(me, name, body.get("method"), body.get("args")))
                 elif kind == "bye":
                     log.info("%s: the run is over", name)
                     return True
+                else:
+                    raise WireError(f"a {kind[:40]!r} message, which no edge sends")
+        except WireError as exc:
+            log.error("%s: the edge at %s sent a message this device will not read (%s); the stream is closed and "
+                      "nothing of it applied", name, edge, exc)
         finally:
             outgoing.put(None)
     return False
+
+
+def _answer(me: _Device, name: str, method, args):
+    """The reply to one call: its result, or an error the edge drops the device for (and logs)."""
+    try:
+        return encode("reply", me.call(str(method), args))
+    except Malformed as exc:
+        log.error("%s: refused the edge's %s call, which is not in good form: %s", name, str(method)[:40], exc)
+        return encode("error", f"refused a malformed {str(method)[:40]} call")
+    except Exception as exc:  # the edge drops this device for the round and logs why
+        log.exception("%s: %s failed", name, str(method)[:40])
+        return encode("error", f"{type(exc).__name__}: {str(exc)[:200]}")

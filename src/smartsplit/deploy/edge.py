@@ -20,12 +20,17 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import numpy as np
 import yaml
 
 from smartsplit.config import build_config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
+from smartsplit.deploy.certs import identity_of
 from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
-from smartsplit.deploy.wire import Reassembly, decode, encode, frames, plain, typed
+from smartsplit.deploy.checks import (
+    Impersonation, Malformed, ModelShapes, check_int, check_number, check_sender,
+)
+from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, plain, typed
 from smartsplit.engine.round import Participant, train_round
 from smartsplit.errors import DeviceLost, SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, Device
@@ -34,10 +39,10 @@ from smartsplit.memory.ondevice import DevicePlan
 from smartsplit.models.profile import ModelProfile
 from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.models.zoo import build_model
-from smartsplit.roles.device import OptimizerSpec, RoundTally, SimulatedTimes, StepDone
+from smartsplit.roles.device import OptimizerSpec, RoundTally, SimulatedTimes, StepDone, local_batches
 from smartsplit.strategies.options import EngineOptions
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.messages import DeviceResult
+from smartsplit.messages import DeviceResult, UnitHandoff
 from smartsplit.strategies import make_strategy
 
 log = logging.getLogger(__name__)
@@ -47,8 +52,15 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+MAX_STREAMS = 2  # open streams per device identity: a reconnecting device overlaps its old stream briefly
+HELLO_S = 10.0  # a stream that has not said hello by then is closed
+HELLO_BYTES = 64 << 10  # the most a hello may take
+OBSERVATION_NUMBERS = 1 << 14  # the most numbers one step observation may hold (MEC's sketches hold 1,024)
+
+
 class _Link:
-    """One device's stream, seen from the edge: calls go out, replies come in; the bytes that crossed."""
+    """One device's stream, seen from the edge: calls go out, replies come in; the bytes that crossed. A reply
+    nobody asked for, or one that cannot be read, ends the link: the call waiting on it learns why."""
 
     def __init__(self, device_id: int) -> None:
         self.device_id = device_id
@@ -56,19 +68,38 @@ class _Link:
         self.replies: queue.Queue = queue.Queue()
         self.ready = threading.Event()
         self.closed = False  # the stream ended, or the edge gave up on it: the device must connect again
+        self.awaiting = False  # a call is out and its reply not yet in
+        self.limit = 0  # the most bytes the reply due may take (set per call from the plan)
         self.frame_bytes = {"up": 0, "down": 0}
+        self._lock = threading.Lock()
 
     def call(self, payload, timeout_s: float):
         self.frame_bytes["down"] += payload.ByteSize()
+        with self._lock:
+            self.awaiting = True
         self.outgoing.put(payload)
         try:
             reply = self.replies.get(timeout=timeout_s)
         except queue.Empty:
             raise DeviceLost(f"device {self.device_id} did not answer within {timeout_s:.0f} s") from None
+        finally:
+            with self._lock:
+                self.awaiting = False
         if reply is None:
             raise DeviceLost(f"device {self.device_id} disconnected")
+        if isinstance(reply, WireError):
+            raise reply
         self.frame_bytes["up"] += reply.ByteSize()
         return reply
+
+    def deliver(self, payload) -> None:
+        """A payload from the device: the reply to the call that is out, or a fault that ends the link."""
+        with self._lock:
+            expected = self.awaiting
+            self.awaiting = False
+        self.replies.put(payload if expected else WireError(f"a {payload.kind[:40]!r} message nobody asked for"))
+        if not expected:
+            self.close()
 
     def close(self, farewell=None) -> None:
         self.closed = True
@@ -79,12 +110,22 @@ class _Link:
 
 
 class EdgeService(rpc.EdgeServicer):
-    """The devices' side of the edge: authenticates each stream and keeps the latest link per device."""
+    """The devices' side of the edge: authenticates each stream and keeps the latest link per device.
 
-    def __init__(self, assigned: dict[int, dict], config_text: str, optimizer) -> None:
+    A stream is refused before anything is read from it unless its certificate names a device assigned to this
+    edge with fewer than ``MAX_STREAMS`` streams open; it must say hello within ``HELLO_S`` seconds, in at most
+    ``HELLO_BYTES``; after that no message may exceed ``message_limit`` (set from the model) and every one must
+    answer a call. Each refusal is logged here with the peer's identity and the reason; the peer is told only
+    that it was refused."""
+
+    def __init__(self, assigned: dict[int, dict], config_text: str, optimizer, step_sizes: dict[int, list[int]],
+                 message_limit: int) -> None:
         self.assigned = assigned  # device id -> what the device needs to know (Device, shard, trace)
         self.config_text, self.optimizer = config_text, optimizer
+        self.step_sizes = step_sizes  # device id -> examples in each of its local steps (from its shard)
+        self.message_limit = message_limit  # the most one message of a round may take
         self._links: dict[int, _Link] = {}
+        self._streams: Counter = Counter()  # open streams per device id
         self._changed = threading.Condition()
         self.refusals = 0
 
@@ -110,57 +151,90 @@ class EdgeService(rpc.EdgeServicer):
     def _refuse(self, context, identity, why: str) -> None:
         self.refusals += 1
         log.warning("refused a device connection from %s (identity %r): %s", context.peer(), identity, why)
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused by the edge server (its log says why)")
+
+    def _admit(self, context) -> int:
+        """The device the stream's certificate names, if it may open one more stream; else the stream ends."""
+        identity = peer_identity(context)
+        kind, number = _identity(identity)
+        if kind != "device" or number not in self.assigned:
+            self._refuse(context, identity, "not a device assigned to this edge server")
+        with self._changed:
+            if self._streams[number] >= MAX_STREAMS:
+                refused = True
+            else:
+                refused = False
+                self._streams[number] += 1
+        if refused:
+            self._refuse(context, identity, f"already holds {MAX_STREAMS} open streams")
+        return number
+
+    def _hello(self, request_iterator, context, device_id: int) -> bool:
+        """Reads the stream's hello (bounded in time and size); False when it ended first."""
+        timer = threading.Timer(HELLO_S, context.cancel)
+        timer.start()
+        try:
+            assembly = Reassembly(HELLO_BYTES)
+            for frame in request_iterator:
+                hello = assembly.add(frame)
+                if hello is not None:
+                    kind, body = decode(hello)
+                    if kind != "hello" or not isinstance(body, dict) or body.get("device") != device_id:
+                        raise WireError(f"a {kind[:40]!r} message where a hello naming device {device_id} was due")
+                    return True
+            return False
+        except WireError as exc:
+            self._refuse(context, f"device-{device_id}", str(exc))
+        finally:
+            timer.cancel()
 
     def Session(self, request_iterator, context):
-        identity = peer_identity(context)
-        assembly = Reassembly()
-        hello = None
-        for frame in request_iterator:
-            hello = assembly.add(frame)
-            if hello is not None:
-                break
-        if hello is None:
-            return
-        kind, body = decode(hello)
-        device_id = body.get("device") if kind == "hello" and isinstance(body, dict) else None
-        if not isinstance(device_id, int):
-            self._refuse(context, identity, "the first message must be a hello naming the device")
-        if identity != f"device-{device_id}":
-            self._refuse(context, identity, f"says it is device {device_id} but its identity is {identity!r}")
-        if device_id not in self.assigned:
-            self._refuse(context, identity, f"device {device_id} is not assigned to this edge server")
-        link = _Link(device_id)
-        with self._changed:
-            old = self._links.get(device_id)
-            if old is not None:
-                old.close()
-            self._links[device_id] = link
+        device_id = self._admit(context)
+        try:
+            if not self._hello(request_iterator, context, device_id):
+                return
+            link = _Link(device_id)
+            with self._changed:
+                old = self._links.get(device_id)
+                if old is not None:
+                    old.close()
+                self._links[device_id] = link
+            threading.Thread(target=self._read, args=(request_iterator, link), daemon=True,
+                             name=f"device-{device_id}-reader").start()
+            log.info("device %d connected from %s", device_id, context.peer())
+            yield from frames(encode("welcome", {**self.assigned[device_id], "config": self.config_text,
+                                                 "optimizer": self.optimizer}))
+            yield from self._send(link, context)
+        finally:
+            with self._changed:
+                self._streams[device_id] -= 1
 
-        def read():
-            parts = Reassembly()
-            try:
-                for frame in request_iterator:
-                    payload = parts.add(frame)
-                    if payload is None:
-                        continue
-                    if payload.kind == "ready":
-                        link.ready.set()
-                        with self._changed:
-                            self._changed.notify_all()
-                    else:
-                        link.replies.put(payload)
-            except grpc.RpcError:
-                pass
-            finally:
-                link.closed = True
-                link.replies.put(None)
-                log.info("device %d: stream closed", device_id)
+    def _read(self, request_iterator, link: _Link) -> None:
+        parts = Reassembly(self.message_limit)
+        try:
+            for frame in request_iterator:
+                parts.limit = max(link.limit, self.message_limit)
+                payload = parts.add(frame)
+                if payload is None:
+                    continue
+                if payload.kind == "ready" and not link.ready.is_set():
+                    link.ready.set()
+                    with self._changed:
+                        self._changed.notify_all()
+                else:
+                    link.deliver(payload)
+        except WireError as exc:
+            log.warning("device %d sent what this edge will not read (%s); its stream is closed", link.device_id, exc)
+            link.replies.put(exc)
+        except grpc.RpcError:
+            pass
+        finally:
+            link.closed = True
+            link.replies.put(None)
+            log.info("device %d: stream closed", link.device_id)
 
-        threading.Thread(target=read, daemon=True, name=f"device-{device_id}-reader").start()
-        log.info("device %d connected from %s", device_id, context.peer())
-        yield from frames(encode("welcome", {**self.assigned[device_id], "config": self.config_text,
-                                             "optimizer": self.optimizer}))
+    @staticmethod
+    def _send(link: _Link, context):
         while True:
             try:
                 payload = link.outgoing.get(timeout=1.0)
@@ -174,20 +248,38 @@ class EdgeService(rpc.EdgeServicer):
             yield from frames(payload)
 
 
+def _identity(name: str | None) -> tuple[str | None, int | None]:
+    try:
+        return identity_of(name or "")
+    except SmartSplitError:
+        return None, None
+
+
 class RemoteDevice:
     """A device role in another process, as the round engine sees it: each method is a call over its stream.
-    Counts what crossed by kind, the way the simulator counts bytes (model weights, activations, gradients)."""
+
+    Every reply is checked against the plan before the edge uses it (``checks``): the units and shapes its cut
+    implies, the step and micro-batch under way, finite values, and the device's own id, which its certificate
+    proved. A reply that fails costs that device only: it drops out of the round with a fault naming why
+    (``device_malformed``, ``device_impersonation``), and the round goes on. Counts what crossed by kind, the way
+    the simulator counts bytes (model weights, activations, gradients)."""
 
     def __init__(self, service: EdgeService, device, timeout_s: float, connect_s: float, faults: Counter,
-                 wire: Counter) -> None:
+                 wire: Counter, shapes: ModelShapes, step_sizes: list[int]) -> None:
         self.service, self.device, self.id = service, device, device.id
         self.timeout_s, self.connect_s = timeout_s, connect_s
         self.faults, self.wire = faults, wire
+        self.shapes, self.step_sizes = shapes, step_sizes
         self.lost = False
         self.tally: RoundTally | None = None  # what the edge saw of the device's round: its report if it is lost
         self._link: _Link | None = None
+        self._plan: DevicePlan | None = None
+        self._step = -1
+        self._micro_batches = 0
 
-    def _call(self, method: str, **args):
+    def _call(self, method: str, check=None, limit: int = 0, **args):
+        """The device's reply to ``method(**args)``, passed through ``check`` (which may raise ``Malformed``); a
+        reply may take the service's message limit, or ``limit`` bytes where that is more."""
         if self.lost:
             raise DeviceLost(f"device {self.id} is gone")
         if self._link is None:
@@ -195,13 +287,22 @@ class RemoteDevice:
             if self._link is None:
                 self._lose("device_absent", f"device {self.id} did not connect within {self.connect_s:.0f} s")
             self._frames_before = dict(self._link.frame_bytes)  # the link outlives the round
+        self._link.limit = limit
         try:
             kind, body = decode(self._link.call(encode("call", {"method": method, "args": args}), self.timeout_s))
+            if kind == "error":
+                self._lose("device_errors", f"device {self.id}: {method} failed on the device: {str(body)[:300]}")
+            if kind != "reply":
+                raise Malformed(f"a {kind[:40]!r} message where a reply was due")
+            return check(body) if check is not None else _expect_none(body)
         except DeviceLost as exc:
+            if self.lost:
+                raise
             self._lose("device_timeouts" if "answer" in str(exc) else "device_disconnects", str(exc))
-        if kind == "error":
-            self._lose("device_errors", f"device {self.id}: {method} failed on the device: {body}")
-        return body
+        except Impersonation as exc:
+            self._lose("device_impersonation", f"device {self.id}'s {method}: {exc}")
+        except (Malformed, WireError) as exc:
+            self._lose("device_malformed", f"device {self.id}'s {method}: {exc}")
 
     def _lose(self, fault: str, why: str):
         self.lost = True
@@ -222,26 +323,58 @@ class RemoteDevice:
 
     def start_round(self, instructions, observer=None) -> list[int]:
         self.tally = RoundTally(assigned_cut=instructions.cut, cut=instructions.cut)
-        step_sizes = self._call("start_round", instructions=instructions, observe=observer is not None)
+        self._observing = observer is not None
+
+        def check(sizes):
+            if sizes != self.step_sizes:
+                raise Malformed(f"local steps of {str(sizes)[:80]} examples; its shard makes {self.step_sizes[:8]}")
+            return sizes
+
+        step_sizes = self._call("start_round", check, instructions=instructions, observe=observer is not None)
         self.wire["model_down"] += _nbytes(t for state in instructions.weights.values() for t in state.values())
         return step_sizes
 
     def plan_step(self, clock_s: float):
-        reply = self._call("plan_step", clock=clock_s)
-        seen, plan = self.tally, reply["plan"]
+        plan, handoff, budget = self._call("plan_step", self._checked_plan, clock=clock_s)
+        seen = self.tally
+        seen.min_budget = budget if seen.min_budget is None else min(seen.min_budget, budget)
         if plan is not None:
-            plan = typed(DevicePlan, plan, f"device {self.id}'s plan")
-        seen.cut = reply["cut"]
-        seen.min_budget = reply["budget"] if seen.min_budget is None else min(seen.min_budget, reply["budget"])
-        if plan is not None:
+            self._plan = plan
+            seen.cut = plan.cut
             seen.peak_predicted = max(seen.peak_predicted, plan.peak_bytes)
             seen.micro_batches.add(plan.micro_batch)
-        if reply["handoff"] is not None:
-            self.wire["handoff_up"] += _nbytes(t for state in reply["handoff"].weights.values() for t in state.values())
-        return plan, reply["handoff"]
+        if handoff is not None:
+            self.wire["handoff_up"] += _nbytes(t for state in handoff.weights.values() for t in state.values())
+        return plan, handoff
+
+    def _checked_plan(self, reply) -> tuple[DevicePlan | None, UnitHandoff | None, int]:
+        if not isinstance(reply, dict) or set(reply) != {"plan", "handoff", "cut", "budget"}:
+            raise Malformed(f"a plan reply with fields {sorted(reply)[:6] if isinstance(reply, dict) else reply!r}")
+        now = self.tally.cut
+        cut = check_int(reply["cut"], "its cut", 1, now)
+        budget = check_int(reply["budget"], "its budget", 0, 1 << 62)
+        plan = None if reply["plan"] is None else typed(DevicePlan, reply["plan"], "its plan")
+        if plan is not None:
+            check_int(plan.cut, "its plan's cut", cut, cut)
+            check_int(plan.micro_batch, "its plan's micro-batch", 1, self.shapes.batch_size)
+            if any(not 1 <= a <= b <= cut for a, b in plan.segments):
+                raise Malformed(f"its plan checkpoints segments {plan.segments[:4]} outside units 1..{cut}")
+        handoff = reply["handoff"]
+        if cut < now:
+            self.shapes.check_handoff(handoff, self.id, range(cut + 1, now + 1), "its hand-off")
+        elif handoff is not None:
+            raise Malformed("a hand-off without a shallower cut")
+        if plan is None and cut != now:
+            raise Malformed("a new cut without a plan")
+        return plan, handoff, budget
 
     def budget_returns_at(self, clock_s: float):
-        return self._call("budget_returns_at", clock=clock_s)
+        def check(when):
+            if when is not None:
+                check_number(when, "when its budget returns", low=clock_s)
+            return when
+
+        return self._call("budget_returns_at", check, clock=clock_s)
 
     def paused(self) -> None:
         self.tally.pauses += 1
@@ -252,10 +385,31 @@ class RemoteDevice:
             self._call("dropped_out")
 
     def begin_step(self, step: int) -> int:
-        return self._call("begin_step", step=step)
+        size, plan = self.step_sizes[step], self._plan
+        due = -(-size // plan.micro_batch)
+
+        def check(count):
+            return check_int(count, "its micro-batches", 0 if count == 0 else due, due)
+
+        self._step, self._micro_batches = step, self._call("begin_step", check, step=step)
+        return self._micro_batches
 
     def forward(self, micro_batch: int):
-        reply = self._call("forward", micro_batch=micro_batch)
+        def check(reply):
+            if not isinstance(reply, dict) or set(reply) != {"activation", "oom"} or not isinstance(reply["oom"], bool):
+                raise Malformed("a forward reply that is not {activation, oom}")
+            activation = reply["activation"]
+            if reply["oom"] or self._plan.cut == self.shapes.num_units:
+                if activation is not None:
+                    raise Malformed("an activation where none was due")
+                return reply
+            size, step = self.step_sizes[self._step], self._plan.micro_batch
+            self.shapes.check_activation(activation, device_id=self.id, step=self._step, micro_batch=micro_batch,
+                                         examples=min(step, size - micro_batch * step), cut=self._plan.cut,
+                                         batch=size, last=micro_batch == self._micro_batches - 1)
+            return reply
+
+        reply = self._call("forward", check, micro_batch=micro_batch)
         if reply["oom"]:
             raise DeviceOutOfMemory(f"device {self.id}: the memory guard stopped a forward")
         activation = reply["activation"]
@@ -269,7 +423,15 @@ class RemoteDevice:
         self._call("backward", gradient=gradient)
 
     def end_step(self) -> StepDone:
-        done = typed(StepDone, self._call("end_step"), f"device {self.id}'s step")
+        size = self.step_sizes[self._step]
+
+        def check(reply):
+            done = typed(StepDone, reply, "its step")
+            check_int(done.samples, "its step's examples", size, size)
+            check_number(done.loss, "its step's loss")
+            return done
+
+        done = self._call("end_step", check)
         seen = self.tally
         seen.steps += 1
         seen.samples += done.samples
@@ -284,7 +446,10 @@ class RemoteDevice:
     def finish_round(self, times: SimulatedTimes) -> DeviceResult:
         if not self.lost:
             try:
-                result = self._call("finish_round", times=plain(times))
+                seen = self.tally
+                observations = seen.steps * seen.assigned_cut * (8 * OBSERVATION_NUMBERS + 256) if self._observing else 0
+                result = self._call("finish_round", self._checked_result, limit=self.service.message_limit + observations,
+                                    times=plain(times))
                 if result.update is not None:
                     self.wire["model_up"] += _nbytes(t for state in result.update.units.values() for t in state.values())
                 return result
@@ -293,6 +458,37 @@ class RemoteDevice:
         # gone: the device's units went with it; what the edge saw of it is its report
         self.tally.dropped_out = True
         return DeviceResult(None, self.tally.report(self.device, times, unread_budget=0), [])
+
+    def _checked_result(self, result) -> DeviceResult:
+        """Its report names it and the steps the edge saw; its update holds its assigned units, finite, trained on
+        the examples the edge counted; its observations are of its own units and steps."""
+        seen = self.tally
+        if not isinstance(result, DeviceResult):
+            raise Malformed(f"a {type(result).__name__} where its result was due")
+        check_sender(result.report.device, self.id, "its report")
+        if (result.report.cut, result.report.steps, result.report.samples) != (seen.assigned_cut, seen.steps, seen.samples):
+            raise Malformed(f"its report says cut {result.report.cut}, {result.report.steps} steps, "
+                            f"{result.report.samples} examples; the edge saw {seen.assigned_cut}, {seen.steps}, "
+                            f"{seen.samples}")
+        units = range(1, seen.assigned_cut + 1)
+        if (result.update is None) != (seen.steps == 0):
+            raise Malformed("an update without steps, or steps without an update")
+        if result.update is not None:
+            self.shapes.check_update(result.update, units, seen.samples, "its update")
+        if len(result.observations) > (seen.steps * len(units) if self._observing else 0):
+            raise Malformed(f"{len(result.observations)} observations of {seen.steps} steps of {len(units)} units")
+        for step, unit, value in result.observations:
+            check_int(step, "an observation's step", 0, max(seen.steps - 1, 0))
+            check_int(unit, "an observation's unit", 1, seen.assigned_cut)
+            if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.size <= OBSERVATION_NUMBERS
+                    and value.dtype.kind == "f" and np.isfinite(value).all()):
+                raise Malformed(f"an observation that is not a finite vector of at most {OBSERVATION_NUMBERS} numbers")
+        return result
+
+
+def _expect_none(body) -> None:
+    if body is not None:
+        raise Malformed(f"a {type(body).__name__} where nothing was due")
 
 
 def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s: float = 60.0,
@@ -317,9 +513,14 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
     torch.set_num_threads(config.threads)
     strategy = make_strategy(config.strategy, len(architecture), config.seed)
     role = EdgeRole(index, architecture, optimizer)
-    service = EdgeService(info["devices"], info["config"], info["optimizer"])
+    t = config.training
+    shapes = ModelShapes.of(architecture, tuple(info["input_shape"]), info["num_classes"], t.batch_size)
+    step_sizes = {d: [len(b) for b in local_batches(np.arange(len(a["shard"])), t.batch_size, t.local_steps,
+                                                    t.local_epochs, None)] for d, a in info["devices"].items()}
+    service = EdgeService(info["devices"], info["config"], info["optimizer"], step_sizes,
+                          shapes.message_limit(optimizer.slots))
     grpc_server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], listen, certs, name,
-                                     workers=len(info["devices"]) + 8, unary=False)  # a stream holds a worker
+                                     workers=MAX_STREAMS * len(info["devices"]) + 8, unary=False)  # a stream holds a worker
     log.info("%s listening on port %d for devices %s", name, port, sorted(info["devices"]))
     try:
         while True:
@@ -330,7 +531,7 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
                 return
             if kind == "wait":
                 continue
-            result = _train_round(work, index, role, service, strategy, spec, profile, timeout_s, connect_s)
+            result = _train_round(work, index, role, service, strategy, spec, profile, shapes, timeout_s, connect_s)
             try:
                 central.FinishRound(encode("result", result), metadata=meta)
             except grpc.RpcError as exc:  # the server went away: it hands the round out again when it is back
@@ -343,7 +544,7 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
 
 
 def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, strategy, spec: EdgeSpec,
-                 profile: ModelProfile, timeout_s: float, connect_s: float) -> dict:
+                 profile: ModelProfile, shapes: ModelShapes, timeout_s: float, connect_s: float) -> dict:
     """One round the central server handed out, run by the round engine over this edge's devices (each a
     ``RemoteDevice``); what the edge sends back: updates, results, faults and bytes on the wire."""
     started = time.perf_counter()
@@ -351,7 +552,8 @@ def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, s
     observer = strategy.step_observer() if work["observe"] else None
     role.start_round(work["edge"], observer)
     participants = [
-        Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s, faults, wire),
+        Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s, faults, wire,
+                                 shapes, service.step_sizes[instructions.device_id]),
                     instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
         for instructions, device, availability in work["devices"]
     ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import re
 import types
 import typing
 from typing import Any, Iterator, TypeVar, Union
@@ -30,6 +32,9 @@ from smartsplit.errors import SmartSplitError
 from smartsplit.records import DeviceReport
 
 CHUNK_BYTES = 1 << 20  # a stream frame's payload
+MAX_DEPTH = 32  # nesting of a body's JSON (the deepest message nests about 8 levels)
+MAX_BODY = 8 << 20  # characters of a body's JSON (tensors travel beside it, not in it)
+HELLO_BYTES = 64 << 20  # what a peer may send before it is known: a hello, a welcome (config, shard, trace)
 STREAM_LIMIT = 4 << 20  # the most one stream message may carry (a frame and its framing fit well within)
 UNARY_LIMIT = 1 << 30  # the most a control-plane call may carry (a round's weights for an edge and its devices)
 
@@ -54,13 +59,33 @@ def encode(kind: str, value: Any = None) -> pb.Payload:
 
 
 def decode(payload: pb.Payload) -> tuple[str, Any]:
+    """The payload's kind and value; anything malformed (too long, too deep, a tensor whose bytes do not match
+    its declared shape and dtype, a type outside the messages) is a ``WireError``, never another exception."""
+    kind = payload.kind[:40]
+    if len(payload.body) > MAX_BODY:
+        raise WireError(f"a {kind!r} message's body is {len(payload.body)} characters, over {MAX_BODY}")
+    if _depth(payload.body) > MAX_DEPTH:
+        raise WireError(f"a {kind!r} message nests deeper than {MAX_DEPTH} levels")
     try:
         return payload.kind, _decode(json.loads(payload.body), payload.tensors)
     except WireError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise WireError(f"a {payload.kind!r} message could not be read ({type(exc).__name__}: {exc}); "
+    except Exception as exc:  # whatever a crafted body makes the decoder raise is the sender's fault
+        raise WireError(f"a {kind!r} message could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
                         "are both ends running the same SmartSplit version?") from None
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _depth(body: str) -> int:
+    """How deep the JSON ``body`` nests (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", body)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def tensor_bytes(payload: pb.Payload) -> int:
@@ -198,13 +223,26 @@ def _as(tp: Any, value: Any, what: str) -> Any:
     return value
 
 
+_NUMPY_DTYPES = {np.dtype(d).str: np.dtype(d) for d in (np.float64, np.float32, np.float16, np.int64, np.int32,
+                                                          np.int16, np.int8, np.uint8, np.bool_)}
+
+
 def _tensor(t: pb.Tensor) -> torch.Tensor | np.ndarray:
+    """The tensor, once its declared shape and dtype account for its bytes exactly (checked before any buffer
+    is made)."""
     shape = tuple(t.shape)
     if t.dtype.startswith("numpy:"):
-        return np.frombuffer(t.data, dtype=np.dtype(t.dtype.removeprefix("numpy:"))).reshape(shape).copy()
-    dtype = _TORCH_DTYPES.get(t.dtype)
+        dtype = _NUMPY_DTYPES.get(t.dtype.removeprefix("numpy:"))
+        itemsize = dtype.itemsize if dtype is not None else 0
+    else:
+        dtype = _TORCH_DTYPES.get(t.dtype)
+        itemsize = dtype.itemsize if dtype is not None else 0
     if dtype is None:
-        raise WireError(f"unknown tensor dtype {t.dtype!r}")
+        raise WireError(f"unknown tensor dtype {t.dtype[:40]!r}")
+    if len(shape) > 8 or any(d < 0 for d in shape) or math.prod(shape) * itemsize != len(t.data):
+        raise WireError(f"a tensor declared {t.dtype} {list(shape)[:9]} does not hold {len(t.data)} bytes")
+    if isinstance(dtype, np.dtype):
+        return np.frombuffer(t.data, dtype=dtype).reshape(shape).copy()
     if not t.data:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(t.data), dtype=torch.uint8).view(dtype).reshape(shape)
@@ -218,15 +256,26 @@ def frames(payload: pb.Payload, chunk: int = CHUNK_BYTES) -> Iterator[pb.Frame]:
 
 
 class Reassembly:
-    """Collects frames until a payload is whole: ``add(frame)`` returns it then, else None."""
+    """Collects frames until a payload is whole: ``add(frame)`` returns it then, else None. A message longer than
+    ``limit`` bytes is a ``WireError`` as soon as its frames cross it (the receiver sets the limit from what it
+    expects; ``HELLO_BYTES`` until it knows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = HELLO_BYTES) -> None:
+        self.limit = limit
         self._parts: list[bytes] = []
+        self._size = 0
 
     def add(self, frame: pb.Frame) -> pb.Payload | None:
+        self._size += len(frame.chunk)
+        if self._size > self.limit:
+            self._parts, self._size = [], 0
+            raise WireError(f"a message grew past {self.limit} bytes, the most this peer may send here")
         self._parts.append(frame.chunk)
         if not frame.last:
             return None
-        payload = pb.Payload.FromString(b"".join(self._parts))
-        self._parts = []
-        return payload
+        data = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        try:
+            return pb.Payload.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or worse
+            raise WireError(f"a message is not a Payload ({type(exc).__name__})") from None
