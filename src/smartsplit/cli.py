@@ -217,7 +217,7 @@ def _server(args: argparse.Namespace) -> None:
     resume = args.resume and (run_dir / "state.pt").exists()  # no state yet: no round was trained, start afresh
     summary = run_server(config, args.listen, certs, run_dir, resume=resume,
                          overwrite=(args.overwrite or args.resume) and not resume,
-                         progress=not args.quiet and sys.stderr.isatty())
+                         progress=not args.quiet and sys.stderr.isatty(), edge_timeout_s=args.edge_timeout)
     print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
 
 
@@ -404,6 +404,8 @@ def _add_server_command(sub) -> None:
     server.add_argument("--out", help="run folder (default: <output_dir>/<name>)")
     server.add_argument("--resume", action="store_true", help="continue the run in the run folder after its last saved round")
     server.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
+    server.add_argument("--edge-timeout", type=float, default=900.0, metavar="SECONDS",
+                        help="an edge with no result this long after a round starts loses its part of the round")
     _secured(server)
     server.set_defaults(func=_server)
 

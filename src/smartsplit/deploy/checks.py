@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from smartsplit.errors import SmartSplitError
 from smartsplit.messages import Activation, Gradient, UnitHandoff, Update
 
 StateShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+OBSERVATION_NUMBERS = 1 << 14  # the most numbers one step observation may hold (MEC's sketches hold 1,024)
 
 
 class Malformed(SmartSplitError):
@@ -132,6 +134,22 @@ class ModelShapes:
             raise Malformed(f"{what}: it answers step {gradient.step}, micro-batch {gradient.micro_batch}")
         check_tensor(gradient.tensor, tuple(like.shape), like.dtype, what)
         check_number(gradient.loss, what + " loss")
+
+
+def check_observations(observations: object, steps: int, units: range, what: str) -> None:
+    """At most one observation per step and unit, each ``(step, unit, finite vector)`` of those steps and units."""
+    if not isinstance(observations, list) or len(observations) > steps * len(units):
+        raise Malformed(f"{what}: more observations than {steps} steps of {len(units)} units")
+    for observation in observations:
+        if not isinstance(observation, tuple) or len(observation) != 3:
+            raise Malformed(f"{what}: an observation that is not (step, unit, values)")
+        step, unit, value = observation
+        check_int(step, f"{what}: an observation's step", 0, max(steps - 1, 0))
+        check_int(unit, f"{what}: an observation's unit", units.start, units.stop - 1)
+        if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.size <= OBSERVATION_NUMBERS
+                and value.dtype.kind == "f" and np.isfinite(value).all()):
+            raise Malformed(f"{what}: an observation that is not a finite vector of at most {OBSERVATION_NUMBERS} "
+                            "numbers")
 
 
 def check_sender(claimed: object, proved: int, what: str) -> None:

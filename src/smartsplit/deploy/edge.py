@@ -28,7 +28,8 @@ from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.certs import identity_of
 from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
 from smartsplit.deploy.checks import (
-    Impersonation, Malformed, ModelShapes, check_int, check_number, check_sender,
+    OBSERVATION_NUMBERS, Impersonation, Malformed, ModelShapes, check_int, check_number, check_observations,
+    check_sender,
 )
 from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, plain, typed
 from smartsplit.engine.round import Participant, train_round
@@ -55,7 +56,6 @@ def _nbytes(tensors) -> int:
 MAX_STREAMS = 2  # open streams per device identity: a reconnecting device overlaps its old stream briefly
 HELLO_S = 10.0  # a stream that has not said hello by then is closed
 HELLO_BYTES = 64 << 10  # the most a hello may take
-OBSERVATION_NUMBERS = 1 << 14  # the most numbers one step observation may hold (MEC's sketches hold 1,024)
 
 
 class _Link:
@@ -475,14 +475,7 @@ class RemoteDevice:
             raise Malformed("an update without steps, or steps without an update")
         if result.update is not None:
             self.shapes.check_update(result.update, units, seen.samples, "its update")
-        if len(result.observations) > (seen.steps * len(units) if self._observing else 0):
-            raise Malformed(f"{len(result.observations)} observations of {seen.steps} steps of {len(units)} units")
-        for step, unit, value in result.observations:
-            check_int(step, "an observation's step", 0, max(seen.steps - 1, 0))
-            check_int(unit, "an observation's unit", 1, seen.assigned_cut)
-            if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.size <= OBSERVATION_NUMBERS
-                    and value.dtype.kind == "f" and np.isfinite(value).all()):
-                raise Malformed(f"an observation that is not a finite vector of at most {OBSERVATION_NUMBERS} numbers")
+        check_observations(result.observations, seen.steps if self._observing else 0, units, "its observations")
         return result
 
 

@@ -7,6 +7,12 @@ hardware and availability, the round's clock) and waits for every edge's result 
 device results, faults, the bytes that crossed). An edge that restarts registers again and is handed its
 unfinished round again; a server that restarts with ``--resume`` continues after the last round it saved,
 and the edges, which keep retrying, carry on with it.
+
+An edge's result is checked before anything of it is kept (``checks``): results for exactly the devices it was
+given, updates of the units their cuts imply with the model's shapes and finite values, observations of those
+units. A result that fails, or an edge silent past ``edge_timeout_s``, costs that edge's part of the round only
+(its devices are reported dropped out, with an ``edge_malformed`` or ``edge_timeouts`` fault); the round closes
+with the others.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ import grpc
 from smartsplit.config import Config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.link import peer_identity, start_server
-from smartsplit.deploy.wire import decode, encode, plain
+from smartsplit.deploy.checks import Malformed, ModelShapes, check_int, check_number, check_observations
+from smartsplit.deploy.wire import WireError, decode, encode, plain, typed
+from smartsplit.fleet import Device
+from smartsplit.messages import DeviceResult, Update
+from smartsplit.roles.device import RoundTally, SimulatedTimes
 from smartsplit.engine.round import RoundOutcome
 from smartsplit.reports.summary import RunSummary
 from smartsplit.runtime.embedded import run_experiment
@@ -35,8 +45,10 @@ POLL_S = 20.0  # how long a NextRound call waits before telling the edge to ask 
 class CentralService(rpc.CentralServicer):
     """The edges' side of the central server, and the executor that hands rounds to them."""
 
-    def __init__(self, num_edges: int) -> None:
+    def __init__(self, num_edges: int, edge_timeout_s: float = 900.0) -> None:
         self.num_edges = num_edges
+        self.edge_timeout_s = edge_timeout_s
+        self.shapes: ModelShapes | None = None
         self.experiment = None
         self.work: dict[int, dict] = {}  # edge -> its work of the round under way
         self.results: dict[int, dict] = {}
@@ -89,14 +101,68 @@ class CentralService(rpc.CentralServicer):
 
     def FinishRound(self, request, context):
         edge = self._edge(context)
-        _, result = decode(request)
         with self._changed:
             work = self.work.get(edge)
-            if work is None or work["round"] != result["round"] or edge in self.results:
+        try:
+            kind, result = decode(request)
+            if kind != "result" or not isinstance(result, dict) or result.get("round") != (work or {}).get("round"):
                 return encode("stale")  # a round handed out before the server restarted, or delivered twice
+            self._check_result(edge, result, work)
+        except (Malformed, WireError) as exc:
+            log.warning("round %s: refused edge-%d's result (%s); its part of the round is dropped",
+                        (work or {}).get("round", -1) + 1, edge, exc)
+            result = self._dropped(work, "edge_malformed")
+        with self._changed:
+            if self.work.get(edge) is not work or edge in self.results:
+                return encode("stale")
             self.results[edge] = result
             self._changed.notify_all()
         return encode("ok")
+
+    def _check_result(self, edge: int, result: dict, work: dict) -> None:
+        """An edge's result holds a result for exactly each of its devices (in good form: ``checks``), updates of
+        the units the round's cuts imply, and counts."""
+        if set(result) != {"round", "edge", "updates", "results", "faults", "wire", "wall_s"} or result["edge"] != edge:
+            raise Malformed(f"a result with fields {sorted(result)[:8]} for edge {result.get('edge')!r}")
+        cuts = {i.device_id: i.cut for i, _, _ in work["devices"]}
+        results = result["results"]
+        if not isinstance(results, list) or not all(isinstance(r, DeviceResult) for r in results) or sorted(
+                r.report.device for r in results) != sorted(cuts):
+            raise Malformed(f"results for other devices than its {sorted(cuts)[:8]}")
+        shapes, units = self.shapes, range(1, self.shapes.num_units + 1)
+        for r in results:
+            cut = cuts[r.report.device]
+            if r.update is not None:
+                shapes.check_update(r.update, range(1, cut + 1), r.report.samples, f"device {r.report.device}'s update")
+            check_observations(r.observations, r.report.steps, units, f"device {r.report.device}'s observations")
+        updates = result["updates"]
+        if not isinstance(updates, list) or len(updates) > 2 * len(cuts) + 1:
+            raise Malformed("more updates than its devices and its own copies")
+        x = self.experiment
+        most = sum(x.local_steps[d] for d in cuts) * x.config.training.batch_size  # every local step of its devices
+        for update in updates:
+            if not isinstance(update, Update) or not update.units:
+                raise Malformed("an update that is not an Update of some units")
+            trained = range(min(update.units), max(update.units) + 1)
+            shapes.check_units(update.units, trained, "an update")
+            if not update.samples or not set(update.samples) <= set(trained):
+                raise Malformed(f"an update claiming samples for units {sorted(update.samples)[:8]}")
+            for n in update.samples.values():
+                check_int(n, "an update's samples", 0, most)
+        for counts in (result["faults"], result["wire"]):
+            if not isinstance(counts, dict) or not all(isinstance(k, str) for k in counts):
+                raise Malformed("faults or wire counts that are not named")
+            for name, count in counts.items():
+                check_int(count, name[:40], 0, 1 << 50)
+        check_number(result["wall_s"], "its wall time", low=0.0)
+
+    def _dropped(self, work: dict, fault: str) -> dict:
+        """An edge's part of the round, lost: its devices reported dropped out, nothing of theirs aggregated."""
+        results = []
+        for instructions, device, _ in work["devices"]:
+            tally = RoundTally(assigned_cut=instructions.cut, cut=instructions.cut, dropped_out=True)
+            results.append(DeviceResult(None, tally.report(typed(Device, device, "a device"), SimulatedTimes(), 0), []))
+        return {"round": work["round"], "updates": [], "results": results, "faults": {fault: 1}, "wire": {}}
 
     # ---- the executor the experiment calls for each round
 
@@ -106,6 +172,9 @@ class CentralService(rpc.CentralServicer):
         for instructions in device_instructions:
             d = instructions.device_id
             by_edge[x.central.edge_of(d)].append((instructions, plain(x.devices[d]), plain(x.availability[d])))
+        if self.shapes is None:
+            self.shapes = ModelShapes.of(x.architecture, tuple(x.train.shape), x.train.num_classes,
+                                         x.config.training.batch_size)
         with self._changed:
             self.experiment = x
             self.results = {}
@@ -116,13 +185,7 @@ class CentralService(rpc.CentralServicer):
                 for e in range(self.num_edges)
             }
             self._changed.notify_all()
-            waited = time.monotonic()
-            while len(self.results) < self.num_edges:
-                self._changed.wait(timeout=5.0)
-                if time.monotonic() - waited > 60:
-                    missing = sorted(set(range(self.num_edges)) - set(self.results))
-                    log.warning("round %d: still waiting for edge servers %s", edge_instructions[0].round + 1, missing)
-                    waited = time.monotonic()
+            self._await_edges(edge_instructions[0].round)
             results, self.work = self.results, {}
             faults, self.faults = self.faults, Counter()
         wire: Counter = Counter()
@@ -134,6 +197,22 @@ class CentralService(rpc.CentralServicer):
             log.warning("round %d: %d %s", edge_instructions[0].round + 1, count, kind.replace("_", " "))
         return RoundOutcome([results[e]["updates"] for e in range(self.num_edges)], merged, dict(faults), dict(wire))
 
+    def _await_edges(self, rnd: int) -> None:
+        """Every edge's result, or the deadline: an edge still silent then loses its part of the round (holding
+        ``_changed``)."""
+        started = waited = time.monotonic()
+        while len(self.results) < self.num_edges:
+            self._changed.wait(timeout=min(5.0, self.edge_timeout_s))
+            missing = sorted(set(range(self.num_edges)) - set(self.results))
+            if time.monotonic() - started > self.edge_timeout_s:
+                for e in missing:
+                    log.warning("round %d: edge-%d sent no result within %.0f s; its part of the round is dropped",
+                                rnd + 1, e, self.edge_timeout_s)
+                    self.results[e] = self._dropped(self.work[e], "edge_timeouts")
+            elif time.monotonic() - waited > 60:
+                log.warning("round %d: still waiting for edge servers %s", rnd + 1, missing)
+                waited = time.monotonic()
+
     def finish(self, wait_s: float = 15.0) -> None:
         """The run is over: tell every edge that asks, waiting a while for the registered ones to hear it."""
         with self._changed:
@@ -143,9 +222,10 @@ class CentralService(rpc.CentralServicer):
 
 
 def run_server(config: Config, listen: str, certs: Path | None, run_dir: Path | None = None, *, resume: bool = False,
-               overwrite: bool = False, progress: bool = True) -> RunSummary:
-    """Serve ``config``'s run on ``listen`` until every round is done; returns its summary."""
-    service = CentralService(len(config.edge.speeds()))
+               overwrite: bool = False, progress: bool = True, edge_timeout_s: float = 900.0) -> RunSummary:
+    """Serve ``config``'s run on ``listen`` until every round is done; returns its summary. An edge that sends no
+    result within ``edge_timeout_s`` of a round's start loses its part of that round."""
+    service = CentralService(len(config.edge.speeds()), edge_timeout_s)
     server, port = start_server([lambda s: rpc.add_CentralServicer_to_server(service, s)], listen, certs, "server")
     log.info("central server listening on port %d for %d edge servers", port, service.num_edges)
     try:

@@ -1,0 +1,146 @@
+"""A deployment among peers that do not trust each other: a device or an edge that lies costs itself only.
+
+Each test runs a real deployment on loopback (server, edge and device processes, mutual TLS) with one attacker
+holding a valid certificate (``adversary.py``), and asserts that the honest part of every round completes, the
+attacker is reported with the fault its attack deserves, and no honest process exits early.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+grpc = pytest.importorskip("grpc", reason="the deployment needs grpcio: pip install 'smartsplit[deploy]'")
+pytest.importorskip("cryptography", reason="the deployment needs cryptography: pip install 'smartsplit[deploy]'")
+
+from adversary import ATTACKS  # noqa: E402
+from test_deploy import records, start, write_config  # noqa: E402
+
+from smartsplit.deploy import smartsplit_pb2_grpc as rpc  # noqa: E402
+from smartsplit.deploy.certs import write_certs  # noqa: E402
+from smartsplit.deploy.launch import free_port  # noqa: E402
+from smartsplit.deploy.link import claimed, open_channel  # noqa: E402
+from smartsplit.deploy.wire import decode, encode  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_device_that_lies_is_dropped_and_the_honest_devices_finish_every_round(tmp_path):
+    attacks = list(ATTACKS)  # one per round
+    config = write_config(tmp_path, meter=False, strategy={"name": "splitfed-v2"}, fleet={"devices": 3},
+                          edge={"servers": 1}, training={"rounds": len(attacks), "devices_per_round": 3,
+                                                         "local_steps": 2})
+    certs = tmp_path / "certs"
+    write_certs(certs, devices=3, edges=1)
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    secured = ["--certs", str(certs)]
+    server = start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), *secured,
+                   log=tmp_path / "server.log")
+    honest = [
+        start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+              "--timeout", "30", "--connect-timeout", "30", *secured, log=tmp_path / "edge.log"),
+        *(start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", str(d), "--no-meter", *secured,
+                log=tmp_path / f"device-{d}.log") for d in (0, 1)),
+    ]
+    attacker = subprocess.Popen([sys.executable, str(HERE / "adversary.py"), "device", f"127.0.0.1:{edge_port}",
+                                 str(certs), "2", ",".join(attacks)], stdout=open(tmp_path / "attacker.log", "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert server.wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for p in honest:  # they end when the run does, not before
+            assert p.wait(timeout=60) == 0, [(tmp_path / n).read_text()[-2000:] for n in ("edge.log", "device-0.log")]
+    finally:
+        _stop([server, *honest, attacker])
+    edge_log = (tmp_path / "edge.log").read_text()
+    rounds = records(run)
+    assert len(rounds) == len(attacks)
+    for record, attack in zip(rounds, attacks):
+        expected = ATTACKS[attack][1]
+        assert record["faults"] == {expected: 1}, (attack, record["faults"], edge_log[-3000:])
+        by_device = {d["device"]: d for d in record["devices"]}
+        assert by_device[2]["dropped_out"], attack
+        for d in (0, 1):
+            assert not by_device[d]["dropped_out"] and by_device[d]["steps"] == 2, (attack, by_device[d])
+        if record["loss"] is not None:
+            assert math.isfinite(record["loss"]) and math.isfinite(record["accuracy"]), attack  # nothing poisoned
+    assert edge_log.count("device 2's") >= len(attacks)  # each refusal logged with the reason
+    assert "holds NaN or infinite values" in edge_log and "names device 1, but the sender is device 2" in edge_log
+    assert "Traceback" not in edge_log
+
+
+class _LyingEdge(threading.Thread):
+    """An edge server (edge-1's certificate) that registers and takes its rounds, then answers round 1 with a
+    result that would crash aggregation, and round 2 not at all."""
+
+    def __init__(self, address: str, certs: Path) -> None:
+        super().__init__(daemon=True)
+        self.address, self.certs, self.error = address, certs, None
+
+    def run(self) -> None:
+        try:
+            with open_channel(self.address, self.certs, "edge-1") as channel:
+                central, meta = rpc.CentralStub(channel), claimed("edge-1")
+                central.Register(encode("register", {"edge": "edge-1"}), metadata=meta, timeout=120,
+                                 wait_for_ready=True)  # the server may still be starting
+                while True:
+                    kind, work = decode(central.NextRound(encode("next", {"edge": "edge-1"}), metadata=meta, timeout=60))
+                    if kind == "done":
+                        return
+                    if kind == "round" and work["round"] == 0:
+                        from smartsplit.messages import Update
+                        import torch
+
+                        bad = Update({1: {"0.weight": torch.zeros(3)}}, {1: 10})  # a flattened, wrong weight
+                        central.FinishRound(encode("result", {"round": 0, "edge": 1, "updates": [bad], "results": [],
+                                                              "faults": {}, "wire": {}, "wall_s": 1.0}),
+                                            metadata=meta, timeout=60)
+                    # round 1 and after: silent; the server's edge deadline must close the round without it
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def test_an_edge_that_lies_or_goes_silent_loses_its_part_and_the_other_edge_finishes(tmp_path):
+    config = write_config(tmp_path, meter=False, strategy={"name": "fedavg"}, fleet={"devices": 4},
+                          edge={"servers": 2}, training={"rounds": 2, "devices_per_round": 4, "local_steps": 2})
+    certs = tmp_path / "certs"
+    write_certs(certs, devices=4, edges=2)
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    secured = ["--certs", str(certs)]
+    server = start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), "--edge-timeout", "20",
+                   *secured, log=tmp_path / "server.log")
+    honest = [start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+                    "--timeout", "30", "--connect-timeout", "30", *secured, log=tmp_path / "edge.log")]
+    honest += [start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", str(d), "--no-meter", *secured,
+                     log=tmp_path / f"device-{d}.log") for d in range(4)]  # those assigned elsewhere are refused
+    liar = _LyingEdge(f"127.0.0.1:{port}", certs)
+    liar.start()
+    try:
+        assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert honest[0].wait(timeout=60) == 0
+    finally:
+        _stop([server, *honest])
+    assert liar.error is None, liar.error
+    rounds = records(run)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["faults"]["edge_malformed"] == 1 and rounds[1]["faults"]["edge_timeouts"] == 1
+    for record in rounds:
+        trained = [d for d in record["devices"] if not d["dropped_out"]]
+        lost = [d for d in record["devices"] if d["dropped_out"]]
+        assert trained and lost and all(d["steps"] == 2 for d in trained)  # edge-0's devices finished
+        assert math.isfinite(record["loss"])
+    server_log = (tmp_path / "server.log").read_text()
+    assert "refused edge-1's result" in server_log and "edge-1 sent no result within 20 s" in server_log
