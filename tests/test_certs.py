@@ -54,11 +54,18 @@ def test_certificate(folder, name):
     ca, cert = certificate(folder, "ca"), certificate(folder, name)
     cert.verify_directly_issued_by(ca)
     assert common_name(cert) == name
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(usage) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    role = identity_of(name)[0]
+    usage = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    if role == "device":  # a device only ever calls its edge: its key can serve nobody
+        assert usage == {ExtendedKeyUsageOID.CLIENT_AUTH}
+        with pytest.raises(x509.ExtensionNotFound):
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    else:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [f"smartsplit-{role}", "localhost"]
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+        assert usage == ({ExtendedKeyUsageOID.SERVER_AUTH} if role == "server" else
+                         {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH})
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     now = datetime.datetime.now(datetime.timezone.utc)
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
@@ -75,7 +82,7 @@ def test_keys_are_private(folder, name):
 def test_hosts(tmp_path):
     write_certs(tmp_path, devices=0, edges=0, hosts=["edge.example", "10.0.0.7", "::1"])
     san = certificate(tmp_path, "server").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["edge.example"]
+    assert san.get_values_for_type(x509.DNSName) == ["smartsplit-server", "edge.example"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7"), ipaddress.ip_address("::1")]
 
 
@@ -229,3 +236,29 @@ def test_server_checked_by_client(grpc, port, tmp_path):
     with pytest.raises(grpc.RpcError) as refused:  # the client trusts only its own, unrelated authority
         call(grpc, port, client(grpc, load_identity(tmp_path, "device-0")))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_device_key_cannot_serve_as_an_edge_or_the_server(grpc, folder):
+    """A device certificate is for client authentication only and names no role a peer expects: a device that
+    listens with it is refused in the handshake by a device or an edge that connects to it."""
+    from smartsplit.deploy.link import open_channel, start_server
+
+    def echo(request, context):
+        return b"served"
+
+    handlers = [grpc.method_handlers_generic_handler("t", {"echo": grpc.unary_unary_rpc_method_handler(echo)})]
+    for impostor, victim in (("device-0", "device-1"), ("device-0", "edge-0"), ("edge-0", "edge-1")):
+        server, port = start_server([lambda s: s.add_generic_rpc_handlers(handlers)], "127.0.0.1:0", folder, impostor)
+        try:
+            with open_channel(f"127.0.0.1:{port}", folder, victim) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    channel.unary_unary("/t/echo")(b"hello", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (impostor, victim)
+        finally:
+            server.stop(0)
+    server, port = start_server([lambda s: s.add_generic_rpc_handlers(handlers)], "127.0.0.1:0", folder, "edge-0")
+    try:  # the real edge, reached at an address its certificate does not name, is accepted by a device
+        with open_channel(f"127.0.0.1:{port}", folder, "device-1") as channel:
+            assert channel.unary_unary("/t/echo")(b"hello", timeout=5) == b"served"
+    finally:
+        server.stop(0)

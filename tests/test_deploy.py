@@ -382,3 +382,35 @@ def test_an_edge_that_restarts_mid_round_rejoins_and_the_run_matches_an_uninterr
     for a, b in zip(ours, theirs):  # the round was handed out again and trained from its instructions again
         assert comparable(a, DEPLOYED_ONLY) == comparable(b, DEPLOYED_ONLY)
     assert "edge-0 registered again" in (tmp_path / "server.log").read_text()
+
+
+def test_an_idle_device_stream_stays_up(tmp_path, monkeypatch):
+    """Both ends ping an idle link and both accept the other's pings: gRPC's defaults answered a device's pings
+    with GOAWAY too_many_pings, tearing idle streams down (here with pings every 0.4 s instead of 20 s)."""
+    from smartsplit.deploy import link
+
+    monkeypatch.setattr(link, "KEEPALIVE_MS", 400)
+    write_certs(tmp_path, devices=1, edges=1)
+    service = EdgeService({0: {}}, "", None, {0: []}, 1 << 20)
+    server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0", tmp_path,
+                                "edge-0", unary=False)
+    received, ended = [], []
+    try:
+        with open_channel(f"127.0.0.1:{port}", tmp_path, "device-0", unary=False) as channel:
+            replies = rpc.EdgeStub(channel).Session(frames(encode("hello", {"device": 0})), metadata=claimed("device-0"))
+
+            def read():
+                try:
+                    received.extend(replies)
+                except grpc.RpcError as exc:
+                    ended.append(exc)
+
+            reader = __import__("threading").Thread(target=read, daemon=True)
+            reader.start()
+            time.sleep(6.0)  # idle: fifteen keepalive intervals
+            assert not ended, ended[0].details()
+            service._links[0].close(encode("bye"))
+            reader.join(timeout=10)
+    finally:
+        server.stop(grace=None)
+    assert not ended and [decode(Reassembly().add(f))[0] for f in received[-1:]] == ["bye"]

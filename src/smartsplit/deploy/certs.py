@@ -11,9 +11,15 @@ Every ``.pem`` is a PEM certificate signed by ``ca.pem``; every ``.key`` is an u
 readable by its owner only (mode 0o600). Keep ``ca.key`` away from the machines: only ``issue`` needs it.
 
 A party's *identity* is the common name of its certificate's subject, exactly ``server``, ``edge-<i>`` or
-``device-<i>`` (``identity_of`` parses it). Each certificate is good for both ends of a connection (serverAuth and
-clientAuth) and names every host it may listen on (``hosts``) in its subjectAltName, so a peer that checks the
-host name accepts it. A process proves who it is with ``load_identity(folder, name)``, which holds its key, its
+``device-<i>`` (``identity_of`` parses it), and its certificate is good for its role only:
+
+- a device's for client authentication only: its key cannot serve anyone as an edge or a server;
+- an edge's for both (it serves its devices and calls the server), naming ``smartsplit-edge`` and every host it
+  may listen on (``hosts``) in its subjectAltName;
+- the server's for server authentication only, naming ``smartsplit-server`` and the hosts.
+
+A device checks that what it reached is an edge (the TLS name it expects is ``smartsplit-edge``), an edge that
+what it reached is the server (``smartsplit-server``); the server and the edges check the caller's identity. A process proves who it is with ``load_identity(folder, name)``, which holds its key, its
 certificate and the authority that all peers trust. A second, unrelated authority is just another folder.
 """
 
@@ -135,7 +141,7 @@ def issue(
     The certificate is valid from ``not_before`` (default: now) for ``days`` days, so a ``not_before`` far enough in
     the past makes one that has already expired (a ``not_before`` without a time zone is taken as UTC).
     """
-    identity_of(name)
+    role, _ = identity_of(name)
     _check_days(days)
     hosts = (hosts,) if isinstance(hosts, str) else tuple(hosts)
     if not hosts:
@@ -155,17 +161,28 @@ def issue(
         .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(_USAGES[role]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.public_key()), critical=False
         )
-        .sign(authority_key, hashes.SHA256())
     )
-    return _write_pair(folder, name, key, certificate)
+    if role != "device":
+        names = [x509.DNSName(tls_name(role)), *(_general_name(host) for host in hosts)]
+        certificate = certificate.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return _write_pair(folder, name, key, certificate.sign(authority_key, hashes.SHA256()))
+
+
+_USAGES = {
+    "device": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    "edge": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+}
+
+
+def tls_name(role: str) -> str:
+    """The name a peer of ``role`` ("edge" or "server") proves in TLS, whatever host it is reached at."""
+    return f"smartsplit-{role}"
 
 
 def load_identity(folder: str | os.PathLike, name: str) -> Identity:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from smartsplit.deploy.certs import load_identity
+from smartsplit.deploy.certs import identity_of, load_identity, tls_name
 from smartsplit.deploy.wire import STREAM_LIMIT, UNARY_LIMIT
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,18 @@ def _warn_insecure() -> None:
     log.warning(INSECURE_WARNING)
 
 
+KEEPALIVE_MS = 20_000  # each end pings an idle link this often, so a dead peer is noticed within a minute
+
+
 def _options(limit: int) -> list[tuple[str, int]]:
+    """Both ends' settings. Keepalive agrees on both: each end pings every ``KEEPALIVE_MS`` even without calls,
+    and the server accepts pings that often (gRPC's default refuses pings closer than 5 minutes with GOAWAY
+    ``too_many_pings``, which used to tear idle device streams down every minute)."""
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2), ("grpc.http2.max_ping_strikes", 0)]
 
 
 def start_server(servicer_adders, listen: str, certs: Path | None, name: str, workers: int = 32,
@@ -64,11 +72,14 @@ def start_server(servicer_adders, listen: str, certs: Path | None, name: str, wo
 
 
 def open_channel(address: str, certs: Path | None, name: str, unary: bool = True) -> grpc.Channel:
-    """A channel to ``address`` as ``name`` (its certificate in ``certs``; None: insecure)."""
+    """A channel to ``address`` as ``name`` (its certificate in ``certs``; None: insecure). With certificates, the
+    peer must prove the role ``name`` talks to: an edge for a device, the server for an edge."""
     options = _options(UNARY_LIMIT if unary else STREAM_LIMIT)
     if certs is None:
         _warn_insecure()
         return grpc.insecure_channel(address, options=options)
+    role, _ = identity_of(name)
+    options.append(("grpc.ssl_target_name_override", tls_name({"device": "edge", "edge": "server"}.get(role, role))))
     me = load_identity(certs, name)
     credentials = grpc.ssl_channel_credentials(root_certificates=me.authority, private_key=me.key,
                                                certificate_chain=me.certificate)
