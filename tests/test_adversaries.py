@@ -144,3 +144,52 @@ def test_an_edge_that_lies_or_goes_silent_loses_its_part_and_the_other_edge_fini
         assert math.isfinite(record["loss"])
     server_log = (tmp_path / "server.log").read_text()
     assert "refused edge-1's result" in server_log and "edge-1 sent no result within 20 s" in server_log
+
+
+def test_a_device_refuses_what_a_lying_edge_sends_and_applies_none_of_it(tmp_path, caplog):
+    """Weights for units past the cut, instructions or gradients for another device, a NaN or misshapen
+    gradient, an unknown call: each is refused with a logged reason before the device role sees any of it."""
+    import dataclasses
+
+    import torch
+    import yaml
+
+    from smartsplit.config import build_config
+    from smartsplit.deploy.device import DeviceOptions, _answer, _Device
+    from smartsplit.deploy.wire import plain
+    from smartsplit.engine.experiment import Experiment
+    from smartsplit.messages import Gradient
+
+    config = build_config(yaml.safe_load(write_config(
+        tmp_path, meter=False, strategy={"name": "splitfed-v2"}, fleet={"devices": 2}, edge={"servers": 1},
+        training={"devices_per_round": 2}).read_text()))
+    x = Experiment(config)
+    me = _Device(0, DeviceOptions())
+    me.welcome({"config": config.to_yaml(), "optimizer": plain(x.optimizer), "device": plain(x.devices[0]),
+                "trace": plain(x.traces[0]), "shard": x.shards[0]})
+    plan = x.central.plan_round(0, x.candidates(), 2)
+    mine = next(i for i in x.central.instructions(0, plan, 0.0)[0] if i.device_id == 0)
+
+    def answer(method, **args):
+        return decode(_answer(me, "device-0", method, args))
+
+    beyond = {**mine.weights, mine.cut + 1: mine.weights[1]}
+    for lie in (dataclasses.replace(mine, weights=beyond), dataclasses.replace(mine, device_id=1),
+                dataclasses.replace(mine, weights={1: {k: v.flatten() for k, v in mine.weights[1].items()}})):
+        assert answer("start_round", instructions=lie, observe=False)[0] == "error"
+        assert me.role._round is None  # nothing of it was loaded
+    assert answer("start_round", instructions=mine, observe=False)[0] == "reply"
+    assert answer("plan_step", clock=0.0)[0] == "reply" and answer("begin_step", step=0)[0] == "reply"
+    kind, reply = answer("forward", micro_batch=0)
+    activation = reply["activation"]
+    units = me.role._round.units
+    for lie in (Gradient(0, 0, 0, torch.full_like(activation.tensor, float("nan")), 0.1),
+                Gradient(0, 0, 0, activation.tensor.flatten(), 0.1), Gradient(1, 0, 0, activation.tensor, 0.1),
+                Gradient(0, 1, 0, activation.tensor, 0.1)):
+        assert answer("backward", gradient=lie)[0] == "error"
+        assert all(p.grad is None for p in units.parameters())  # no gradient reached the device's units
+    assert answer("format_disk")[0] == "error"
+    refusals = [r.getMessage() for r in caplog.records if "not in good form" in r.getMessage()]
+    assert len(refusals) == 8 and any("holds NaN" in m for m in refusals) and any("names device 1" in m for m in refusals)
+    assert answer("backward", gradient=Gradient(0, 0, 0, torch.ones_like(activation.tensor), 0.1))[0] == "reply"
+    assert any(p.grad is not None for p in units.parameters())  # the well-formed one is applied

@@ -113,9 +113,18 @@ class _Device:
 
         torch.set_num_threads(config.threads)
         if self.options.enforce_budget:
+            self._refuse_unplannable(manager, len(architecture), trace.at(0.0))
             self._enforce(trace.at(0.0))
         log.info("device %d ready: %s, %d examples, budget %s", self.id, device.device_class, len(info["shard"]),
                  self.options.budget)
+
+    def _refuse_unplannable(self, manager, num_units: int, budget: int) -> None:
+        """Under a kernel limit, a budget no plan fits would end in the kernel killing this process mid-step: the
+        planner refuses it now, in words."""
+        if manager.deepest_fitting_cut(num_units, budget) is None:
+            raise SmartSplitError(
+                f"device {self.id}: a budget of {budget / MB:.1f} MB holds no training plan at any cut, even cut 1 with "
+                "every unit recomputed; give it more memory (--budget) or run without --enforce-budget")
 
     def _enforce(self, budget: int) -> None:
         """Limit this process to its idle footprint (what it held when it was ready) plus ``budget``."""
@@ -247,10 +256,12 @@ def _serve(edge: str, certs: Path | None, name: str, me: _Device, options: Devic
                 raise SmartSplitError(f"the edge at {edge} refused {name}: {exc.details()}") from None
             if me.role is not None:
                 last_contact = max(last_contact, time.monotonic() - 1.0)
+            hint = ("" if code != grpc.StatusCode.UNAVAILABLE else
+                    "; is it listening there, and do both ends agree on TLS (both --certs, or both --insecure)?")
             if time.monotonic() - last_contact > options.retry_s:
                 raise SmartSplitError(f"{name}: cannot reach the edge at {edge} ({code.name}: {exc.details()}); "
-                                      f"gave up after {options.retry_s:.0f} s") from None
-            log.info("%s: edge at %s unreachable (%s); retrying", name, edge, code.name)
+                                      f"gave up after {options.retry_s:.0f} s{hint}") from None
+            log.info("%s: edge at %s unreachable (%s)%s; retrying", name, edge, code.name, hint)
             time.sleep(1.0)
 
 
