@@ -347,6 +347,35 @@ def test_a_device_over_its_enforced_budget_is_killed_by_the_kernel_and_dropped(t
     assert record["devices"][0]["dropped_out"] and record["devices"][0]["steps"] == 0
 
 
+def test_a_smartsplit_device_whose_enforced_budget_holds_no_plan_is_refused_by_its_planner(tmp_path):
+    from smartsplit.deploy.limits import enforcement_unavailable
+
+    reason = enforcement_unavailable()
+    if reason is not None:
+        pytest.skip(f"--enforce-budget cannot run here: {reason}")
+    config = write_config(tmp_path, meter=False, strategy={"name": "smartsplit"}, fleet={"devices": 1},
+                          edge={"servers": 1}, training={"rounds": 1, "devices_per_round": 1})
+    run, port, edge_port = tmp_path / "run", free_port(), free_port()
+    processes = [
+        start("server", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(run), "--insecure",
+              log=tmp_path / "server.log"),
+        start("edge", "--server", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{edge_port}", "--name", "edge-0",
+              "--insecure", "--connect-timeout", "20", log=tmp_path / "edge.log"),
+    ]
+    device = start("device", "--edge", f"127.0.0.1:{edge_port}", "--id", "0", "--no-meter", "--insecure",
+                   "--budget", "1024", "--enforce-budget", log=tmp_path / "device.log")
+    try:
+        assert device.wait(timeout=180) == 2, (tmp_path / "device.log").read_text()  # refused, not killed
+        assert processes[0].wait(timeout=120) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for p in [*processes, device]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert "a budget of 0.0 MB holds no training plan at any cut" in (tmp_path / "device.log").read_text()
+    (record,) = records(run)
+    assert record["devices"][0]["dropped_out"] and record["devices"][0]["steps"] == 0
+
+
 def test_an_edge_that_restarts_mid_round_rejoins_and_the_run_matches_an_uninterrupted_one(tmp_path):
     config = write_config(tmp_path, meter=False, training={"rounds": 3, "local_steps": 40, "devices_per_round": 2},
                           fleet={"devices": 2}, edge={"servers": 1})
@@ -414,3 +443,39 @@ def test_an_idle_device_stream_stays_up(tmp_path, monkeypatch):
     finally:
         server.stop(grace=None)
     assert not ended and [decode(Reassembly().add(f))[0] for f in received[-1:]] == ["bye"]
+
+
+def test_one_identity_cannot_hold_the_edge_and_silent_streams_time_out(tmp_path, monkeypatch):
+    """Ten streams from one device that never say hello: two are admitted (and closed when the hello does not come),
+    the rest refused at once, and an honest device still connects meanwhile."""
+    from smartsplit.deploy import edge as edge_module
+
+    monkeypatch.setattr(edge_module, "HELLO_S", 3.0)
+    write_certs(tmp_path, devices=2, edges=1)
+    service = EdgeService({0: {}, 1: {}}, "", None, {0: [], 1: []}, 1 << 20)
+    server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0", tmp_path,
+                                "edge-0", workers=2 * 2 + 8, unary=False)
+    silent = __import__("queue").Queue()  # never yields: a stream that never says hello
+    outcomes = []
+    try:
+        with open_channel(f"127.0.0.1:{port}", tmp_path, "device-0", unary=False) as channel:
+            calls = [rpc.EdgeStub(channel).Session(iter(silent.get, None), metadata=claimed("device-0"), timeout=20)
+                     for _ in range(10)]
+
+            def finish(call):
+                try:
+                    next(iter(call))
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code())
+
+            readers = [__import__("threading").Thread(target=finish, args=(c,), daemon=True) for c in calls]
+            for r in readers:
+                r.start()
+            time.sleep(1.0)
+            assert isinstance(say_hello(f"127.0.0.1:{port}", tmp_path, "device-1", device=1), pb.Frame)  # let in
+            for r in readers:
+                r.join(timeout=15)
+    finally:
+        server.stop(grace=None)
+    assert outcomes.count(grpc.StatusCode.PERMISSION_DENIED) == 8  # over the limit: refused before any read
+    assert outcomes.count(grpc.StatusCode.CANCELLED) == 2  # admitted, then closed when no hello came in time

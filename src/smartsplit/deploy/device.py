@@ -113,14 +113,15 @@ class _Device:
 
         torch.set_num_threads(config.threads)
         if self.options.enforce_budget:
-            self._refuse_unplannable(manager, len(architecture), trace.at(0.0))
+            if self.strategy.rules.replan:  # a baseline runs its plain plan whatever the budget says
+                self._refuse_unplannable(manager, len(architecture), trace.at(0.0))
             self._enforce(trace.at(0.0))
         log.info("device %d ready: %s, %d examples, budget %s", self.id, device.device_class, len(info["shard"]),
                  self.options.budget)
 
     def _refuse_unplannable(self, manager, num_units: int, budget: int) -> None:
-        """Under a kernel limit, a budget no plan fits would end in the kernel killing this process mid-step: the
-        planner refuses it now, in words."""
+        """Under a kernel limit, a budget no plan fits would end in the kernel killing this process mid-step: a
+        strategy that plans to the budget refuses it now, in words."""
         if manager.deepest_fitting_cut(num_units, budget) is None:
             raise SmartSplitError(
                 f"device {self.id}: a budget of {budget / MB:.1f} MB holds no training plan at any cut, even cut 1 with "
