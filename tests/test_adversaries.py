@@ -156,6 +156,7 @@ def test_a_device_refuses_what_a_lying_edge_sends_and_applies_none_of_it(tmp_pat
 
     from smartsplit.config import build_config
     from smartsplit.deploy.device import DeviceOptions, _answer, _Device
+    from smartsplit.deploy.edge import device_view
     from smartsplit.deploy.wire import plain
     from smartsplit.engine.experiment import Experiment
     from smartsplit.messages import Gradient
@@ -165,8 +166,9 @@ def test_a_device_refuses_what_a_lying_edge_sends_and_applies_none_of_it(tmp_pat
         training={"devices_per_round": 2}).read_text()))
     x = Experiment(config)
     me = _Device(0, DeviceOptions())
-    me.welcome({"config": config.to_yaml(), "optimizer": plain(x.optimizer), "device": plain(x.devices[0]),
-                "trace": plain(x.traces[0]), "shard": x.shards[0]})
+    me.welcome({"config": device_view(config), "optimizer": plain(x.optimizer), "device": plain(x.devices[0]),
+                "trace": plain(x.traces[0]), "x": x.train.x[x.shards[0]], "y": x.train.y[x.shards[0]],
+                "num_classes": x.train.num_classes, "sketch": None})
     plan = x.central.plan_round(0, x.candidates(), 2)
     mine = next(i for i in x.central.instructions(0, plan, 0.0)[0] if i.device_id == 0)
 

@@ -182,7 +182,7 @@ def edge_for_device_0(tmp_path):
     """An edge server that device 0 (only) is assigned to, its certificates, and a second, unrelated authority."""
     write_certs(tmp_path / "ours", devices=3, edges=1)
     write_certs(tmp_path / "theirs", devices=3, edges=1)
-    service = EdgeService({0: {}}, "", None, {0: []}, 1 << 20)
+    service = EdgeService({0: {}}, {}, {0: []}, 1 << 20)
     server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0",
                                 tmp_path / "ours", "edge-0", unary=False)
     yield f"localhost:{port}", tmp_path, service
@@ -245,7 +245,7 @@ def test_messages_cross_the_wire_unchanged_and_only_as_data():
         "odd": [torch.empty(0, 3), torch.tensor([True, False]), torch.randn(3).half(), torch.randn(2).bfloat16()],
     }
     payload = pb.Payload.FromString(encode("test", sent).SerializeToString())
-    assembly, whole = Reassembly(), None
+    assembly, whole = Reassembly(1 << 30), None
     for frame in frames(payload, chunk=1000):
         assert len(frame.chunk) <= 1000
         whole = assembly.add(frame) or whole
@@ -420,7 +420,7 @@ def test_an_idle_device_stream_stays_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(link, "KEEPALIVE_MS", 400)
     write_certs(tmp_path, devices=1, edges=1)
-    service = EdgeService({0: {}}, "", None, {0: []}, 1 << 20)
+    service = EdgeService({0: {}}, {}, {0: []}, 1 << 20)
     server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0", tmp_path,
                                 "edge-0", unary=False)
     received, ended = [], []
@@ -442,7 +442,7 @@ def test_an_idle_device_stream_stays_up(tmp_path, monkeypatch):
             reader.join(timeout=10)
     finally:
         server.stop(grace=None)
-    assert not ended and [decode(Reassembly().add(f))[0] for f in received[-1:]] == ["bye"]
+    assert not ended and [decode(Reassembly(1 << 20).add(f))[0] for f in received[-1:]] == ["bye"]
 
 
 def test_one_identity_cannot_hold_the_edge_and_silent_streams_time_out(tmp_path, monkeypatch):
@@ -452,7 +452,7 @@ def test_one_identity_cannot_hold_the_edge_and_silent_streams_time_out(tmp_path,
 
     monkeypatch.setattr(edge_module, "HELLO_S", 3.0)
     write_certs(tmp_path, devices=2, edges=1)
-    service = EdgeService({0: {}, 1: {}}, "", None, {0: [], 1: []}, 1 << 20)
+    service = EdgeService({0: {}, 1: {}}, {}, {0: [], 1: []}, 1 << 20)
     server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], "127.0.0.1:0", tmp_path,
                                 "edge-0", workers=2 * 2 + 8, unary=False)
     silent = __import__("queue").Queue()  # never yields: a stream that never says hello
@@ -479,3 +479,20 @@ def test_one_identity_cannot_hold_the_edge_and_silent_streams_time_out(tmp_path,
         server.stop(grace=None)
     assert outcomes.count(grpc.StatusCode.PERMISSION_DENIED) == 8  # over the limit: refused before any read
     assert outcomes.count(grpc.StatusCode.CANCELLED) == 2  # admitted, then closed when no hello came in time
+
+
+def test_a_device_is_told_only_what_it_needs_to_train(tmp_path):
+    """The welcome's config has no seed, no partition settings and no fleet: with its own examples (not indices
+    into a data set drawn with the seed), nothing lets a device recompute another device's data."""
+    from smartsplit.config import build_config
+    from smartsplit.deploy.edge import device_view
+
+    config = build_config(yaml.safe_load(write_config(tmp_path, data={"partition": "shards", "shards_per_client": 3},
+                                                      fleet={"devices": 4, "classes": {"phone-entry": 1.0}}).read_text()))
+    view = yaml.safe_load(device_view(config))
+    assert view["seed"] == 0 and config.seed == 3
+    assert not {"partition", "alpha", "shards_per_client"} & set(view["data"])
+    assert view["fleet"] == {"devices": 1, "budgets": {"resolution": config.fleet.budgets.resolution}}
+    device = build_config(view)  # what the device builds from it
+    assert (device.model, device.training.batch_size, device.edge.latency_s) == (
+        config.model, config.training.batch_size, config.edge.latency_s)

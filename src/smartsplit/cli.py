@@ -259,7 +259,7 @@ def _device(args: argparse.Namespace) -> None:
             os.execve(sys.executable, [sys.executable, "-m", "smartsplit.cli", *args.argv], env)
         except MeterUnavailable as exc:
             print(f"warning: {exc}; this device's peaks will not be measured", file=sys.stderr)
-    options = DeviceOptions(budget=args.budget, data_root=args.data, enforce_budget=args.enforce_budget)
+    options = DeviceOptions(budget=args.budget, enforce_budget=args.enforce_budget)
     run_device(args.edge, args.id, certs, options)
 
 
@@ -426,7 +426,6 @@ def _add_device_command(sub) -> None:
     device = sub.add_parser("device", help="run one device of a deployment")
     device.add_argument("--edge", required=True, metavar="HOST:PORT")
     device.add_argument("--id", type=int, required=True, help="its device id (its certificate is device-<id>)")
-    device.add_argument("--data", metavar="DIR", help="its copy of the data set (default: the config's data.root)")
     device.add_argument("--budget", default="trace",
                         help="memory budget: 'trace' (the run's, from the server), 'available' (what the OS says), or bytes")
     device.add_argument("--enforce-budget", action="store_true",

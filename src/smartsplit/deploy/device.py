@@ -1,11 +1,11 @@
-"""The device process: its own data shard, memory budget, on-device manager and memory meter, over one stream
+"""The device process: its own examples, memory budget, on-device manager and memory meter, over one stream
 to its edge server.
 
-The device says hello; the edge answers with what the central server knows of it (its hardware class, the
-indices of its shard, its budget trace, the run's config), and from then on calls the device role's methods
-at the simulated moments the round engine schedules them: the device answers each call with its result
-(an ``Activation`` per micro-batch going up, a ``Gradient`` coming down). Examples never leave the device:
-it loads them from its own copy of the data set. Where the heap meter's counter is preloaded into this process
+The device says hello; the edge answers with what a device may know (its hardware class, its own examples, its
+budget trace, the config as a device sees it: no seed, no partition, no fleet), and from then on calls the
+device role's methods at the simulated moments the round engine schedules them: the device answers each call
+with its result (an ``Activation`` per micro-batch going up, a ``Gradient`` coming down). Every call is checked
+before the role sees it (``checks``). Where the heap meter's counter is preloaded into this process
 (``smartsplit device`` does that unless ``--no-meter``), each real step's peak is read from it: the bytes the
 process's heap held above what it held before the round's units were loaded.
 """
@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import torch
 import yaml
 
 from smartsplit.config import build_config
-from smartsplit.data import load_data
+from smartsplit.data import Dataset
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.limits import AvailableMemoryTrace, FixedBudget, enforce_budget, idle_footprint
 from smartsplit.deploy.link import claimed, open_channel
 from smartsplit.deploy.checks import Malformed, ModelShapes, check_int, check_number, check_sender
-from smartsplit.deploy.wire import HELLO_BYTES, Reassembly, WireError, decode, encode, frames, plain, typed
+from smartsplit.deploy.wire import WELCOME_BYTES, Reassembly, WireError, decode, encode, frames, plain, typed
 from smartsplit.kernels.saved import DeviceOutOfMemory
 from smartsplit.messages import RoundInstructions
 from smartsplit.engine.build import build_architecture, device_manager, start_meter
@@ -40,6 +42,7 @@ from smartsplit.records import MB
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, SimulatedTimes
 from smartsplit.strategies import make_strategy
+from smartsplit.strategies.mec import GradientSketches, UpdateSketcher
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DeviceOptions:
     budget: str = "trace"  # "trace" (the one the server sends), "available" (what the OS says), or bytes
-    data_root: str | None = None  # where this device's copy of the data set lives (default: the config's)
     enforce_budget: bool = False  # run under a kernel memory limit of the idle footprint plus the budget
     retry_s: float = 120.0  # how long to keep trying to reach the edge before giving up
 
@@ -79,18 +81,19 @@ class _Device:
         self.limit = None  # the kernel memory limit it runs under (--enforce-budget)
         self.budget = 0
         self.shapes: ModelShapes | None = None  # what the edge's messages must look like, once welcomed
-        self.message_limit = HELLO_BYTES
+        self.message_limit = WELCOME_BYTES  # until it knows the model
+        self.sketch = self.architecture = None
         self.pending = None  # the activation sent, whose gradient is due
         self.assigned_cut = self.step_count = self.micro_batches = 0  # of the round and the step under way
 
     def welcome(self, info: dict) -> None:
+        """Build the device role from what its edge says: the config as a device sees it, its own examples, its
+        budget trace, the optimizer and (for the MEC manager) the sketch coordinates. Nothing in it says how other
+        devices' data was drawn."""
         if self.role is not None:
             return  # a reconnection: the role (and any round under way) carries on
-        raw = yaml.safe_load(info["config"])
-        if self.options.data_root is not None:
-            raw.setdefault("data", {})["root"] = self.options.data_root
-        config = build_config(raw, source=f"the config the edge sent device {self.id}")
-        train, _ = load_data(config)
+        config = build_config(yaml.safe_load(info["config"]), source=f"the config the edge sent device {self.id}")
+        train = _own_examples(info)
         architecture = build_architecture(config, train)
         meter = start_meter(config) if config.meter else None
         optimizer = typed(OptimizerSpec, info["optimizer"], "the welcome's optimizer")
@@ -100,24 +103,31 @@ class _Device:
             return profiles.get(config.model.name, architecture, train.shape, batch)
 
         self.strategy = make_strategy(config.strategy, len(architecture), config.seed)
+        self.sketch = info.get("sketch")
+        self.architecture = architecture
         device = typed(Device, info["device"], "the welcome's device")
         trace = _budget(self.options.budget, typed(BudgetTrace, info["trace"], "the welcome's budget trace"))
         manager = device_manager(config, profile_at, optimizer, device, self.strategy.rules.checkpointing)
         measure = self._real_peak if self.counter is not None and config.meter else None
         t = config.training
-        self.role = DeviceRole(device, train, info["shard"], trace, manager, architecture, optimizer, t.batch_size,
-                               t.local_steps, t.local_epochs, measure=measure)
+        self.role = DeviceRole(device, train, np.arange(len(train)), trace, manager, architecture, optimizer,
+                               t.batch_size, t.local_steps, t.local_epochs, measure=measure)
         self.shapes = ModelShapes.of(architecture, train.shape, train.num_classes, t.batch_size)
         self.message_limit = self.shapes.message_limit(optimizer.slots)
-        import torch
-
         torch.set_num_threads(config.threads)
         if self.options.enforce_budget:
             if self.strategy.rules.replan:  # a baseline runs its plain plan whatever the budget says
                 self._refuse_unplannable(manager, len(architecture), trace.at(0.0))
             self._enforce(trace.at(0.0))
-        log.info("device %d ready: %s, %d examples, budget %s", self.id, device.device_class, len(info["shard"]),
+        log.info("device %d ready: %s, %d examples, budget %s", self.id, device.device_class, len(train),
                  self.options.budget)
+
+    def observer(self):
+        """The strategy's step observer; the MEC manager's sketches at the coordinates the edge sent."""
+        if self.sketch is None:
+            return self.strategy.step_observer()
+        layout = {i: tuple(a.numpy() for a in positions) for i, positions in self.sketch.items()}
+        return GradientSketches(UpdateSketcher.from_layout(self.architecture, layout))
 
     def _refuse_unplannable(self, manager, num_units: int, budget: int) -> None:
         """Under a kernel limit, a budget no plan fits would end in the kernel killing this process mid-step: a
@@ -166,7 +176,7 @@ class _Device:
         if method == "start_round":
             if self.counter is not None:
                 self.counter.baseline = self.counter.heap.live()
-            observer = self.strategy.step_observer() if args["observe"] else None
+            observer = self.observer() if args["observe"] else None
             self.pending, self.assigned_cut = None, args["instructions"].cut
             sizes = role.start_round(args["instructions"], observer)
             self.step_count = len(sizes)
@@ -221,6 +231,18 @@ class _Device:
         elif method == "take_back":
             handed = range(role.cut + 1, self.assigned_cut + 1)
             shapes.check_handoff(args["handoff"], self.id, handed, "the units handed back")
+
+
+def _own_examples(info: dict) -> Dataset:
+    """The device's examples, as its edge sent them: images N x C x H x W, finite, with a label each."""
+    x, y, classes = info.get("x"), info.get("y"), info.get("num_classes")
+    check_int(classes, "the number of classes", 2, 1 << 20)
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() == 4 and x.dtype == torch.float32
+            and y.shape == (len(x),) and y.dtype == torch.int64 and len(y) > 0):
+        raise Malformed("the welcome's examples are not float32 images with an int64 label each")
+    if not bool(torch.isfinite(x).all()) or int(y.min()) < 0 or int(y.max()) >= classes:
+        raise Malformed("the welcome's examples hold non-finite values or labels outside the classes")
+    return Dataset("own examples", x, y, classes)
 
 
 def _budget(spec: str, trace):

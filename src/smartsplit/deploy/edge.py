@@ -21,9 +21,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 import yaml
 
-from smartsplit.config import build_config
+from smartsplit.config import Config, build_config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.certs import identity_of
 from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
@@ -118,10 +119,10 @@ class EdgeService(rpc.EdgeServicer):
     answer a call. Each refusal is logged here with the peer's identity and the reason; the peer is told only
     that it was refused."""
 
-    def __init__(self, assigned: dict[int, dict], config_text: str, optimizer, step_sizes: dict[int, list[int]],
+    def __init__(self, assigned: dict[int, dict], welcome: dict, step_sizes: dict[int, list[int]],
                  message_limit: int) -> None:
-        self.assigned = assigned  # device id -> what the device needs to know (Device, shard, trace)
-        self.config_text, self.optimizer = config_text, optimizer
+        self.assigned = assigned  # device id -> what only that device may know (Device, its examples, its trace)
+        self.welcome = welcome  # what every device is told: the config as a device sees it, the optimizer, ...
         self.step_sizes = step_sizes  # device id -> examples in each of its local steps (from its shard)
         self.message_limit = message_limit  # the most one message of a round may take
         self._links: dict[int, _Link] = {}
@@ -202,8 +203,7 @@ class EdgeService(rpc.EdgeServicer):
             threading.Thread(target=self._read, args=(request_iterator, link), daemon=True,
                              name=f"device-{device_id}-reader").start()
             log.info("device %d connected from %s", device_id, context.peer())
-            yield from frames(encode("welcome", {**self.assigned[device_id], "config": self.config_text,
-                                                 "optimizer": self.optimizer}))
+            yield from frames(encode("welcome", {**self.assigned[device_id], **self.welcome}))
             yield from self._send(link, context)
         finally:
             with self._changed:
@@ -501,17 +501,11 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
     optimizer = typed(OptimizerSpec, info["optimizer"], "the central server's optimizer")
     architecture = build_model(config.model.name, in_channels=info["input_shape"][0], num_classes=info["num_classes"],
                                width=config.model.width, input_size=info["input_shape"][1], seed=config.seed)
-    import torch
-
     torch.set_num_threads(config.threads)
     strategy = make_strategy(config.strategy, len(architecture), config.seed)
     role = EdgeRole(index, architecture, optimizer)
-    t = config.training
-    shapes = ModelShapes.of(architecture, tuple(info["input_shape"]), info["num_classes"], t.batch_size)
-    step_sizes = {d: [len(b) for b in local_batches(np.arange(len(a["shard"])), t.batch_size, t.local_steps,
-                                                    t.local_epochs, None)] for d, a in info["devices"].items()}
-    service = EdgeService(info["devices"], info["config"], info["optimizer"], step_sizes,
-                          shapes.message_limit(optimizer.slots))
+    shapes = ModelShapes.of(architecture, tuple(info["input_shape"]), info["num_classes"], config.training.batch_size)
+    service = _device_service(config, info, architecture, strategy, shapes.message_limit(optimizer.slots))
     grpc_server, port = start_server([lambda s: rpc.add_EdgeServicer_to_server(service, s)], listen, certs, name,
                                      workers=MAX_STREAMS * len(info["devices"]) + 8, unary=False)  # a stream holds a worker
     log.info("%s listening on port %d for devices %s", name, port, sorted(info["devices"]))
@@ -534,6 +528,32 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
         service.close_all()
         grpc_server.stop(grace=2.0)
         channel.close()
+
+
+def _device_service(config: Config, info: dict, architecture, strategy, message_limit: int) -> EdgeService:
+    """What the edge tells its devices, and how it checks them: each device's welcome holds its own examples,
+    its budget trace, the device's view of the config and, for the MEC manager, the sketch coordinates (never
+    the seed they come from)."""
+    t = config.training
+    step_sizes = {d: [len(b) for b in local_batches(np.arange(len(a["y"])), t.batch_size, t.local_steps,
+                                                    t.local_epochs, None)] for d, a in info["devices"].items()}
+    sketcher = getattr(strategy.step_observer(), "sketcher", None)
+    sketch = None if sketcher is None else {i: tuple(torch.from_numpy(a) for a in positions)
+                                            for i, positions in sketcher.layout(architecture).items()}
+    welcome = {"config": device_view(config), "optimizer": info["optimizer"], "num_classes": info["num_classes"],
+               "sketch": sketch}
+    return EdgeService(info["devices"], welcome, step_sizes, message_limit)
+
+
+def device_view(config: Config) -> str:
+    """The config as a device sees it: what it needs to train its units, and nothing from which another device's
+    data could be recomputed (no seed, no partition settings, no fleet)."""
+    raw = config.model_dump(mode="json")
+    raw.update(name="device", seed=0)
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("partition", "alpha", "shards_per_client")}
+    raw["fleet"] = {"devices": 1, "budgets": {"resolution": config.fleet.budgets.resolution}}
+    raw["training"]["devices_per_round"] = 1
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, strategy, spec: EdgeSpec,

@@ -78,8 +78,9 @@ class CentralService(rpc.CentralServicer):
                 log.warning("edge-%d registered again (restarted?): it is handed its unfinished round again", edge)
             self.registered.add(edge)
             x = self.experiment
-        devices = {d.id: {"device": plain(d), "shard": x.shards[d.id], "trace": plain(x.traces[d.id])}
-                   for d in x.devices if x.central.edge_of(d.id) == edge}
+        devices = {d.id: {"device": plain(d), "x": x.train.x[x.shards[d.id]], "y": x.train.y[x.shards[d.id]],
+                          "trace": plain(x.traces[d.id])}
+                   for d in x.devices if x.central.edge_of(d.id) == edge}  # each device's own examples, no indices
         log.info("edge-%d registered from %s, %d devices", edge, context.peer(), len(devices))
         return encode("welcome", {
             "edge": edge, "config": x.config.to_yaml(), "profile": plain(x.profile),

@@ -34,7 +34,7 @@ from smartsplit.records import DeviceReport
 CHUNK_BYTES = 1 << 20  # a stream frame's payload
 MAX_DEPTH = 32  # nesting of a body's JSON (the deepest message nests about 8 levels)
 MAX_BODY = 8 << 20  # characters of a body's JSON (tensors travel beside it, not in it)
-HELLO_BYTES = 64 << 20  # what a peer may send before it is known: a hello, a welcome (config, shard, trace)
+WELCOME_BYTES = 1 << 30  # what an edge may send a device before it knows the model: its config, examples, trace
 STREAM_LIMIT = 4 << 20  # the most one stream message may carry (a frame and its framing fit well within)
 UNARY_LIMIT = 1 << 30  # the most a control-plane call may carry (a round's weights for an edge and its devices)
 
@@ -258,9 +258,9 @@ def frames(payload: pb.Payload, chunk: int = CHUNK_BYTES) -> Iterator[pb.Frame]:
 class Reassembly:
     """Collects frames until a payload is whole: ``add(frame)`` returns it then, else None. A message longer than
     ``limit`` bytes is a ``WireError`` as soon as its frames cross it (the receiver sets the limit from what it
-    expects; ``HELLO_BYTES`` until it knows)."""
+    expects)."""
 
-    def __init__(self, limit: int = HELLO_BYTES) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._parts: list[bytes] = []
         self._size = 0

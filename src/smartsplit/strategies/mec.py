@@ -28,6 +28,29 @@ class UpdateSketcher:
         for index, unit in enumerate(model or [], start=1):
             self._layout(index, unit)
 
+    def layout(self, model: nn.Sequential) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Each unit's sketched coordinates in ``model``, (parameter, flat index) arrays: what a role that must not
+        know the seed needs to sketch the same coordinates (``from_layout``)."""
+        for index, unit in enumerate(model, start=1):
+            if index not in self.positions:
+                self._layout(index, unit)
+        return {index: self.positions[index] for index in range(1, len(model) + 1)}
+
+    @classmethod
+    def from_layout(cls, model: nn.Sequential, positions: dict[int, tuple[np.ndarray, np.ndarray]]) -> UpdateSketcher:
+        """A sketcher of ``model`` at the given coordinates (``layout``'s), with no seed of its own."""
+        sketcher = cls(coords_per_unit=max((len(flat) for _, flat in positions.values()), default=1))
+        sketcher.model_units = len(model)
+        for index, unit in enumerate(model, start=1):
+            param, flat = positions[index]
+            sizes = tuple(p.numel() for p in unit.parameters())
+            if len(param) != len(flat) or any(not (0 <= i < len(sizes) and 0 <= f < sizes[i])
+                                              for i, f in zip(param.tolist(), flat.tolist())):
+                raise SmartSplitError(f"sketch coordinates of unit {index} fall outside its parameters")
+            sketcher.positions[index] = (np.asarray(param, dtype=np.int64), np.asarray(flat, dtype=np.int64))
+            sketcher.sizes[index] = sizes
+        return sketcher
+
     def _layout(self, index: int, unit: nn.Module) -> None:
         """The unit's sketched coordinates: seeded by (seed, unit index), so every role that sketches agrees."""
         sizes = tuple(p.numel() for p in unit.parameters())
