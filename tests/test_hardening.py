@@ -51,6 +51,18 @@ def test_a_finished_run_is_never_replaced_by_accident(finished, tmp_path: Path) 
     assert metrics(run) == metrics(Path(replaced.run_dir)) and len(metrics(run)) == ROUNDS  # replaced, not appended
 
 
+def test_overwrite_clears_every_file_of_the_old_run_before_the_new_one_writes(finished) -> None:
+    """A run killed right after --overwrite started leaves no file of the run it replaced (the final model
+    included), so the folder never mixes two runs."""
+    from smartsplit.runtime.folder import RUN_FILES, clear_run
+
+    _, run = finished
+    assert all((run / name).exists() for name in RUN_FILES)
+    (run / "notes.txt").write_text("mine")
+    clear_run(run)  # what --overwrite does first
+    assert not [name for name in RUN_FILES if (run / name).exists()] and (run / "notes.txt").read_text() == "mine"
+
+
 def test_a_run_folder_is_locked_while_a_run_writes(tmp_path: Path) -> None:
     with RunLock(tmp_path):
         with pytest.raises(SmartSplitError, match="another run is writing into it"):

@@ -20,7 +20,7 @@ import torch
 from smartsplit.config import Config
 from smartsplit.errors import SmartSplitError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "decisions.jsonl", "state.pt", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "decisions.jsonl", "state.pt", "summary.json", "model.pt")
 STATE_FORMAT = 2  # bump when the state's layout changes; a state of another format is refused on resume
 
 
