@@ -25,7 +25,7 @@ from smartsplit.strategies.smartsplit import SmartSplit
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.memory.ondevice import OnDeviceManager
 from smartsplit.models.profile import ProfileCache, profile_chain
-from smartsplit.roles.device import DeviceRole, OptimizerSpec
+from smartsplit.roles.device import DeviceRole, OptimizerSpec, SimulatedTimes
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import EdgeInstructions, RoundInstructions, Update
 from smartsplit.strategies import Candidate
@@ -551,6 +551,60 @@ def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_sam
     assert len(device_copy) == 1 and device_copy[0].samples == {1: 4 * BATCH, 2: 4 * BATCH, 3: 4 * BATCH}
     # the units it gave up ran on the edge as its own copy: the shared edge copy trained none of them
     assert all(1 not in c.samples and 2 not in c.samples and 3 not in c.samples for c in contributions if c is not device_copy[0])
+
+
+def held_bytes(role: DeviceRole) -> int:
+    """Bytes of every tensor the device role holds for its round (weights, buffers, gradients, optimizer state),
+    each storage once: a walk of what it holds, not a figure of the memory model."""
+    r = role._round
+    tensors = [*r.units.parameters(), *r.units.buffers(), *(p.grad for p in r.units.parameters() if p.grad is not None)]
+    if r.optimizer is not None:
+        tensors += [v for state in r.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    tensors += [t for state in r.instructions.weights.values() for t in state.values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_a_device_squeezed_to_a_shallower_cut_holds_no_more_than_one_started_there() -> None:
+    """A hand-off releases the units given away with their gradients and optimizer state (and the round's incoming
+    weights are let go once loaded): mid-round, the squeezed device holds what a device started at its new cut
+    holds, and at the round's end it rebuilds the units from what the edge trained."""
+    model, data = chain(), dataset()
+    momentum = OptimizerSpec("sgd", 0.1, 0.9, 1)  # with optimizer state to give away
+    probe = manager_for(model)
+    squeeze = probe.plan(1, 10**12).peak_bytes  # cut 1 fits; cuts 2 and 3 (the chain saves more there) do not
+    assert probe.plan(3, squeeze) is None and probe.deepest_fitting_cut(3, squeeze).cut == 1
+    trace = BudgetTrace((0.0, 1.0), (10**12, squeeze))
+
+    def started(cut: int) -> tuple[DeviceRole, EdgeRole]:
+        role = DeviceRole(device(0), data, np.arange(4 * BATCH), trace, manager_for(model), model, momentum, BATCH, 4,
+                          None)
+        edge = EdgeRole(0, model, momentum)
+        edge.start_round(EdgeInstructions(0, unit_states(model, 1, 3), {0: cut}, "shared"))
+        edge.open_session(0)
+        role.start_round(RoundInstructions(0, 0, cut, unit_states(model, 1, cut), True, True, True, (0, 0, 0), 0.0))
+        return role, edge
+
+    squeezed_role, edge = started(3)
+    squeezed_role.plan_step(0.0)
+    assert round_mod.split_step(squeezed_role, edge, 0) is not None
+    at_cut_3 = held_bytes(squeezed_role)
+    plan, handoff = squeezed_role.plan_step(2.0)  # the budget dropped: units 2..3 go to the edge
+    assert plan.cut == 1 and sorted(handoff.weights) == [2, 3]
+    edge.receive(handoff)
+    assert round_mod.split_step(squeezed_role, edge, 1) is not None
+    fresh, fresh_edge = started(1)
+    fresh.plan_step(2.0)
+    for step in (0, 1):
+        assert round_mod.split_step(fresh, fresh_edge, step) is not None
+    assert held_bytes(squeezed_role) <= held_bytes(fresh) < at_cut_3
+    back, _, _ = edge.close_session(0)
+    squeezed_role.take_back(back)  # the round's end: units 2..3 as the edge trained them
+    result = squeezed_role.finish_round(SimulatedTimes())
+    assert sorted(result.update.units) == [1, 2, 3]
+    for index in (2, 3):
+        for name, tensor in result.update.units[index].items():
+            assert torch.equal(tensor, back.weights[index][name])
 
 
 def test_device_pauses_while_nothing_fits_and_resumes() -> None:

@@ -11,6 +11,7 @@ takes the edge's ``Gradient``; the memory guard stops a forward that saves more 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -221,8 +222,9 @@ class DeviceRole:
         batches = self.local_batches(instructions)
         opt = make_optimizer(list(units.parameters()), self.optimizer.name, self.optimizer.lr, self.optimizer.momentum)
         self.manager.checkpointing = instructions.checkpointing
-        self._round = _RoundState(instructions=instructions, units=units, optimizer=opt, batches=batches,
-                                  observer=observer, assigned_cut=instructions.cut, cut=instructions.cut)
+        self._round = _RoundState(instructions=dataclasses.replace(instructions, weights={}),  # loaded: let go
+                                  units=units, optimizer=opt, batches=batches, observer=observer,
+                                  assigned_cut=instructions.cut, cut=instructions.cut)
         return [len(b) for b in batches]
 
     def local_batches(self, instructions: RoundInstructions) -> list[np.ndarray]:
@@ -344,6 +346,8 @@ class DeviceRole:
     # ---- units moving to and from the edge
 
     def _hand_off(self, first: int, last: int) -> UnitHandoff:
+        """Units ``first..last`` with their optimizer state, for the edge; the device lets go of them (weights,
+        gradients, optimizer state) and holds only what it still trains."""
         r = self._state
         weights, state = {}, {}
         for index in range(first, last + 1):
@@ -352,12 +356,28 @@ class DeviceRole:
             if r.optimizer is not None:
                 state[index] = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in r.optimizer.state[p].items()}
                                 for name, p in unit.named_parameters() if p in r.optimizer.state}
+        self._release(first, last)
         return UnitHandoff(self.id, weights, state)
 
+    def _release(self, first: int, last: int) -> None:
+        r = self._state
+        for index in range(first, last + 1):
+            r.units[index - 1] = nn.Identity()  # a place holder: the edge trains the unit until the round's end
+        if r.optimizer is not None:
+            kept = list(r.units.parameters())
+            optimizer = make_optimizer(kept, self.optimizer.name, self.optimizer.lr, self.optimizer.momentum)
+            if optimizer is not None:
+                for p in kept:
+                    if p in r.optimizer.state:
+                        optimizer.state[p] = r.optimizer.state[p]
+            r.optimizer = optimizer
+
     def take_back(self, handoff: UnitHandoff) -> None:
-        """Units the edge trained for this device since it handed them over."""
+        """Units the edge trained for this device since it handed them over, rebuilt from what it returns."""
         for index, state in handoff.weights.items():
-            self._state.units[index - 1].load_state_dict(state)
+            unit = copy.deepcopy(self.architecture[index - 1])
+            unit.load_state_dict(state)
+            self._state.units[index - 1] = unit
 
     # ---- the round's end
 
