@@ -101,3 +101,57 @@ def test_bad_user_model_is_a_clear_error():
 
     with pytest.raises(SmartSplitError, match="cannot import"):
         Experiment(build_config(TINY, ["model.name=no_such_module:factory"]))
+
+
+class _Lying:
+    """A strategy of your own whose plans break the interface's promises, one way per instance."""
+
+    @staticmethod
+    def make(fault: str):
+        from smartsplit.strategies import Assignment, RoundPlan, Strategy
+
+        class Lying(Strategy):
+            name = f"lying-{fault}"
+
+            def configure_round(self, rnd, candidates, k, rng):
+                first = candidates[0].device.id
+                if fault == "list":
+                    return [Assignment(first, 1)]
+                assignments = {
+                    "absent": (Assignment(10_000, 1),),
+                    "deep": (Assignment(first, 99),),
+                    "twice": (Assignment(first, 1), Assignment(first, 1)),
+                    "notes": (Assignment(first, 1),),
+                }[fault]
+                return RoundPlan(assignments, 0, ["not", "a", "mapping"] if fault == "notes" else {})
+
+        return Lying()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("list", "returned list, not a RoundPlan"),
+    ("absent", "assigned device 10000, which is not among this round's"),
+    ("deep", "gave device 0 cut 99; cuts are 1..5"),
+    ("twice", "assigned device 0 twice"),
+    ("notes", "RoundPlan.notes must be a dict"),
+])
+def test_a_strategy_whose_plan_breaks_the_interface_is_refused_in_one_sentence(fault: str, message: str) -> None:
+    from smartsplit.errors import SmartSplitError
+
+    experiment = Experiment(build_config(copy.deepcopy(TINY)), strategy=_Lying.make(fault))
+    with pytest.raises(SmartSplitError, match=f"strategy 'lying-{fault}': configure_round.*{message}"):
+        experiment.run_round(0)
+
+
+def test_a_strategy_that_is_not_a_strategy_and_overrides_that_are_a_string_are_refused() -> None:
+    from smartsplit.config import load_config
+    from smartsplit.errors import SmartSplitError
+
+    class Duck:
+        name = "duck"
+
+    with pytest.raises(SmartSplitError, match="Duck is not a smartsplit.Strategy"):
+        Experiment(build_config(copy.deepcopy(TINY)), strategy=Duck())
+    with pytest.raises(SmartSplitError, match="overrides must be a list of 'key=value' strings"):
+        load_config("configs/fmnist.yaml", "training.rounds=3")
+    assert load_config("configs/fmnist.yaml", ("training.rounds=3",)).training.rounds == 3  # any sequence of them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -253,7 +254,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> Config:
-    raw = dict(raw)
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
+        raise SmartSplitError(f"overrides must be a list of 'key=value' strings (e.g. ['training.rounds=5']), not "
+                              f"{overrides!r:.80}")
+    raw = copy.deepcopy(raw)  # overrides must not reach into the caller's nested mappings
     for key, value in parse_overrides(list(overrides)):
         _set_path(raw, key, value)
     try:

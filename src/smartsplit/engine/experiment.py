@@ -16,6 +16,7 @@ from smartsplit.engine.build import (
 )
 from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
+from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import Device
 from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.memory.model import optimizer_slots
@@ -63,6 +64,9 @@ class Experiment:
         self.num_units = len(model)
         self.architecture = copy.deepcopy(model)  # the structure the device and edge roles build their copies from
         strategy = strategy or make_strategy(config.strategy, self.num_units, config.seed)
+        if not isinstance(strategy, Strategy):
+            raise SmartSplitError(f"strategy: {type(strategy).__name__} is not a smartsplit.Strategy; subclass it and "
+                                  "implement configure_round (see README: your own strategy)")
         self.devices = build_fleet(config)
         self.shards = partition(
             self.train.y.numpy(),

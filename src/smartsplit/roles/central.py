@@ -19,7 +19,7 @@ from torch import nn
 from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import aggregate, merge, unit_states
 from smartsplit.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
-from smartsplit.strategies.base import Candidate, RoundPlan, StepObserver, Strategy
+from smartsplit.strategies.base import Candidate, RoundPlan, StepObserver, Strategy, check_plan
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ class CentralRole:
         return self._observer
 
     def plan_round(self, rnd: int, candidates: Sequence[Candidate], k: int) -> RoundPlan:
-        return self.strategy.configure_round(rnd, candidates, k, self.rng)
+        """The strategy's plan for the round, checked (``check_plan``) before anything acts on it."""
+        plan = self.strategy.configure_round(rnd, candidates, k, self.rng)
+        return check_plan(plan, candidates, len(self.model), self.strategy.name)
 
     def instructions(self, rnd: int, plan: RoundPlan, start_s: float) -> tuple[list[RoundInstructions], list[EdgeInstructions]]:
         """What each chosen device and each edge server needs to run the round."""

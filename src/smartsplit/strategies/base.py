@@ -11,6 +11,7 @@ import numpy as np
 
 from torch import nn
 
+from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import Device
 from smartsplit.messages import Observation
 from smartsplit.records import DeviceReport
@@ -92,6 +93,33 @@ class RoundPlan:
     assignments: tuple[Assignment, ...]
     excluded: int  # devices that could not take part at all under this strategy's rules
     notes: dict = field(default_factory=dict)  # the inputs of the decision, logged to decisions.jsonl
+
+
+def check_plan(plan: object, candidates: Sequence[Candidate], num_units: int, strategy: str) -> RoundPlan:
+    """A strategy's plan, refused with a sentence naming the strategy, the field and the value unless it assigns
+    distinct candidates of this round cuts within the model."""
+    where = f"strategy {strategy!r}: configure_round"
+    if not isinstance(plan, RoundPlan):
+        raise SmartSplitError(f"{where} returned {type(plan).__name__}, not a RoundPlan")
+    if not isinstance(plan.assignments, (tuple, list)) or not all(isinstance(a, Assignment) for a in plan.assignments):
+        raise SmartSplitError(f"{where}: RoundPlan.assignments must be a tuple of Assignment, got {plan.assignments!r:.80}")
+    if not isinstance(plan.notes, dict):
+        raise SmartSplitError(f"{where}: RoundPlan.notes must be a dict (logged to decisions.jsonl), got "
+                              f"{type(plan.notes).__name__}")
+    if isinstance(plan.excluded, bool) or not isinstance(plan.excluded, int) or plan.excluded < 0:
+        raise SmartSplitError(f"{where}: RoundPlan.excluded must be a count of devices, got {plan.excluded!r:.40}")
+    offered = {c.device.id for c in candidates}
+    seen: set[int] = set()
+    for a in plan.assignments:
+        if a.device_id not in offered:
+            raise SmartSplitError(f"{where} assigned device {a.device_id!r:.20}, which is not among this round's "
+                                  f"{len(offered)} candidates")
+        if a.device_id in seen:
+            raise SmartSplitError(f"{where} assigned device {a.device_id} twice")
+        if isinstance(a.cut, bool) or not isinstance(a.cut, int) or not 1 <= a.cut <= num_units:
+            raise SmartSplitError(f"{where} gave device {a.device_id} cut {a.cut!r:.20}; cuts are 1..{num_units}")
+        seen.add(a.device_id)
+    return plan
 
 
 @dataclass(frozen=True)
