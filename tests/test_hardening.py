@@ -169,6 +169,7 @@ def test_state_is_plain_data(finished) -> None:
     ("user_models:needs_depth", "the factory needs depth"),
     ("user_models:NOT_CALLABLE", "is a int, not a function"),
     ("user_models:with_batch_norm", "uses BatchNorm"),
+    ("user_models:functional_batch_norm", "its training forward changes the buffers mean, var"),
     ("user_models:wrong_channels", "does not run on"),
     ("user_models:wrong_width", "output is (2, 7)"),
 ])
@@ -184,6 +185,16 @@ def test_user_model_problems_are_named_before_round_one(tmp_path: Path, factory:
     ("training.devices_per_round=9", "devices_per_round (9) is more than fleet.devices (4)"),
     ("fleet.classes={mcu: 0.5}", "shares must sum to 1"),
 ])
+def test_a_user_model_whose_first_unit_has_no_parameters_trains_at_every_cut(tmp_path: Path) -> None:
+    """At cut 1 such a device trains nothing and sends its input on: no traceback from a backward with no graph,
+    with the meter off or on."""
+    for meter in (False, True):
+        config = write_config(tmp_path, model={"name": "user_models:reshapes_first"}, meter=meter,
+                              strategy={"name": "splitfed-v2", "cut": 1})
+        done = cli("run", str(config), "--quiet", "--overwrite", cwd=Path(__file__).resolve().parent)
+        assert done.returncode == 0, done.stderr
+
+
 def test_inconsistent_configs_are_refused(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(SmartSplitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(write_config(tmp_path), [override])

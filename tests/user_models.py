@@ -45,3 +45,30 @@ def wrong_channels(num_classes: int) -> nn.Module:
 
 def wrong_width(in_channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))
+
+
+class _FunctionalBatchNorm(nn.Module):
+    """Batch normalisation written with F.batch_norm on buffers: running statistics no nn.BatchNorm announces."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        import torch
+
+        self.conv = nn.Conv2d(in_channels, 4, 3)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        from torch.nn import functional as F
+
+        return self.head(F.batch_norm(self.conv(x), self.mean, self.var, training=self.training))
+
+
+def functional_batch_norm(in_channels: int, num_classes: int) -> nn.Module:
+    return _FunctionalBatchNorm(in_channels, num_classes)
+
+
+def reshapes_first(in_channels: int, num_classes: int) -> nn.Module:
+    """A first unit with no parameters: at cut 1 the device trains nothing and sends its input on."""
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, num_classes))

@@ -56,7 +56,7 @@ def reference_step(
         saved.discount(activation)  # the cut activation is counted apart, with its gradient
 
         loss, grad = edge_backward(edge_units, activation, yb, n)
-        activation.backward(grad)  # the gradient returned over the link
+        backward_into(activation, grad)  # the gradient returned over the link
 
         loss_sum += loss
         saved_peak = max(saved_peak, saved.total)
@@ -67,6 +67,13 @@ def reference_step(
         if opt is not None:
             opt.step()
     return StepResult(loss=loss_sum, samples=n, saved_bytes=saved_peak, cut_bytes=crossed)
+
+
+def backward_into(activation: torch.Tensor, grad: torch.Tensor) -> None:
+    """The device's backward from its cut activation. Units with no parameters before the cut (a first unit
+    that only reshapes, at cut 1) leave nothing to train: the activation carries no graph, and nothing runs."""
+    if activation.requires_grad:
+        activation.backward(grad)
 
 
 def edge_backward(units: nn.Sequential, activation: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from smartsplit.kernels.step import device_forward, make_optimizer
+from smartsplit.kernels.step import backward_into, device_forward, make_optimizer
 from smartsplit.meter.heap import Heap
 
 
@@ -29,7 +29,7 @@ def device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) 
         activation = device_forward(units, xb, segments)
         if to_edge:
             returned = torch.randn(activation.shape, generator=returned_gen)
-            activation.backward(returned)
+            backward_into(activation, returned)
             del returned
         else:
             loss = F.cross_entropy(activation, y[start : start + micro_batch], reduction="sum") / n
@@ -71,7 +71,7 @@ def _exercise(u, x, opt, g) -> None:
     """Forward, backward and optimizer step of unit ``u`` on ``x``, twice (gradients from ``g``)."""
     for _ in range(2):
         out = u(x)
-        out.backward(torch.randn(out.shape, generator=g))
+        backward_into(out, torch.randn(out.shape, generator=g))
         if opt is not None:
             opt.step()
         del out
@@ -100,7 +100,7 @@ def _backward_peak(heap: Heap, u, x, g, at_cut: bool) -> int:
     del out
     before = heap.live()
     heap.reset_peak()
-    top.backward(grad)
+    backward_into(top, grad)
     x.grad = None
     return heap.peak() - before
 
@@ -130,7 +130,7 @@ def _measure_unit(heap: Heap, u, x, opt, g, base: int) -> dict:
     before = heap.live()
     out = checkpoint(u, x, use_reentrant=False)
     checkpoint_kept = heap.live() - before
-    out.backward(torch.randn(out.shape, generator=g))
+    backward_into(out, torch.randn(out.shape, generator=g))
     del out
     x.grad = None
     before = heap.live()  # the gradients exist, as at the end of a step

@@ -8,6 +8,7 @@ result as a full-batch forward.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from typing import Callable
@@ -270,6 +271,27 @@ def build_model(
     return model
 
 
+def _refuse_running_statistics(model: nn.Module, spec: str, shape: tuple[int, int, int]) -> None:
+    """A model whose training forward changes its buffers keeps running statistics (batch normalisation, as a
+    module or written with ``F.batch_norm``): refused, since aggregation, micro-batches and recomputation are
+    exact only without them. Tried on a copy, on two random examples."""
+    probe = copy.deepcopy(model).train()
+    before = {name: b.clone() for name, b in probe.named_buffers()}
+    if not before:
+        return
+    try:
+        with torch.no_grad():
+            probe(torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)))
+    except Exception:  # noqa: BLE001 - a model that does not run is named by the checks that follow
+        return
+    changed = [name for name, b in probe.named_buffers() if name in before and not torch.equal(b, before[name])]
+    if changed:
+        raise SmartSplitError(
+            f"model.name {spec!r}: its training forward changes the buffers {', '.join(changed[:3])} (running "
+            "statistics, e.g. F.batch_norm); aggregation, micro-batches and recomputation are exact only without "
+            "them: use GroupNorm or LayerNorm instead")
+
+
 def _user_model(spec: str, in_channels: int | None, num_classes: int, input_size: int | None, seed: int) -> nn.Sequential:
     """A model from ``"package.module:factory"``, built under a seeded RNG (the global one is restored)."""
     from smartsplit.models.chain import as_chain
@@ -288,6 +310,7 @@ def _user_model(spec: str, in_channels: int | None, num_classes: int, input_size
             "exact only without batch statistics: use GroupNorm (e.g. nn.GroupNorm(8, channels)) or LayerNorm instead")
     if input_size is None or in_channels is None:
         raise SmartSplitError(f"model.name {spec!r}: the input shape must be known (it comes from the data set)")
+    _refuse_running_statistics(model, spec, (in_channels, input_size, input_size))
     try:
         return as_chain(model, torch.zeros(2, in_channels, input_size, input_size))
     except SmartSplitError:

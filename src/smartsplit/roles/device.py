@@ -22,7 +22,7 @@ from torch import nn
 
 from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import unit_state, unit_states
-from smartsplit.kernels.step import device_forward, edge_backward, make_optimizer
+from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.kernels.saved import DeviceOutOfMemory, count_saved_bytes
@@ -310,7 +310,7 @@ class DeviceRole:
         saved.discount(activation)
         if r.cut == len(self.architecture):
             loss, grad = edge_backward(nn.Sequential(), activation, yb, n)
-            activation.backward(grad)
+            backward_into(activation, grad)
             r.loss_sum += loss
             return None
         r.pending = activation
@@ -319,7 +319,7 @@ class DeviceRole:
 
     def backward(self, gradient: Gradient) -> None:
         r = self._state
-        r.pending.backward(gradient.tensor)
+        backward_into(r.pending, gradient.tensor)
         r.pending = None
         r.loss_sum += gradient.loss
 
