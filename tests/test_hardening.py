@@ -220,3 +220,22 @@ def test_budget_trace_files_must_match_devices(tmp_path: Path) -> None:
                                            "budgets": {"kind": "csv", "csv_dir": str(traces)}})
     done = cli("run", str(config), "--quiet", cwd=tmp_path)
     assert done.returncode == 2 and "device-17.csv matches no device" in done.stderr, done.stderr
+
+
+def test_diverging_training_is_refused_not_aggregated_and_written_as_strict_json(tmp_path: Path, caplog) -> None:
+    """A learning rate of 1e6: every update holds NaN. They are refused (counted, logged), the global model keeps
+    its last finite weights, and metrics.jsonl stays strict JSON: non-finite numbers as null, their keys flagged."""
+    config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"],
+                                              "rounds": 2, "lr": 1e6}, strategy={"name": "fedavg"})
+    summary = run_experiment(load_config(config), progress=False)
+    run = Path(summary.run_dir)
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = [json.loads(line, parse_constant=strict) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["faults"]["non_finite_updates"] == r["participants"] for r in lines)
+    assert all(d["loss"] is None and "loss" in d["non_finite"] for r in lines for d in r["devices"])
+    assert all(torch.isfinite(v).all() for v in torch.load(run / "model.pt", weights_only=True).values())
+    assert "update(s) holding NaN or infinity" in caplog.text and "lower training.lr" in caplog.text
+    json.loads((run / "summary.json").read_text(), parse_constant=strict)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -108,3 +110,31 @@ def _fill(cls, data: dict[str, Any]) -> dict[str, Any]:
         return {"int": 0, "float": 0.0, "bool": False}.get(annotation)
 
     return {f.name: data[f.name] if f.name in data else default(str(f.type)) for f in fields(cls)}
+
+
+def strict_json(value: Any, **options) -> str:
+    """``value`` as strict JSON. JSON has no NaN or infinity: a non-finite number becomes null, and each mapping
+    that held one (directly or in a list) names those keys under ``non_finite``."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        out = {key: _finite(item) for key, item in value.items()}
+        flagged = [key for key, item in value.items() if _holds_non_finite(item)]
+        if flagged:
+            out["non_finite"] = flagged
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _holds_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_holds_non_finite(item) for item in value)
+    return False

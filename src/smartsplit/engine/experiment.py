@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
+import dataclasses
+import logging
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from smartsplit.config import Config
@@ -16,6 +19,7 @@ from smartsplit.engine.build import (
 )
 from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
+from smartsplit.kernels.aggregate import all_finite
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import Device
 from smartsplit.fleet.clock import EdgeSpec
@@ -27,9 +31,11 @@ from smartsplit.records import MB, RoundRecord
 from smartsplit.roles.central import CentralRole
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
 from smartsplit.roles.edge import EdgeRole
-from smartsplit.messages import EdgeInstructions, RoundInstructions
+from smartsplit.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
 from smartsplit.strategies import Candidate, RoundPlan, Strategy, make_strategy
 from smartsplit.strategies.base import StepObserver
+
+log = logging.getLogger(__name__)
 
 
 class RoundExecutor(Protocol):
@@ -192,8 +198,31 @@ class Experiment:
         latency = max((r.finish_s for r in outcome.reports), default=0.0)
         self.clock_s += latency
         evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds
-        evaluation = self.central.finish_round(rnd, outcome.updates, outcome.results, evaluated)
+        updates, results, faults = self._finite_only(rnd, outcome)
+        evaluation = self.central.finish_round(rnd, updates, results, evaluated)
+        self._check_finite(rnd)
+        outcome = dataclasses.replace(outcome, faults=faults)
         return self._record(rnd, plan, candidates, outcome, evaluation, latency, decision, time.perf_counter() - started)
+
+    def _finite_only(self, rnd: int, outcome: RoundOutcome) -> tuple[list[list[Update]], list[DeviceResult], dict]:
+        """The round's updates without those holding NaN or infinity (a diverging device or edge copy), the
+        results without the refused devices' step observations, and the faults to record. The global model keeps
+        the last finite weights of the units those would have trained."""
+        kept = [[u for u in group if all_finite(u)] for group in outcome.updates]
+        refused = sum(map(len, outcome.updates)) - sum(map(len, kept))
+        if not refused:
+            return outcome.updates, outcome.results, outcome.faults
+        bad = {r.report.device for r in outcome.results if r.update is not None and not all_finite(r.update)}
+        log.warning("round %d: refused %d update(s) holding NaN or infinity (devices %s); their units keep the last "
+                    "finite weights. Training is diverging: lower training.lr", rnd + 1, refused, sorted(bad))
+        results = [DeviceResult(r.update, r.report, []) if r.report.device in bad else r for r in outcome.results]
+        return kept, results, {**outcome.faults, "non_finite_updates": refused}
+
+    def _check_finite(self, rnd: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise SmartSplitError(f"round {rnd + 1}: the global model holds NaN or infinity after aggregation: training "
+                                  "diverged. The run stops here; state.pt keeps the last finite round. Lower training.lr "
+                                  "and start again")
 
     def _decision(self, rnd: int, plan: RoundPlan, candidates: list[Candidate]) -> dict:
         """What the strategy decided and on what figures (``decisions.jsonl``'s line)."""

@@ -51,3 +51,9 @@ def unit_state(unit: nn.Module) -> dict[str, torch.Tensor]:
 def unit_states(units: nn.Sequential, first: int, last: int) -> dict[int, dict[str, torch.Tensor]]:
     """Detached copies of the state dicts of units ``first..last`` (1-based) of a chain."""
     return {i: unit_state(units[i - 1]) for i in range(first, last + 1)}
+
+
+def all_finite(update: Update) -> bool:
+    """No NaN or infinity in any floating-point tensor of ``update`` (a diverging copy holds some)."""
+    return all(bool(torch.isfinite(v).all()) for state in update.units.values() for v in state.values()
+               if v.is_floating_point())

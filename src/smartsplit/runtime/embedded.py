@@ -22,7 +22,7 @@ from smartsplit.config import Config, build_config
 from smartsplit.engine.build import profile_sources
 from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
-from smartsplit.records import RoundRecord
+from smartsplit.records import RoundRecord, strict_json
 from smartsplit.reports.summary import RunSummary, profiles_line, summarise
 from smartsplit.runtime.allocator import collector_frozen, tune_allocator
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
@@ -47,7 +47,7 @@ def _figure(value: float | None) -> str:
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(strict_json(r) + "\n" for r in records))
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
@@ -123,10 +123,10 @@ def _play_rounds(experiment: Experiment, run_dir: Path, start: int, records: lis
     bar = tqdm(total=config.training.rounds, initial=start, desc=config.name, unit="round", disable=not progress)
     with open(run_dir / "metrics.jsonl", "a") as metrics, open(run_dir / "decisions.jsonl", "a") as decisions:
         for record in experiment.rounds(start):
-            decisions.write(json.dumps(record.decision) + "\n")
+            decisions.write(strict_json(record.decision) + "\n")
             decisions.flush()
             records.append(record)
-            metrics.write(json.dumps(record.to_json()) + "\n")
+            metrics.write(strict_json(record.to_json()) + "\n")
             metrics.flush()
             save(record.round)
             if record.accuracy is not None:
@@ -179,5 +179,5 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
                         fleet_size=len(experiment.devices), target=config.target_accuracy,
                         wall_s=time.perf_counter() - started, run_dir=str(run_dir),
                         profiles=profile_sources(experiment.meter))
-    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    (run_dir / "summary.json").write_text(strict_json(summary.to_json(), indent=2))
     return summary
