@@ -241,3 +241,71 @@ def test_diverging_training_is_refused_not_aggregated_and_written_as_strict_json
     assert all(torch.isfinite(v).all() for v in torch.load(run / "model.pt", weights_only=True).values())
     assert "update(s) holding NaN or infinity" in caplog.text and "lower training.lr" in caplog.text
     json.loads((run / "summary.json").read_text(), parse_constant=strict)
+
+
+def test_resume_after_a_kill_mid_write_reruns_that_round_and_a_lost_round_is_refused(finished, tmp_path: Path) -> None:
+    """Killed while writing round 2's line (state.pt still at round 1): the half line is dropped and round 2 runs
+    again, giving the uninterrupted run's metrics. Metrics missing rounds the state has passed cannot be made
+    consistent: refused, naming both files."""
+    import shutil
+
+    config, run = finished
+    whole = metrics(run)
+    one = run_experiment(load_config(config, ["training.rounds=1"]), tmp_path / "one", progress=False)
+    shutil.copy(Path(one.run_dir) / "state.pt", run / "state.pt")  # the state as it was after round 1
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # cut off mid-write
+    resumed = run_experiment(resume_config(run), run, progress=False, resume=True)
+    assert resumed.rounds == ROUNDS and metrics(run) == whole
+
+    (run / "metrics.jsonl").write_text(lines[0] + "\n")  # round 2's line lost, but state.pt is at round 2
+    with pytest.raises(SmartSplitError, match=r"metrics.jsonl holds 1 rounds but state.pt is at round 2"):
+        run_experiment(resume_config(run), run, progress=False, resume=True)
+    (run / "metrics.jsonl").write_text("not json\n" + "\n".join(lines) + "\n")  # damage that is not a cut-off line
+    with pytest.raises(SmartSplitError, match="a line is not JSON"):
+        run_experiment(resume_config(run), run, progress=False, resume=True)
+
+
+def numpy_state_fedavg(config, num_units, seed):
+        """A strategy of your own whose state holds numpy arrays and scalars."""
+        import numpy as np
+
+        from smartsplit.strategies.fixed_cut import fedavg
+
+        base = fedavg(num_units)
+
+        class Counting(type(base)):
+            def __init__(self):
+                self.__dict__.update(base.__dict__)
+                self.seen = np.zeros(3)
+                self.rounds = np.int64(0)
+
+            def round_finished(self, rnd, reports, observations=None):
+                self.seen = self.seen + len(reports)
+                self.rounds = self.rounds + 1
+
+            def state_dict(self):
+                return {"seen": self.seen, "rounds": self.rounds, "pair": (np.float32(0.5), [np.arange(2)])}
+
+            def load_state_dict(self, state):
+                self.seen, self.rounds = state["seen"], state["rounds"]
+                self.loaded = state
+
+        return Counting()
+
+
+def test_a_strategy_state_holding_numpy_round_trips_through_resume(tmp_path: Path) -> None:
+    import numpy as np
+
+    config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"],
+                                              "rounds": 1}, strategy={"name": "test_hardening:numpy_state_fedavg"})
+    run = Path(run_experiment(load_config(config), progress=False).run_dir)
+    from smartsplit.engine.experiment import Experiment
+    from smartsplit.runtime.folder import load_state
+
+    experiment = Experiment(resume_config(run, ["training.rounds=2"]))
+    state = load_state(run, resume_config(run, ["training.rounds=2"]), 1)  # no longer "cannot be read"
+    experiment.load_state_dict(state)
+    loaded = experiment.strategy.loaded
+    assert isinstance(loaded["seen"], np.ndarray) and loaded["seen"].tolist() == [2.0, 2.0, 2.0]
+    assert loaded["rounds"] == 1 and loaded["pair"][0] == 0.5 and loaded["pair"][1][0].tolist() == [0, 1]

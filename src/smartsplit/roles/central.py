@@ -115,9 +115,39 @@ class CentralRole:
         return self.evaluator(self.model, self.test, self.eval_batch_size) if evaluate_now else None
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}
+        return {"model": self.model.state_dict(), "rng": self.rng.bit_generator.state,
+                "strategy": _storable(self.strategy.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.rng.bit_generator.state = state["rng"]
-        self.strategy.load_state_dict(state["strategy"])
+        self.strategy.load_state_dict(_restored(state["strategy"]))
+
+
+_NUMPY = "__numpy__"
+
+
+def _storable(value):
+    """A strategy's state in the form a run's state file keeps (plain data and tensors only): numpy arrays become
+    tagged tensors and numpy scalars Python numbers, restored by ``_restored``."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return {_NUMPY: torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_storable(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+def _restored(value):
+    if isinstance(value, dict):
+        if set(value) == {_NUMPY}:
+            return value[_NUMPY].numpy()
+        return {k: _restored(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_restored(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value

@@ -33,13 +33,28 @@ log = logging.getLogger(__name__)
 
 
 def _read_records(path: Path, limit: int | None) -> list[dict]:
+    """The file's lines as records. A last line left half-written by a run killed while writing it is dropped
+    (that round is run again on resume); any other line that is not JSON is refused."""
     if not path.exists():
         return []
     try:
-        return [json.loads(line) for line in path.read_text().splitlines()[:limit] if line.strip()]
-    except (ValueError, UnicodeDecodeError):
-        raise SmartSplitError(f"{path}: not a metrics file SmartSplit wrote (a line is not JSON); "
-                              "start the run again with --overwrite") from None
+        lines = [line for line in path.read_text().splitlines()[:limit] if line.strip()]
+    except UnicodeDecodeError:
+        lines = None
+    records = []
+    for number, line in enumerate(lines or [], start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) and not path.read_text().endswith("\n"):
+                log.warning("%s: its last line was cut off mid-write; that round is run again", path)
+                break
+            lines = None
+            break
+    if lines is None:
+        raise SmartSplitError(f"{path}: not a file SmartSplit wrote (a line is not JSON); start the run again with "
+                              "--overwrite") from None
+    return records
 
 
 def _figure(value: float | None) -> str:

@@ -128,6 +128,10 @@ def load_state(run_dir: Path, config: Config, records: int) -> dict | None:
         raise SmartSplitError(f"--resume {run_dir}: the config differs from the run that was started "
                               f"({'; '.join(differences)}); only training.rounds may change on resume: restore "
                               "config.yaml, or start a new run")
+    if records < state["rounds_done"]:
+        raise SmartSplitError(f"--resume {run_dir}: metrics.jsonl holds {records} rounds but state.pt is at round "
+                              f"{state['rounds_done']}: the metrics of rounds {records + 1}..{state['rounds_done']} are "
+                              "lost, so the run cannot continue consistently; start it again with --overwrite")
     if config.training.rounds < state["rounds_done"]:
         raise SmartSplitError(f"--resume {run_dir}: training.rounds is {config.training.rounds} but "
                               f"{state['rounds_done']} rounds are done; it can only be extended")
