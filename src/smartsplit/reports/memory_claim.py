@@ -20,7 +20,6 @@ from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.profile import BACKWARD_FLOPS, ProfileCache
 from smartsplit.models.zoo import build_model, default_input_shape
-from smartsplit.records import MB
 
 OPTIMIZER = ("sgd", 0.01, 0.9)  # SGD with momentum: one optimizer slot per parameter
 SLOTS = 1
