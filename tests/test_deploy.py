@@ -235,7 +235,7 @@ def test_tls_refuses_no_certificate_another_authority_and_an_expired_certificate
 def test_messages_cross_the_wire_unchanged_and_only_as_data():
     weights = {1: {"0.weight": torch.randn(4, 1, 3, 3), "0.bias": torch.zeros(4)}, 2: {"w": torch.randn(2, 2).double()}}
     report = DeviceReport(device=3, device_class="phone", cut=2, final_cut=1, budget_mb=1.5, peak_predicted_mb=0.1,
-                          peak_measured_mb=None, micro_batches=[8, 16], oom_events=0, replans=1, cut_moves=1, pauses=0,
+                          peak_measured_mb=None, held_mb=0.05, micro_batches=[8, 16], oom_events=0, replans=1, cut_moves=1, pauses=0,
                           dropped_out=False, steps=3, samples=48, loss=0.1 + 0.2, loss_rms=None, **vars(SimulatedTimes()))
     sent = {
         "instructions": RoundInstructions(1, 3, 2, weights, True, True, False, (7, 1, 3), 1e-300),
@@ -496,3 +496,48 @@ def test_a_device_is_told_only_what_it_needs_to_train(tmp_path):
     device = build_config(view)  # what the device builds from it
     assert (device.model, device.training.batch_size, device.edge.latency_s) == (
         config.model, config.training.batch_size, config.edge.latency_s)
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in this process (a walk of the garbage collector's objects)."""
+    import gc
+    import warnings
+
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on some of torch's lazy module objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for t in tensors:
+        if not t.is_meta:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_a_deployed_devices_footprint_holds_no_model(tmp_path):
+    """A device welcomed for a model 100x larger holds no more tensors once ready: it keeps the model's structure
+    on the meta device, and builds, profiles and checks shapes without ever holding the model's weights."""
+    from smartsplit.config import build_config
+    from smartsplit.deploy.device import _Device
+    from smartsplit.deploy.edge import device_view
+    from smartsplit.deploy.checks import ModelShapes
+    from smartsplit.fleet import Device
+    from smartsplit.roles.device import OptimizerSpec
+
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    growth, params = {}, {}
+    for width in (0.25, 2.5):
+        config = build_config(yaml.safe_load(write_config(tmp_path, meter=False, model={"name": "cnn", "width": width}).read_text()))
+        info = {"config": device_view(config), "optimizer": plain(OptimizerSpec("sgd", 0.1, 0.0, 0)), "num_classes": 10,
+                "sketch": None, "x": x, "y": y, "device": plain(Device(0, "phone-entry", 2**30, 1e9, 1e6, 1e6)),
+                "trace": plain(constant_trace(2**30))}
+        before = _live_tensor_bytes()
+        device = _Device(0, DeviceOptions())
+        device.welcome(info)
+        growth[width] = _live_tensor_bytes() - before
+        assert all(p.is_meta for p in device.architecture.parameters())
+        params[width] = device.shapes.param_bytes
+        assert isinstance(device.shapes, ModelShapes) and len(device.shapes.outputs) == len(device.architecture)
+        del device
+    assert params[2.5] > 10 * params[0.25] and params[2.5] > 4_000_000
+    assert growth[2.5] - growth[0.25] < 0.01 * (params[2.5] - params[0.25]), (growth, params)

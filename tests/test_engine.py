@@ -24,6 +24,7 @@ from smartsplit.fleet.clock import EdgeSpec, step_times
 from smartsplit.strategies.smartsplit import SmartSplit
 from smartsplit.memory.model import activation_bytes, device_memory
 from smartsplit.memory.ondevice import OnDeviceManager
+from smartsplit.meter.held import held_bytes
 from smartsplit.models.profile import ProfileCache, profile_chain
 from smartsplit.roles.device import DeviceRole, OptimizerSpec, SimulatedTimes
 from smartsplit.roles.edge import EdgeRole
@@ -553,16 +554,12 @@ def test_mid_round_cut_move_keeps_training_without_losing_or_double_counting_sam
     assert all(1 not in c.samples and 2 not in c.samples and 3 not in c.samples for c in contributions if c is not device_copy[0])
 
 
-def held_bytes(role: DeviceRole) -> int:
-    """Bytes of every tensor the device role holds for its round (weights, buffers, gradients, optimizer state),
-    each storage once: a walk of what it holds, not a figure of the memory model."""
+def role_holds(role: DeviceRole) -> int:
+    """Bytes of every tensor the device role holds for its round (weights, buffers, gradients, optimizer state,
+    the round's incoming weights), each storage once: a walk of what it holds, not a figure of the memory model."""
     r = role._round
-    tensors = [*r.units.parameters(), *r.units.buffers(), *(p.grad for p in r.units.parameters() if p.grad is not None)]
-    if r.optimizer is not None:
-        tensors += [v for state in r.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    tensors += [t for state in r.instructions.weights.values() for t in state.values()]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
+    return held_bytes([r.units], [t for state in r.instructions.weights.values() for t in state.values()],
+                      r.optimizer)
 
 
 def test_a_device_squeezed_to_a_shallower_cut_holds_no_more_than_one_started_there() -> None:
@@ -588,7 +585,7 @@ def test_a_device_squeezed_to_a_shallower_cut_holds_no_more_than_one_started_the
     squeezed_role, edge = started(3)
     squeezed_role.plan_step(0.0)
     assert round_mod.split_step(squeezed_role, edge, 0) is not None
-    at_cut_3 = held_bytes(squeezed_role)
+    at_cut_3 = role_holds(squeezed_role)
     plan, handoff = squeezed_role.plan_step(2.0)  # the budget dropped: units 2..3 go to the edge
     assert plan.cut == 1 and sorted(handoff.weights) == [2, 3]
     edge.receive(handoff)
@@ -597,7 +594,7 @@ def test_a_device_squeezed_to_a_shallower_cut_holds_no_more_than_one_started_the
     fresh.plan_step(2.0)
     for step in (0, 1):
         assert round_mod.split_step(fresh, fresh_edge, step) is not None
-    assert held_bytes(squeezed_role) <= held_bytes(fresh) < at_cut_3
+    assert role_holds(squeezed_role) <= role_holds(fresh) < at_cut_3
     back, _, _ = edge.close_session(0)
     squeezed_role.take_back(back)  # the round's end: units 2..3 as the edge trained them
     result = squeezed_role.finish_round(SimulatedTimes())

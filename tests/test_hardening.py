@@ -309,3 +309,65 @@ def test_a_strategy_state_holding_numpy_round_trips_through_resume(tmp_path: Pat
     loaded = experiment.strategy.loaded
     assert isinstance(loaded["seen"], np.ndarray) and loaded["seen"].tolist() == [2.0, 2.0, 2.0]
     assert loaded["rounds"] == 1 and loaded["pair"][0] == 0.5 and loaded["pair"][1][0].tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- rounds nobody can train in
+
+
+def _traces(folder: Path, header: str, rows: str, devices: int = 4) -> Path:
+    folder.mkdir()
+    for d in range(devices):
+        (folder / f"device-{d}.csv").write_text(f"{header}\n{rows}")
+    return folder
+
+
+def test_a_fleet_offline_until_later_waits_for_it_and_the_empty_round_is_said(tmp_path: Path, caplog) -> None:
+    """Every device offline until 100 s: round 1 trains nobody (recorded with its reason, warned, counted), the
+    clock moves to 100 s, and round 2 trains."""
+    online = _traces(tmp_path / "online", "time_s,online", "0,0\n100,1\n")
+    config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"], "rounds": 2},
+                          fleet={"devices": 4, "availability": {"kind": "csv", "csv_dir": str(online)}})
+    summary = run_experiment(load_config(config), progress=False)
+    first, second = metrics(Path(summary.run_dir))
+    assert first["empty"] == "no device online (all 4 offline)" and first["participants"] == 0
+    assert first["idle_s"] == 100.0 and first["clock_s"] == 100.0 and first["latency_s"] == 0.0
+    assert second["empty"] is None and second["participants"] == 2 and second["clock_s"] > 100.0
+    assert summary.empty_rounds == 1 and summary.stopped is None
+    assert summary.simulated_time_s == pytest.approx(second["clock_s"])
+    assert summary.peak_round_latency_s == second["latency_s"]  # an empty round is not a fast one
+    assert "round 1 trained nobody: no device online" in caplog.text
+
+
+@pytest.mark.parametrize("fleet, reason", [
+    ({"availability": {"kind": "csv"}}, "no device online (all 4 offline)"),
+    ({"budgets": {"kind": "csv"}}, "no online device picked: 4 of 4 excluded"),
+])
+def test_a_fleet_where_nobody_can_ever_train_ends_the_run_with_the_reason(tmp_path: Path, fleet: dict, reason: str) -> None:
+    """All devices offline for good, or all budgets 0: the first round is recorded as empty, evaluated, and the
+    run ends there with a clear message on the console (not a silent run of rounds without training)."""
+    kind = next(iter(fleet))
+    folder = _traces(tmp_path / kind, *(("time_s,online", "0,0\n") if kind == "availability" else ("time_s,budget_mb", "0,0\n")))
+    fleet = {"devices": 4, kind: {**fleet[kind], "csv_dir": str(folder)}}
+    config = write_config(tmp_path, fleet=fleet)  # 3 rounds
+    done = cli("run", str(config), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "nobody trained in 1 of the 1 rounds" in done.stdout
+    assert "the run stopped early: no device can ever train" in done.stdout
+    run = tmp_path / "runs" / "tiny"
+    (only,) = metrics(run)
+    assert only["empty"].startswith(reason) and only["accuracy"] is not None
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["empty_rounds"] == 1 and summary["rounds"] == 1 and "fleet.availability or fleet.budgets" in summary["stopped"]
+
+
+def test_what_a_device_holds_stays_inside_what_its_plan_predicted_while_budgets_move(tmp_path: Path) -> None:
+    """Budgets that drop sharply just after the round starts move every device's cut up: the tensors a device role
+    holds at its steps' ends (walked, not modelled) fit the peak its plans predicted."""
+    traces = _traces(tmp_path / "budgets", "time_s,budget_mb", "0,10\n0.01,0.1\n")
+    config = write_config(tmp_path, training={**yaml.safe_load(write_config(tmp_path).read_text())["training"],
+                                              "rounds": 2, "local_steps": 4},
+                          fleet={"devices": 4, "classes": {"wearable": 1.0}, "budgets": {"kind": "csv", "csv_dir": str(traces)}})
+    summary = run_experiment(load_config(config), progress=False)
+    devices = [d for r in metrics(Path(summary.run_dir)) for d in r["devices"] if d["steps"]]
+    assert devices and any(d["cut_moves"] for d in devices)
+    assert all(d["held_mb"] is not None and d["held_mb"] <= d["peak_predicted_mb"] for d in devices), devices

@@ -152,6 +152,28 @@ def test_a_strategy_that_is_not_a_strategy_and_overrides_that_are_a_string_are_r
 
     with pytest.raises(SmartSplitError, match="Duck is not a smartsplit.Strategy"):
         Experiment(build_config(copy.deepcopy(TINY)), strategy=Duck())
-    with pytest.raises(SmartSplitError, match="overrides must be a list of 'key=value' strings"):
+    with pytest.raises(SmartSplitError, match=r"load_config\(overrides=...\): expected a list of str, got str"):
         load_config("configs/fmnist.yaml", "training.rounds=3")
     assert load_config("configs/fmnist.yaml", ("training.rounds=3",)).training.rounds == 3  # any sequence of them
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda api, cfg: api.run(3), r"run\(config=...\): expected Config or str or Path, got int 3"),
+    (lambda api, cfg: api.run(cfg, overrides="training.rounds=1"), r"run\(overrides=...\): expected a list of str"),
+    (lambda api, cfg: api.run(cfg, strategy="fedavg"), r"run\(strategy=...\): expected Strategy or None, got str"),
+    (lambda api, cfg: api.run(cfg, run_dir=7), r"run\(run_dir=...\): expected str or Path or None, got int"),
+    (lambda api, cfg: api.run(cfg, resume="yes"), r"run\(resume=...\): expected bool, got str"),
+    (lambda api, cfg: api.compare(cfg, "fedavg"), r"compare\(strategies=...\): expected a list of str, got str"),
+    (lambda api, cfg: api.compare(cfg, ["fedavg"], seeds=[1.5]), r"compare\(seeds=...\): expected a list of int"),
+    (lambda api, cfg: api.compare(cfg, ["fedavg"], workers="2"), r"compare\(workers=...\): expected int or None"),
+    (lambda api, cfg: api.load_config(3), r"load_config\(path=...\): expected str or Path, got int"),
+    (lambda api, cfg: api.Experiment("configs/fmnist.yaml"), r"Experiment\(config=...\): expected Config, got str"),
+])
+def test_the_public_api_names_an_argument_of_the_wrong_type(call, message) -> None:
+    """Every public function checks its arguments' types before it does anything: one clear error naming the
+    function, the argument and what it takes, never a traceback from deep inside."""
+    import smartsplit
+    from smartsplit.errors import SmartSplitError
+
+    with pytest.raises(SmartSplitError, match=message):
+        call(smartsplit, build_config(copy.deepcopy(TINY)))

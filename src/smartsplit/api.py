@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from smartsplit.config import Config, build_config, load_config
-from smartsplit.errors import SmartSplitError
+from smartsplit.errors import SmartSplitError, check_argument
 from smartsplit.plugins import is_plugin, load_factory
 from smartsplit.reports.summary import RunSummary
 from smartsplit.strategies import STRATEGIES, Strategy
@@ -21,6 +21,13 @@ def _config(config: Config | str | Path, overrides: Sequence[str]) -> Config:
             return config
         return build_config(config.model_dump(mode="json"), list(overrides))
     return load_config(config, list(overrides))
+
+
+def _check_common(function: str, config: object, overrides: object, **flags: object) -> None:
+    check_argument(function, "config", config, Config, str, Path)
+    check_argument(function, "overrides", overrides, items=str)
+    for name, value in flags.items():
+        check_argument(function, name, value, bool)
 
 
 def run(
@@ -43,6 +50,9 @@ def run(
     """
     from smartsplit.runtime.embedded import run_experiment
 
+    _check_common("run", config, overrides, overwrite=overwrite, resume=resume, progress=progress)
+    check_argument("run", "strategy", strategy, Strategy, type(None))
+    check_argument("run", "run_dir", run_dir, str, Path, type(None))
     config = _config(config, overrides)
     if strategy is not None:  # the run is labelled, in its files and summary, by the object's name
         config = config.model_copy(update={"strategy": config.strategy.model_copy(update={"name": str(strategy.name)})})
@@ -73,6 +83,11 @@ def compare(
     from smartsplit.runtime.folder import check_run_folder, check_writable
     from smartsplit.runtime.concurrent import run_many
 
+    _check_common("compare", config, overrides, overwrite=overwrite, progress=progress, report=report)
+    check_argument("compare", "strategies", strategies, items=str)
+    if seeds is not None:
+        check_argument("compare", "seeds", seeds, items=int)
+    check_argument("compare", "workers", workers, int, type(None))
     base = _config(config, overrides)
     strategies = list(strategies)
     seeds = list(seeds) if seeds else [base.seed]

@@ -24,14 +24,14 @@ def _run(args: argparse.Namespace) -> None:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
-    from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, summary_rows
+    from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, result_line, summary_rows
     from smartsplit.reports.table import format_table
 
     summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
     print(profiles_line([summary.profiles]))
-    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+    print(result_line(summary))
 
 
 def _engine_overrides(args: argparse.Namespace) -> list[str]:
@@ -215,10 +215,12 @@ def _server(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     run_dir = Path(args.out) if args.out else Path(config.output_dir) / config.name
     resume = args.resume and (run_dir / "state.pt").exists()  # no state yet: no round was trained, start afresh
+    from smartsplit.reports.summary import result_line
+
     summary = run_server(config, args.listen, certs, run_dir, resume=resume,
                          overwrite=(args.overwrite or args.resume) and not resume,
                          progress=not args.quiet and sys.stderr.isatty(), edge_timeout_s=args.edge_timeout)
-    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+    print(result_line(summary))
 
 
 def _edge(args: argparse.Namespace) -> None:
@@ -267,7 +269,7 @@ def _launch(args: argparse.Namespace) -> None:
     _deployment()
     from smartsplit.config import load_config
     from smartsplit.deploy.launch import launch_local
-    from smartsplit.reports.summary import SUMMARY_HEADERS, summary_rows
+    from smartsplit.reports.summary import SUMMARY_HEADERS, result_line, summary_rows
     from smartsplit.reports.table import format_table
 
     if not args.local:
@@ -281,7 +283,7 @@ def _launch(args: argparse.Namespace) -> None:
                            budget=args.budget, enforce_budget=args.enforce_budget, progress=not args.quiet)
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
-    print(f"final accuracy {summary.final_accuracy:.4f} after {summary.rounds} rounds; results in {summary.run_dir}")
+    print(result_line(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from smartsplit.errors import SmartSplitError
+from smartsplit.errors import SmartSplitError, check_argument
 
 
 class _Section(BaseModel):
@@ -254,9 +254,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> Config:
-    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
-        raise SmartSplitError(f"overrides must be a list of 'key=value' strings (e.g. ['training.rounds=5']), not "
-                              f"{overrides!r:.80}")
+    check_argument("build_config", "raw", raw, dict)
+    check_argument("build_config", "overrides", overrides, items=str)  # 'key=value' strings, e.g. ['training.rounds=5']
     raw = copy.deepcopy(raw)  # overrides must not reach into the caller's nested mappings
     for key, value in parse_overrides(list(overrides)):
         _set_path(raw, key, value)
@@ -288,6 +287,8 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    check_argument("load_config", "path", path, str, Path)
+    check_argument("load_config", "overrides", overrides, items=str)
     path = Path(path)
     if not path.is_file():
         raise SmartSplitError(f"config file {path} not found")

@@ -21,6 +21,7 @@ class DeviceReport:
     budget_mb: float  # the least memory it was allowed during the round
     peak_predicted_mb: float
     peak_measured_mb: float | None  # by the memory meter; None when nothing measured
+    held_mb: float | None  # the most its role held at a step's end (weights, gradients, optimizer state), walked
     micro_batches: list[int]
     oom_events: int
     replans: int
@@ -80,6 +81,8 @@ class RoundRecord:
     latency_s: float  # simulated seconds of the round
     clock_s: float  # simulated seconds since the run started
     wall_s: float  # wall-clock seconds of the round (across processes when deployed)
+    empty: str | None = None  # why nobody trained this round (None: somebody finished a step)
+    idle_s: float = 0.0  # simulated seconds an empty round waited for a device to come online or a budget to change
     faults: dict[str, int] | None = None  # deployed runs: what went wrong this round, by kind (None: nothing)
     wire: dict[str, int] | None = None  # deployed runs: bytes that crossed device-edge links, by kind
     devices: list[DeviceReport] = field(default_factory=list)

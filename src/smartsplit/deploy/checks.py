@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from smartsplit.errors import SmartSplitError
+from smartsplit.kernels.structure import one_at_a_time
 from smartsplit.messages import Activation, Gradient, UnitHandoff, Update
 
 StateShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -48,7 +49,7 @@ class ModelShapes:
         states = tuple({k: (tuple(v.shape), v.dtype) for k, v in unit.state_dict().items()} for unit in architecture)
         outputs, dtypes, h = [], [], torch.zeros((1, *input_shape))
         with torch.no_grad():
-            for unit in architecture:
+            for unit in one_at_a_time(architecture):  # a device's structure: never all units at once
                 h = unit(h)
                 outputs.append(tuple(h.shape[1:]))
                 dtypes.append(h.dtype)

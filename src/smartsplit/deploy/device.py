@@ -94,7 +94,7 @@ class _Device:
             return  # a reconnection: the role (and any round under way) carries on
         config = build_config(yaml.safe_load(info["config"]), source=f"the config the edge sent device {self.id}")
         train = _own_examples(info)
-        architecture = build_architecture(config, train)
+        architecture = build_architecture(config, train, structure_only=True)  # no weights: they come each round
         meter = start_meter(config) if config.meter else None
         optimizer = typed(OptimizerSpec, info["optimizer"], "the welcome's optimizer")
         profiles = ProfileCache(meter, (optimizer.name, optimizer.lr, optimizer.momentum))

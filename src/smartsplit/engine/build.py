@@ -28,6 +28,7 @@ from smartsplit.fleet import (
     on_off_trace,
     sample_fleet,
 )
+from smartsplit.kernels.structure import structure_of
 from smartsplit.machine import one_line
 from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo
 from smartsplit.meter.heap import HeapMeter, MeterUnavailable, ShippedFigures, shim_path
@@ -128,16 +129,22 @@ def _check_on_data(model: nn.Sequential, data: Dataset, name: str) -> None:
                               f"(batch, {data.num_classes}), one score per class of {data.name}")
 
 
-def build_architecture(config: Config, train: Dataset) -> nn.Sequential:
-    """The config's model for ``train``'s examples, checked on two of them (seeded weights)."""
-    model = _named("model.name", build_model)(
-        config.model.name,
-        in_channels=train.shape[0],
-        num_classes=train.num_classes,
-        width=config.model.width,
-        input_size=train.shape[1],
-        seed=config.seed,
-    )
+def build_architecture(config: Config, train: Dataset, *, structure_only: bool = False) -> nn.Sequential:
+    """The config's model for ``train``'s examples, checked on two of them (seeded weights). ``structure_only``:
+    its structure, parameters on the meta device and never allocated (a device's: the weights it trains come in
+    each round's instructions, and the server checked the model on data)."""
+    build = _named("model.name", build_model)
+    args = dict(in_channels=train.shape[0], num_classes=train.num_classes, width=config.model.width,
+                input_size=train.shape[1], seed=config.seed)
+    if structure_only:
+        try:
+            with torch.device("meta"):
+                return structure_of(build(config.model.name, **args))
+        except Exception as exc:  # noqa: BLE001 - a model whose construction needs real tensors is built, then let go
+            log.info("model.name %r cannot be built on the meta device (%s): built once and let go",
+                     config.model.name, type(exc).__name__)
+            return structure_of(build(config.model.name, **args))
+    model = build(config.model.name, **args)
     _check_on_data(model, train, config.model.name)
     return model
 

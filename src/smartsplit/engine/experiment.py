@@ -20,7 +20,7 @@ from smartsplit.engine.build import (
 from smartsplit.engine.forecast import Forecast
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.kernels.aggregate import all_finite
-from smartsplit.errors import SmartSplitError
+from smartsplit.errors import SmartSplitError, check_argument
 from smartsplit.fleet import Device
 from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.memory.model import optimizer_slots
@@ -59,6 +59,8 @@ class Experiment:
 
     def __init__(self, config: Config, strategy: Strategy | None = None, meter: HeapMeter | None = None,
                  executor: RoundExecutor | None = None) -> None:
+        check_argument("Experiment", "config", config, Config)
+        check_argument("Experiment", "meter", meter, HeapMeter, type(None))
         self.config = config
         self.meter = meter if meter is not None else start_meter(config) if config.meter else None
         self._owns_meter = meter is None
@@ -102,6 +104,7 @@ class Experiment:
         self._device_roles: dict[int, DeviceRole] = {}  # likewise: a fleet's memory grows with the devices used
         self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edge_specs))]
         self.clock_s = 0.0  # simulated time since the experiment started
+        self.stopped: str | None = None  # why the run ended before its last round (nobody can train)
 
     def manager(self, device_id: int) -> OnDeviceManager:
         """The device's on-device manager: its role plans with it, and the central server predicts its plans with
@@ -197,12 +200,57 @@ class Experiment:
         outcome = (self.executor or Experiment.train_here)(self, device_instructions, edge_instructions, observer)
         latency = max((r.finish_s for r in outcome.reports), default=0.0)
         self.clock_s += latency
-        evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds
+        empty, idle = self._empty(rnd, plan, candidates, outcome), 0.0
+        if empty is not None and latency == 0.0:
+            idle = self._wait_for_a_change()
+        evaluated = (rnd + 1) % t.eval_every == 0 or rnd + 1 == t.rounds or self.stopped is not None
         updates, results, faults = self._finite_only(rnd, outcome)
         evaluation = self.central.finish_round(rnd, updates, results, evaluated)
         self._check_finite(rnd)
         outcome = dataclasses.replace(outcome, faults=faults)
-        return self._record(rnd, plan, candidates, outcome, evaluation, latency, decision, time.perf_counter() - started)
+        record = self._record(rnd, plan, candidates, outcome, evaluation, latency, decision, time.perf_counter() - started)
+        return dataclasses.replace(record, empty=empty, idle_s=idle)
+
+    def _empty(self, rnd: int, plan: RoundPlan, candidates: list[Candidate], outcome: RoundOutcome) -> str | None:
+        """Why nobody trained this round (None: somebody finished a step), said in the log."""
+        reports = outcome.reports
+        if any(r.steps for r in reports):
+            return None
+        if not candidates:
+            reason = f"no device online (all {len(self.devices)} offline)"
+        elif not plan.assignments:
+            reason = (f"no online device picked: {plan.excluded} of {len(candidates)} excluded (no cut fits their "
+                      "budget forecast)" if plan.excluded else f"the strategy picked none of {len(candidates)} online devices")
+        else:
+            oom = sum(1 for r in reports if r.oom_events)
+            dropped = sum(1 for r in reports if r.dropped_out)
+            reason = (f"none of the {len(reports)} assigned devices finished a step ({oom} out of memory, {dropped} "
+                      f"dropped out, {len(reports) - oom - dropped} found no plan that fits before the round ended)")
+        log.warning("round %d trained nobody: %s", rnd + 1, reason)
+        return reason
+
+    def _wait_for_a_change(self) -> float:
+        """Move the clock on to the next moment a device comes online or a budget forecast changes (the seconds
+        waited); when there is none, nobody will ever train: ``stopped`` says so and the run ends."""
+        now = self.clock_s
+        window = self.config.fleet.budgets.forecast_window_s
+        moments = []
+        for device in self.devices:
+            moments.append(self.availability[device.id].online_from(now))
+            trace = self.traces[device.id]
+            moments.append(trace.next_change(now))  # a change enters the forecast's window ...
+            left = trace.next_change(now - window)
+            moments.append(left + window if left is not None else None)  # ... and later leaves it
+        later = [m for m in moments if m is not None and m > now]
+        if not later:
+            self.stopped = ("no device can ever train: none comes online again and no budget changes after "
+                            f"{now:.0f} s simulated; change fleet.availability or fleet.budgets")
+            log.error("%s: %s", self.config.name, self.stopped)
+            return 0.0
+        self.clock_s = min(later)
+        log.warning("the clock moves %.1f s on, to %.1f s, when a device comes online or a budget changes",
+                    self.clock_s - now, self.clock_s)
+        return self.clock_s - now
 
     def _finite_only(self, rnd: int, outcome: RoundOutcome) -> tuple[list[list[Update]], list[DeviceResult], dict]:
         """The round's updates without those holding NaN or infinity (a diverging device or edge copy), the
@@ -318,5 +366,8 @@ class Experiment:
         return state["rounds_done"]
 
     def rounds(self, start: int = 0) -> Iterator[RoundRecord]:
+        """One record per round from ``start``; fewer when nobody can ever train again (``stopped`` says why)."""
         for rnd in range(start, self.config.training.rounds):
             yield self.run_round(rnd)
+            if self.stopped is not None:
+                return

@@ -240,6 +240,15 @@ class AvailabilityTrace:
     def online_at(self, t: float) -> bool:
         return self.online[max(bisect.bisect_right(self.times_s, t) - 1, 0)]
 
+    def online_from(self, t: float) -> float | None:
+        """The first moment at or after ``t`` the device is online; None if it never is again."""
+        if self.online_at(t):
+            return t
+        for j in range(bisect.bisect_right(self.times_s, t), len(self.times_s)):
+            if self.online[j]:
+                return self.times_s[j]
+        return None
+
     def offline_from(self, t: float) -> float | None:
         """The first moment at or after ``t`` the device is offline; None if it stays online."""
         if not self.online_at(t):

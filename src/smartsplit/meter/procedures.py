@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from smartsplit.kernels.step import backward_into, device_forward, make_optimizer
+from smartsplit.kernels.structure import with_stand_ins
 from smartsplit.meter.heap import Heap
+
+
+def _units(blob: bytes):
+    """The units sent to measure; a device's structure (no weights) gets stand-ins: memory does not depend on them."""
+    return with_stand_ins(pickle.loads(blob))
 
 
 def device_step(units, x, y, opt, micro_batch, segments, to_edge, returned_gen) -> None:
@@ -47,7 +53,7 @@ def step_peak(heap: Heap, blob, input_shape, batch, micro_batch, segments, optim
     # Two steps of a throw-away copy first: what the process keeps after its first steps of a shape or a plan
     # (oneDNN's primitive cache, autograd's engine, and a one-time growth of about 2 MB seen with non-reentrant
     # checkpointing in its first few hundred calls) is the runtime's footprint, not the step's.
-    units = pickle.loads(blob)
+    units = _units(blob)
     opt = make_optimizer(list(units.parameters()), *optimizer)
     for _ in range(2):
         device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
@@ -55,7 +61,7 @@ def step_peak(heap: Heap, blob, input_shape, batch, micro_batch, segments, optim
     gc.collect()
     heap.settle()
     base = heap.live()
-    units = pickle.loads(blob)
+    units = _units(blob)
     opt = make_optimizer(list(units.parameters()), *optimizer)
     for _ in range(warmup):
         device_step(units, x, y, opt, micro_batch, segments, to_edge, g)
@@ -146,7 +152,7 @@ def _measure_unit(heap: Heap, u, x, opt, g, base: int) -> dict:
 
 def unit_costs(heap: Heap, blob, input_shape, micro_batch, optimizer) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    units = pickle.loads(blob)
+    units = _units(blob)
     h = torch.randn((micro_batch, *input_shape), generator=g)
     rows = []
     for index, unit in enumerate(units):

@@ -14,6 +14,7 @@ from torch import nn
 
 from smartsplit.meter.heap import HeapMeter, UnitCost, cached_json, structure, torch_version
 from smartsplit.kernels.saved import count_saved_bytes
+from smartsplit.kernels.structure import one_at_a_time
 
 
 BACKWARD_FLOPS = 2  # a unit's backward costs about twice its forward FLOPs
@@ -129,13 +130,12 @@ def _unit_rows(units: nn.Sequential, input_shape: tuple[int, ...], batch: int, d
     from torch.utils.flop_counter import FlopCounterMode  # its first use costs seconds: only on a cache miss
 
     x = torch.randn((batch, *input_shape), dtype=dtype, generator=torch.Generator().manual_seed(0))
-    params = list(units.parameters())
     rows = []
     with torch.enable_grad():
         h = x
-        for i, unit in enumerate(units, start=1):
+        for i, unit in enumerate(one_at_a_time(units), start=1):  # a device's structure: never all units at once
             flop_counter = FlopCounterMode(display=False)
-            with count_saved_bytes(exclude=params) as saved, flop_counter:
+            with count_saved_bytes(exclude=list(unit.parameters())) as saved, flop_counter:
                 out = unit(h)
             boundary = {_storage(h): _nbytes(h), _storage(out): _nbytes(out)}
             internal = saved.total - sum(n for key, n in boundary.items() if key in saved.seen)
@@ -150,7 +150,7 @@ def _unit_rows(units: nn.Sequential, input_shape: tuple[int, ...], batch: int, d
                 flops=int(flop_counter.get_total_flops()),
                 input_bytes=_nbytes(h),
             ))
-            h = out
+            h = out.detach().requires_grad_(out.requires_grad)  # the same storage, without the graph of the units before
     return rows
 
 

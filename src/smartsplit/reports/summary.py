@@ -31,6 +31,8 @@ class RunSummary:
     target_accuracy: float | None
     to_target: dict | None  # {"round", "clock_s"} of the first round at or above the target
     wall_s: float | None
+    empty_rounds: int = 0  # rounds in which nobody trained (each says why in metrics.jsonl)
+    stopped: str | None = None  # why the run ended before its last round
     run_dir: str | None = None
     profiles: dict | None = None  # which memory profiles the run planned from (engine.build.profile_sources)
 
@@ -40,12 +42,12 @@ class RunSummary:
 
 def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed: int | None, fleet_size: int | None,
               target: float | None = None, wall_s: float | None = None, run_dir: str | None = None,
-              profiles: dict | None = None) -> RunSummary:
+              profiles: dict | None = None, stopped: str | None = None) -> RunSummary:
     n = max(len(records), 1)
     evaluated = [r for r in records if r.accuracy is not None]
     reached = next((r for r in evaluated if target is not None and r.accuracy >= target), None)
     peaks = [p for r in records for p in r.peak_measured_mb or [] if p is not None]
-    latencies = [r.latency_s for r in records]
+    latencies = [r.latency_s for r in records if r.empty is None]  # an empty round has no latency to compare
     participation = None
     if fleet_size:
         participation = sum(1 - ((r.excluded or 0) + (r.offline or 0)) / fleet_size for r in records) / n
@@ -61,7 +63,8 @@ def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed:
         max_peak_measured_mb=max(peaks, default=0.0),
         mean_round_latency_s=sum(latencies) / max(len(latencies), 1),
         peak_round_latency_s=max(latencies, default=0.0),
-        simulated_time_s=sum(latencies),
+        simulated_time_s=sum(r.latency_s + r.idle_s for r in records),
+        empty_rounds=sum(r.empty is not None for r in records),
         oom_events=sum(r.oom_events or 0 for r in records),
         pauses=sum(r.pauses or 0 for r in records),
         dropouts=sum(r.dropouts or 0 for r in records),
@@ -71,9 +74,21 @@ def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed:
         target_accuracy=target,
         to_target={"round": reached.round, "clock_s": reached.clock_s} if reached else None,
         wall_s=wall_s,
+        stopped=stopped,
         run_dir=run_dir,
         profiles=profiles,
     )
+
+
+def result_line(summary: RunSummary) -> str:
+    """The run's last line on the console: its accuracy, rounds, rounds nobody trained in, and where it stopped."""
+    accuracy = "none (never evaluated)" if summary.final_accuracy is None else f"{summary.final_accuracy:.4f}"
+    line = f"final accuracy {accuracy} after {summary.rounds} rounds; results in {summary.run_dir}"
+    if summary.empty_rounds:
+        line += f"\nwarning: nobody trained in {summary.empty_rounds} of the {summary.rounds} rounds (metrics.jsonl: empty)"
+    if summary.stopped:
+        line += f"\nthe run stopped early: {summary.stopped}"
+    return line
 
 
 def profiles_line(sources: Sequence[dict | None]) -> str:

@@ -10,7 +10,6 @@ takes the edge's ``Gradient``; the memory guard stops a forward that saves more 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,9 +21,11 @@ from torch import nn
 
 from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import unit_state, unit_states
+from smartsplit.kernels.structure import materialise, structure_of
 from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
+from smartsplit.meter.held import held_bytes
 from smartsplit.kernels.saved import DeviceOutOfMemory, count_saved_bytes
 from smartsplit.records import MB, DeviceReport
 from smartsplit.messages import (
@@ -76,6 +77,7 @@ class RoundTally:
     min_budget: int | None = None  # the lowest budget it planned at
     peak_predicted: int = 0
     peak_measured: int | None = None
+    held: int | None = None  # the most the role held at a step's end (``meter.held``)
     micro_batches: set[int] = field(default_factory=set)
     oom_events: int = 0
     replans: int = 0
@@ -98,6 +100,7 @@ class RoundTally:
             budget_mb=round(budget / MB, 3),
             peak_predicted_mb=round(self.peak_predicted / MB, 3),
             peak_measured_mb=round(self.peak_measured / MB, 3) if self.peak_measured is not None else None,
+            held_mb=round(self.held / MB, 3) if self.held is not None else None,
             micro_batches=sorted(self.micro_batches),
             oom_events=self.oom_events,
             replans=self.replans,
@@ -188,8 +191,8 @@ def local_batches(
 
 
 class DeviceRole:
-    """One device. ``architecture`` is the model's structure (its weights are never read: every round's come
-    in the instructions); ``data[shard]`` is the device's own data; ``measure(plan)`` is its memory meter (the
+    """One device. ``architecture`` is the model's structure (kept on the meta device: the weights of the units it
+    trains come in each round's instructions, and it never holds the others); ``data[shard]`` is the device's own data; ``measure(plan)`` is its memory meter (the
     peak of one step under ``plan``), or None where no meter runs."""
 
     def __init__(
@@ -202,7 +205,7 @@ class DeviceRole:
         self.shard = shard
         self.trace = trace
         self.manager = manager
-        self.architecture = architecture
+        self.architecture = structure_of(architecture)  # shapes only: a device holds the weights it trains
         self.optimizer = optimizer
         self.batch_size, self.local_steps, self.local_epochs = batch_size, local_steps, local_epochs
         self.measure = measure
@@ -216,9 +219,7 @@ class DeviceRole:
 
     def start_round(self, instructions: RoundInstructions, observer: StepObserver | None = None) -> list[int]:
         """Load units 1..cut from the instructions; the number of examples of each local step this round."""
-        units = copy.deepcopy(self.architecture[: instructions.cut])
-        for index, state in instructions.weights.items():
-            units[index - 1].load_state_dict(state)
+        units = materialise(self.architecture[: instructions.cut], instructions.weights)  # the message's tensors
         batches = self.local_batches(instructions)
         opt = make_optimizer(list(units.parameters()), self.optimizer.name, self.optimizer.lr, self.optimizer.momentum)
         self.manager.checkpointing = instructions.checkpointing
@@ -331,6 +332,9 @@ class DeviceRole:
         for index, unit in enumerate(r.units[: r.cut], start=1):
             if r.observer is not None:
                 r.observations.append((r.step, index, r.observer.observe(index, unit)))
+        held = held_bytes([r.units], [t for state in r.instructions.weights.values() for t in state.values()],
+                          r.optimizer)
+        r.held = max(r.held or 0, held)
         if self.measure is not None:
             measured = self.measure(r.plan)
             r.peak_measured = max(r.peak_measured or 0, measured)
@@ -375,9 +379,7 @@ class DeviceRole:
     def take_back(self, handoff: UnitHandoff) -> None:
         """Units the edge trained for this device since it handed them over, rebuilt from what it returns."""
         for index, state in handoff.weights.items():
-            unit = copy.deepcopy(self.architecture[index - 1])
-            unit.load_state_dict(state)
-            self._state.units[index - 1] = unit
+            self._state.units[index - 1] = materialise(self.architecture[index - 1 : index], {1: state})[0]
 
     # ---- the round's end
 

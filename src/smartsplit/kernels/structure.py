@@ -1,0 +1,67 @@
+"""A model's structure without its weights, and units made real from it one at a time.
+
+A device keeps only the structure of the model (``structure_of``: its parameters on PyTorch's meta device, which
+have shapes and dtypes but no storage) and makes the units it trains real from the weights a message carries
+(``materialise``): it never holds units beyond its cut. ``with_stand_ins`` gives a structure seeded stand-in
+weights, and ``one_at_a_time`` each unit so, for work that needs a forward (profiling, shapes, the memory meter's
+steps) without holding the whole model at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+def structure_of(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (buffers, small and untrained, stay as they
+    are); ``model`` itself when it already is one. Its weights are never allocated, not even for a moment."""
+    if is_structure(model):
+        return model
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def is_structure(model: nn.Module) -> bool:
+    """Every parameter of ``model`` is on the meta device (a model without parameters is one too)."""
+    return all(p.is_meta for p in model.parameters())
+
+
+def materialise(units: nn.Module, states: Mapping[int, Mapping[str, torch.Tensor]]) -> nn.Module:
+    """A real copy of a chain's ``units`` (a structure or a real model), its unit ``i`` (1-based in ``units``)
+    holding ``states[i]``: the tensors themselves, not copies, so a message's weights become the unit's once
+    loaded. Every parameter must be given (a unit missing from ``states`` keeps its own weights only if they are
+    real)."""
+    real = copy.deepcopy(units)
+    for index, state in states.items():
+        real[index - 1].load_state_dict(state, assign=True)
+    left = [name for name, p in real.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"no weights for {', '.join(left[:3])}: a unit made from a structure needs its state")
+    return real
+
+
+def with_stand_ins(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """``module`` when it is real, else a copy with seeded stand-in weights: for work whose figures do not depend
+    on the values (profiling a forward, measuring a step's memory)."""
+    if not any(p.is_meta for p in module.parameters()):
+        return module
+    generator = generator or torch.Generator().manual_seed(0)
+    real = copy.deepcopy(module)
+    for name, p in list(real.named_parameters()):
+        if p.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            value = torch.randn(p.shape, dtype=p.dtype, generator=generator) * 0.05
+            real.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=p.requires_grad)
+    return real
+
+
+def one_at_a_time(units: nn.Sequential) -> Iterator[nn.Module]:
+    """Each unit of ``units``, real (``with_stand_ins``), made one at a time: the whole model is never held."""
+    generator = torch.Generator().manual_seed(0)
+    for unit in units:
+        yield with_stand_ins(unit, generator)
