@@ -54,7 +54,7 @@ DEPLOYED_ONLY = {"wall_s", "faults", "wire"}
 def write_config(folder: Path, **changes) -> Path:
     config = {**TINY, "output_dir": str(folder / "runs")}
     for section, values in changes.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -541,3 +541,25 @@ def test_a_deployed_devices_footprint_holds_no_model(tmp_path):
         del device
     assert params[2.5] > 10 * params[0.25] and params[2.5] > 4_000_000
     assert growth[2.5] - growth[0.25] < 0.01 * (params[2.5] - params[0.25]), (growth, params)
+
+
+def test_a_free_running_deployment_measures_its_rounds_on_shaped_links(tmp_path):
+    """``deployment.pace: free``: devices train at their own pace over links shaped to their class (a wearable's
+    is slower than an entry phone's), the edge serves steps as they arrive, and the round's latency is measured by
+    the wall clock. The links' emulated time is a floor under each device's measured round."""
+    config = write_config(tmp_path, fleet={"devices": 4, "classes": {"phone-entry": 0.5, "wearable": 0.5}},
+                          deployment={"pace": "free", "shape_links": True, "time_scale": 1.0}, meter=False)
+    done = cli("launch", str(config), "--local", "--out", str(tmp_path / "free"), "--quiet")
+    assert done.returncode == 0, done.stderr + "\n".join(
+        p.read_text()[-3000:] for p in sorted((tmp_path / "free" / "logs").glob("*.log")))
+    simulated = cli("run", str(config), "--out", str(tmp_path / "simulated"), "--quiet")
+    assert simulated.returncode == 0, simulated.stderr
+    free, sim = records(tmp_path / "free"), records(tmp_path / "simulated")
+    assert len(free) == 2
+    for measured, predicted in zip(free, sim):
+        assert measured["participants"] == 4 and measured["dropouts"] == 0
+        assert measured["latency_s"] == max(d["finish_s"] for d in measured["devices"]) > 0
+        for d, p in zip(measured["devices"], predicted["devices"]):
+            assert d["device"] == p["device"] and d["steps"] == p["steps"] == 3
+            # the link's share of the simulated round (transfers and latencies) is paid for real, at least
+            assert d["finish_s"] >= 0.9 * p["comm_s"], (d, p)

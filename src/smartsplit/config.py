@@ -182,6 +182,20 @@ class EdgeConfig(_Section):
         return list(self.gflops) if isinstance(self.gflops, list) else [self.gflops] * self.servers
 
 
+class DeploymentConfig(_Section):
+    """How a deployment (``smartsplit launch``, ``server``) paces its rounds. ``lockstep``: devices follow the
+    simulated clock and the run equals the embedded engine's. ``free``: devices run at their own pace, each
+    edge serves their steps in the order they arrive (a real queue), and round times are measured by the wall
+    clock (in the fleet's seconds: wall seconds divided by ``time_scale``)."""
+
+    pace: Literal["lockstep", "free"] = "lockstep"
+    round_wall_s: float = Field(600.0, gt=0)  # free: a round's wall-clock deadline; a device still training stops
+    time_scale: float = Field(1.0, gt=0)  # free: wall seconds per second of the fleet's time (traces, links)
+    # emulate each device's link in the link layer: every message waits its transfer time at the device class's
+    # bandwidth, plus edge.latency_s, times time_scale
+    shape_links: bool = False
+
+
 class Config(_Section):
     name: str = "experiment"  # the run's folder inside output_dir
     seed: int = Field(0, ge=0)
@@ -191,6 +205,7 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     output_dir: str = "runs"
     target_accuracy: float | None = Field(None, gt=0, le=1)  # reports rounds and simulated time to reach it
     # torch threads per run: results depend on it (reduction order), so it is part of the config; the

@@ -24,16 +24,17 @@ import numpy as np
 import torch
 import yaml
 
-from smartsplit.config import Config, build_config
+from smartsplit.config import Config, DeploymentConfig, build_config
 from smartsplit.deploy import smartsplit_pb2_grpc as rpc
 from smartsplit.deploy.certs import identity_of
-from smartsplit.deploy.link import claimed, open_channel, peer_identity, start_server
+from smartsplit.deploy.link import ShapedLink, claimed, open_channel, peer_identity, start_server
 from smartsplit.deploy.checks import (
     OBSERVATION_NUMBERS, Impersonation, Malformed, ModelShapes, check_int, check_number, check_observations,
     check_sender,
 )
 from smartsplit.deploy.wire import Reassembly, WireError, decode, encode, frames, plain, typed
-from smartsplit.engine.round import Participant, train_round
+from smartsplit.engine.freerun import run_free
+from smartsplit.engine.round import Participant, assemble, train_round
 from smartsplit.errors import DeviceLost, SmartSplitError
 from smartsplit.fleet import AvailabilityTrace, Device
 from smartsplit.fleet.clock import EdgeSpec
@@ -255,6 +256,12 @@ def _identity(name: str | None) -> tuple[str | None, int | None]:
         return None, None
 
 
+# the calls whose messages carry what a real device's link would (weights, activations, gradients, updates):
+# only these pay the link's latency when links are shaped; the rest stand for work a real device does at home
+_DATA_DOWN = frozenset({"start_round", "backward", "take_back"})
+_DATA_UP = frozenset({"forward", "plan_step", "finish_round"})
+
+
 class RemoteDevice:
     """A device role in another process, as the round engine sees it: each method is a call over its stream.
 
@@ -265,8 +272,9 @@ class RemoteDevice:
     the simulator counts bytes (model weights, activations, gradients)."""
 
     def __init__(self, service: EdgeService, device, timeout_s: float, connect_s: float, faults: Counter,
-                 wire: Counter, shapes: ModelShapes, step_sizes: list[int]) -> None:
+                 wire: Counter, shapes: ModelShapes, step_sizes: list[int], shaper: ShapedLink | None = None) -> None:
         self.service, self.device, self.id = service, device, device.id
+        self.shaper = shaper  # the device's link, emulated (None: as fast as the network here goes)
         self.timeout_s, self.connect_s = timeout_s, connect_s
         self.faults, self.wire = faults, wire
         self.shapes, self.step_sizes = shapes, step_sizes
@@ -289,7 +297,13 @@ class RemoteDevice:
             self._frames_before = dict(self._link.frame_bytes)  # the link outlives the round
         self._link.limit = limit
         try:
-            kind, body = decode(self._link.call(encode("call", {"method": method, "args": args}), self.timeout_s))
+            payload = encode("call", {"method": method, "args": args})
+            if self.shaper is not None:
+                self.shaper.down(payload.ByteSize(), data=method in _DATA_DOWN)
+            reply = self._link.call(payload, self.timeout_s)
+            if self.shaper is not None:
+                self.shaper.up(reply.ByteSize(), data=method in _DATA_UP)
+            kind, body = decode(reply)
             if kind == "error":
                 self._lose("device_errors", f"device {self.id}: {method} failed on the device: {str(body)[:300]}")
             if kind != "reply":
@@ -518,7 +532,8 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
                 return
             if kind == "wait":
                 continue
-            result = _train_round(work, index, role, service, strategy, spec, profile, shapes, timeout_s, connect_s)
+            result = _train_round(work, index, role, service, strategy, spec, profile, shapes, timeout_s, connect_s,
+                                  config.deployment)
             try:
                 central.FinishRound(encode("result", result), metadata=meta)
             except grpc.RpcError as exc:  # the server went away: it hands the round out again when it is back
@@ -556,23 +571,36 @@ def device_view(config: Config) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+def _shaper(device: Device, pace: DeploymentConfig, spec: EdgeSpec) -> ShapedLink | None:
+    if not pace.shape_links:
+        return None
+    return ShapedLink(device.downlink_bytes_per_s, device.uplink_bytes_per_s, spec.latency_s, pace.time_scale)
+
+
 def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, strategy, spec: EdgeSpec,
-                 profile: ModelProfile, shapes: ModelShapes, timeout_s: float, connect_s: float) -> dict:
+                 profile: ModelProfile, shapes: ModelShapes, timeout_s: float, connect_s: float,
+                 pace: DeploymentConfig) -> dict:
     """One round the central server handed out, run by the round engine over this edge's devices (each a
-    ``RemoteDevice``); what the edge sends back: updates, results, faults and bytes on the wire."""
+    ``RemoteDevice``), in lockstep with the simulated clock or at their own pace (``pace``); what the edge sends
+    back: updates, results, faults and bytes on the wire."""
     started = time.perf_counter()
     faults, wire = Counter(), Counter()
     observer = strategy.step_observer() if work["observe"] else None
     role.start_round(work["edge"], observer)
     participants = [
-        Participant(RemoteDevice(service, typed(Device, device, "a round's device"), timeout_s, connect_s, faults, wire,
-                                 shapes, service.step_sizes[instructions.device_id]),
+        Participant(RemoteDevice(service, device, timeout_s, connect_s, faults, wire, shapes,
+                                 service.step_sizes[instructions.device_id], _shaper(device, pace, spec)),
                     instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
-        for instructions, device, availability in work["devices"]
+        for instructions, device, availability in
+        ((i, typed(Device, d, "a round's device"), a) for i, d, a in work["devices"])
     ]
     options = typed(EngineOptions, work["options"], "the round's engine options")
-    outcome = train_round(participants, [role], [spec], profile, start_s=work["start_s"], deadline_s=work["deadline_s"],
-                        options=options, observer=observer)
+    if pace.pace == "free":
+        outcome = assemble(run_free(participants, [role], profile, work["start_s"], pace.round_wall_s, pace.time_scale,
+                                    observer), 1)
+    else:
+        outcome = train_round(participants, [role], [spec], profile, start_s=work["start_s"],
+                              deadline_s=work["deadline_s"], options=options, observer=observer)
     for p in participants:
         wire.update(p.role.frames())
     return {"round": work["round"], "edge": index, "updates": outcome.updates[0], "results": outcome.results,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -100,3 +102,29 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
         if key == IDENTITY_HEADER:
             return value
     return None
+
+
+@dataclass
+class ShapedLink:
+    """A device's link, emulated in the link layer: each message waits the one-way latency plus its transfer time
+    at the link's bandwidth, times ``scale`` (the testbed's wall seconds per second of the fleet's time). The
+    device's stream carries one message at a time, so a sleep per message paces it exactly at the rate, as a token
+    bucket with a one-message burst would. ``busy_s`` adds up the wall seconds spent."""
+
+    down_bytes_per_s: float
+    up_bytes_per_s: float
+    latency_s: float
+    scale: float = 1.0
+    busy_s: float = 0.0
+
+    def down(self, nbytes: int, data: bool = True) -> None:
+        self._wait(nbytes / self.down_bytes_per_s, data)
+
+    def up(self, nbytes: int, data: bool = True) -> None:
+        self._wait(nbytes / self.up_bytes_per_s, data)
+
+    def _wait(self, transfer_s: float, data: bool) -> None:
+        """``data``: a message a real device's link carries pays the latency too; a control call only its bytes."""
+        seconds = self.scale * ((self.latency_s if data else 0.0) + transfer_s)
+        self.busy_s += seconds
+        time.sleep(seconds)
