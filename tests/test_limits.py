@@ -128,3 +128,56 @@ def test_child_under_its_limit_finishes():
     returncode, limit, kills, _ = _run_limited(50, 100, f"test-under-{os.getpid()}")
     assert returncode == 0
     assert kills in (None, 0)
+
+
+# ---------------------------------------------------------------- CPU quotas
+
+CPU_UNAVAILABLE = limits.cpu_quota_unavailable()
+
+# Waits for a line on stdin (sent once it is under its quota), then spins until it has used SECONDS of CPU time.
+SPIN = """
+import sys, time
+seconds = float(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.process_time()
+while time.process_time() - start < seconds:
+    pass
+print("done", flush=True)
+"""
+
+
+@pytest.mark.skipif(CPU_UNAVAILABLE is not None, reason=CPU_UNAVAILABLE or "")
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_a_process_under_a_cpu_quota_takes_as_long_as_the_quota_says(share: float) -> None:
+    """0.3 s of CPU work under a quota of ``share`` of a core takes about 0.3 / share seconds of wall time (the
+    scheduler throttles it per 100 ms period: within a period or so, and a busy machine only adds)."""
+    import time
+
+    work_s = 0.3
+    child = subprocess.Popen([sys.executable, "-c", SPIN, str(work_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    quota = None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        quota = limits.limit_cpu(child.pid, share, name=f"test-cpu-{child.pid}")
+        assert quota.share == pytest.approx(share)
+        started = time.monotonic()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        wall = time.monotonic() - started
+    finally:
+        child.kill()
+        child.wait()
+        if quota is not None:
+            quota.remove()
+    expected = work_s / share
+    assert expected - 0.1 <= wall <= 2.0 * expected + 0.3, (wall, expected)
+
+
+def test_cpu_quotas_refuse_bad_shares_and_names() -> None:
+    with pytest.raises(SmartSplitError, match="CPU share"):
+        limits.limit_cpu(os.getpid(), 0.0, name="zero")
+    with pytest.raises(SmartSplitError, match="cgroup name"):
+        limits.limit_cpu(os.getpid(), 0.5, name="a/b")

@@ -84,8 +84,9 @@ def _mounts() -> list[tuple[str, Path, str, str]]:
     return mounts
 
 
-def _own_cgroup() -> _Cgroup | None:
-    """This process's memory cgroup: v2 if its memory controller is enabled there, else v1; None if neither."""
+def _own_cgroup(controller: str = "memory") -> _Cgroup | None:
+    """This process's cgroup for ``controller`` (memory, cpu): v2 if the controller is enabled there, else v1;
+    None if neither."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -95,18 +96,18 @@ def _own_cgroup() -> _Cgroup | None:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             v2_path = path
-        elif "memory" in controllers.split(","):
+        elif controller in controllers.split(","):
             v1_path = path
     found = {}
     for root, point, fstype, options in _mounts():
         if fstype == "cgroup2" and v2_path is not None:
             found.setdefault(2, (_under(point, root, v2_path), point))
-        elif fstype == "cgroup" and v1_path is not None and "memory" in options.split(","):
+        elif fstype == "cgroup" and v1_path is not None and controller in options.split(","):
             found.setdefault(1, (_under(point, root, v1_path), point))
     if 2 in found:
         path, mount = found[2]
         try:
-            if "memory" in (path / "cgroup.controllers").read_text().split():
+            if controller in (path / "cgroup.controllers").read_text().split():
                 return _Cgroup(path, mount, 2)
         except OSError:
             pass
@@ -208,36 +209,42 @@ class FixedBudget:
 # ---------------------------------------------------------------- enforcement
 
 
-def _usable_cgroup() -> tuple[_Cgroup | None, str | None]:
-    """This process's memory cgroup where children with a memory limit can be made in it, else a reason."""
+# per controller and cgroup version: the file a child's limit is written to, and a harmless value to try
+_LIMIT_FILES = {("memory", 2): ("memory.max", str(1 << 40)), ("memory", 1): ("memory.limit_in_bytes", str(1 << 40)),
+                ("cpu", 2): ("cpu.max", "max 100000"), ("cpu", 1): ("cpu.cfs_quota_us", "-1")}
+
+
+def _usable_cgroup(controller: str = "memory") -> tuple[_Cgroup | None, str | None]:
+    """This process's cgroup for ``controller`` where children with a limit can be made in it, else a reason."""
     if not sys.platform.startswith("linux"):
-        return None, f"not Linux ({sys.platform}): kernel memory limits need Linux cgroups"
-    group = _own_cgroup()
+        return None, f"not Linux ({sys.platform}): kernel {controller} limits need Linux cgroups"
+    group = _own_cgroup(controller)
     if group is None:
-        return None, "no cgroup memory controller is mounted (neither cgroup v2 with memory nor cgroup v1 memory)"
+        return None, f"no cgroup {controller} controller is mounted (neither cgroup v2 with {controller} nor v1 {controller})"
     if not os.access(group.path, os.W_OK):
         who = "not running as root and " if os.geteuid() != 0 else ""
         return None, f"{who}cgroup folder {group.path} is not writable"
     if group.version == 2:
         control = group.path / "cgroup.subtree_control"
         try:
-            if "memory" not in control.read_text().split():
-                control.write_text("+memory")
+            if controller not in control.read_text().split():
+                control.write_text(f"+{controller}")
         except OSError as exc:
-            return None, (f"cannot enable the memory controller for children of {group.path} "
+            return None, (f"cannot enable the {controller} controller for children of {group.path} "
                           f"({exc.strerror or exc}; a cgroup v2 folder that holds processes cannot)")
     probe = group.path / f"smartsplit-probe-{os.getpid()}"
+    name, value = _LIMIT_FILES[controller, group.version]
     try:
         probe.mkdir(exist_ok=True)
         try:
-            limit_file = probe / ("memory.max" if group.version == 2 else "memory.limit_in_bytes")
+            limit_file = probe / name
             if not limit_file.exists():
                 return None, f"a child cgroup of {group.path} has no {limit_file.name}"
-            limit_file.write_text(str(1 << 40))
+            limit_file.write_text(value)
         finally:
             probe.rmdir()
     except OSError as exc:
-        return None, f"cannot create a child memory cgroup in {group.path} ({exc.strerror or exc})"
+        return None, f"cannot create a child {controller} cgroup in {group.path} ({exc.strerror or exc})"
     return group, None
 
 
@@ -352,3 +359,53 @@ def enforce_budget(limit_bytes: int, pid: int | None = None, name: str | None = 
         reason = exc.strerror or exc
         raise SmartSplitError(f"cannot put process {pid} under a memory limit in {path} ({reason})") from None
     return MemoryLimit(path, _read_int(limit_file) or int(limit_bytes), group.version, base)
+
+
+# ---------------------------------------------------------------- CPU
+
+
+CPU_PERIOD_US = 100_000  # the scheduler period a quota is given in (the kernel's default)
+
+
+def cpu_quota_unavailable() -> str | None:
+    """None where this process can put a process under a CPU quota (a child cgroup of its own cpu cgroup, v2
+    ``cpu.max`` or v1 ``cpu.cfs_quota_us``), else a one-line reason. Tries for real, like ``enforcement_unavailable``."""
+    return _usable_cgroup("cpu")[1]
+
+
+@dataclass(frozen=True)
+class CpuQuota:
+    """A child cpu cgroup at ``path`` letting its processes run ``share`` of one core (a quota per period)."""
+
+    path: Path
+    share: float
+
+    def remove(self) -> None:
+        """Remove the cgroup once its processes have exited (a cgroup still holding one stays)."""
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+def limit_cpu(pid: int, share: float, name: str) -> CpuQuota:
+    """Put process ``pid`` (all its threads, and children it starts later) under a CPU quota of ``share`` of one
+    core: at most ``share * CPU_PERIOD_US`` microseconds of CPU time every period, enforced by the scheduler."""
+    if not 0 < share <= 64:
+        raise SmartSplitError(f"a CPU share must be in (0, 64] cores, got {share}")
+    if not name or "/" in name or name in (".", ".."):
+        raise SmartSplitError(f"bad cgroup name {name!r}: needs a non-empty name without '/'")
+    group, reason = _usable_cgroup("cpu")
+    if group is None:
+        raise SmartSplitError(f"cannot set a CPU quota: {reason}")
+    quota = max(int(share * CPU_PERIOD_US), 1000)  # the kernel's least quota is 1 ms
+    path = group.path / f"smartsplit-{name}"
+    try:
+        path.mkdir(exist_ok=True)
+        if group.version == 2:
+            (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        else:
+            (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(quota))
+        (path / "cgroup.procs").write_text(str(int(pid)))
+    except OSError as exc:
+        raise SmartSplitError(f"cannot put process {pid} under a CPU quota in {path} ({exc.strerror or exc})") from None
+    return CpuQuota(path, quota / CPU_PERIOD_US)
