@@ -177,3 +177,43 @@ def test_the_public_api_names_an_argument_of_the_wrong_type(call, message) -> No
 
     with pytest.raises(SmartSplitError, match=message):
         call(smartsplit, build_config(copy.deepcopy(TINY)))
+
+
+def test_learned_profiles_move_each_devices_predicted_round_toward_what_it_measured() -> None:
+    """fleet.profiles: learned. Here the clock model's forecast overestimates a device whose last local batch is
+    short; the reports (the simulator's times, as a device's would be measured ones) pull the prediction toward them
+    round by round, while the catalog's stays where it was. The estimates are part of the resumable state."""
+    from smartsplit.engine.learned import LearnedProfiles
+    from smartsplit.records import DeviceReport
+
+    from test_config_cli import TINY as SHORT_LAST_BATCH  # 15 examples a device, batches of 8: the second is short
+
+    def errors(profiles: str) -> tuple[list[float], Experiment]:
+        raw = copy.deepcopy(SHORT_LAST_BATCH)
+        raw["fleet"] = {**raw["fleet"], "profiles": profiles, "devices": 6}
+        raw["training"] = {**raw["training"], "rounds": 4, "devices_per_round": 3}
+        experiment = Experiment(build_config(raw))
+        out = []
+        for record in experiment.rounds():
+            finish = {d.device: d.finish_s for d in record.devices}
+            out.append(max(abs(a["predicted_round_s"] / finish[a["device"]] - 1) for a in record.decision["assignments"]))
+        return out, experiment
+
+    catalog, _ = errors("catalog")
+    learned, experiment = errors("learned")
+    assert catalog[0] == learned[0] > 0.05 and catalog[-1] == catalog[0]  # the same first plan, the same bias
+    assert learned[-1] < learned[0] / 2
+    assert experiment.state_dict(4)["learned"] == {str(k): v for k, v in experiment.learned.factors.items()}
+
+    slow = LearnedProfiles()
+    fields = dict(device_class="c", cut=2, final_cut=2, budget_mb=1.0, peak_predicted_mb=1.0, peak_measured_mb=None,
+                  held_mb=None, micro_batches=[8], oom_events=0, replans=0, cut_moves=0, pauses=0, dropped_out=False,
+                  steps=3, samples=24, loss=1.0, loss_rms=1.0, compute_s=0.0, recompute_s=0.0, comm_s=0.0, wait_s=1.0,
+                  paused_s=0.0, bytes_up=0, bytes_down=0)
+    slow.learn([DeviceReport(device=7, finish_s=5.0, **fields)], {7: 2.0})  # 2 s predicted, 4 s its own
+    assert slow.factors[7] == pytest.approx(0.5 * 1.0 + 0.5 * 2.0)
+    from smartsplit.fleet import Device
+    seen = slow.device(Device(7, "c", 2**20, 3e9, 1e6, 2e6))
+    assert (seen.flops_per_s, seen.uplink_bytes_per_s, seen.downlink_bytes_per_s) == pytest.approx((2e9, 1e6 / 1.5, 2e6 / 1.5))
+    slow.learn([DeviceReport(device=8, finish_s=5.0, **{**fields, "dropped_out": True})], {8: 2.0})
+    assert 8 not in slow.factors  # a partial round says nothing about the device's speed

@@ -286,12 +286,36 @@ def _launch(args: argparse.Namespace) -> None:
     print(result_line(summary))
 
 
+def _testbed(args: argparse.Namespace) -> None:
+    _deployment()
+    from smartsplit.deploy.testbed import run_testbed
+    from smartsplit.reports.table import format_table
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise SmartSplitError("--strategies: give at least one, e.g. smartsplit,fedavg")
+    result = run_testbed(args.config, args.set, args.out, strategies, progress=not args.quiet)
+    rows = [[name, len(d["rounds"]), _percent(d["fidelity"]), _percent(d["fidelity_after_round_1"]),
+             round(d["peak_measured_s"], 2), d["peak_simulated_s"] and round(d["peak_simulated_s"], 2), d["accuracy"]]
+            for name, d in result["strategies"].items()]
+    print(f"time scale {result['time_scale']:.3g} wall s per fleet s; " +
+          "; ".join(f"{k}: {v}" for k, v in result["emulation"].items()))
+    print(format_table(["strategy", "rounds", "median |m/s-1|", "rounds 2+", "peak measured s", "peak simulated s",
+                        "accuracy"], rows))
+    print(f"results in {Path(args.out) / 'testbed.json'} (page: testbed.md)")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartsplit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     experiments = (_add_run_command, _add_check_command, _add_compare_command, _add_report_command,
                    _add_profile_command, _add_reproduce_command)
-    deployment = (_add_certs_command, _add_server_command, _add_edge_command, _add_device_command, _add_launch_command)
+    deployment = (_add_certs_command, _add_server_command, _add_edge_command, _add_device_command, _add_launch_command,
+                  _add_testbed_command)
     for add in experiments + deployment:
         add(sub)
     return parser
@@ -453,6 +477,18 @@ def _add_launch_command(sub) -> None:
     launch.add_argument("--quiet", action="store_true")
     launch.add_argument("--verbose", action="store_true")
     launch.set_defaults(func=_launch)
+
+
+def _add_testbed_command(sub) -> None:
+    testbed = sub.add_parser("testbed", help="run a config's fleet as an emulated testbed on this machine: each device "
+                                             "a process under its class's CPU, memory and link; latency measured")
+    testbed.add_argument("config")
+    testbed.add_argument("--out", required=True, help="folder for testbed.json, the page, and one run per strategy")
+    testbed.add_argument("--strategies", default="smartsplit,fedavg", help="comma-separated (default: smartsplit,fedavg)")
+    testbed.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    testbed.add_argument("--quiet", action="store_true")
+    testbed.add_argument("--verbose", action="store_true")
+    testbed.set_defaults(func=_testbed)
 
 
 def _logging(verbose: bool, quiet: bool, stamped: bool = False) -> None:

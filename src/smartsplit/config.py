@@ -116,6 +116,9 @@ class FleetConfig(_Section):
     csv: str | None = None  # a fleet saved with fleet_to_csv, instead of sampling one
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
     availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
+    # what the central server plans devices' times from: the catalog's speeds and bandwidths, or "learned":
+    # the catalog at first, then running estimates from each device's reports (engine.learned)
+    profiles: Literal["catalog", "learned"] = "catalog"
 
     @model_validator(mode="after")
     def _proportions(self) -> "FleetConfig":

@@ -81,6 +81,7 @@ class RoundRecord:
     latency_s: float  # simulated seconds of the round
     clock_s: float  # simulated seconds since the run started
     wall_s: float  # wall-clock seconds of the round (across processes when deployed)
+    clock: str = "simulated"  # "measured": the round's times came from the wall clock (a free-running deployment)
     empty: str | None = None  # why nobody trained this round (None: somebody finished a step)
     idle_s: float = 0.0  # simulated seconds an empty round waited for a device to come online or a budget to change
     faults: dict[str, int] | None = None  # deployed runs: what went wrong this round, by kind (None: nothing)

@@ -12,6 +12,7 @@ process's heap held above what it held before the round's units were loaded.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -34,6 +35,7 @@ from smartsplit.deploy.link import claimed, open_channel
 from smartsplit.deploy.checks import Malformed, ModelShapes, check_int, check_number, check_sender
 from smartsplit.deploy.wire import WELCOME_BYTES, Reassembly, WireError, decode, encode, frames, plain, typed
 from smartsplit.kernels.saved import DeviceOutOfMemory
+from smartsplit.kernels.structure import warm_up
 from smartsplit.messages import RoundInstructions
 from smartsplit.engine.build import build_architecture, device_manager, start_meter
 from smartsplit.errors import SmartSplitError
@@ -108,7 +110,8 @@ class _Device:
         device = typed(Device, info["device"], "the welcome's device")
         trace = _budget(self.options.budget, typed(BudgetTrace, info["trace"], "the welcome's budget trace"))
         manager = device_manager(config, profile_at, optimizer, device, self.strategy.rules.checkpointing)
-        measure = self._real_peak if self.counter is not None and config.meter else None
+        # the step's real peak: the heap counter preloaded here, else the kernel's charge under --enforce-budget
+        measure = self._real_peak if (self.counter is not None and config.meter) or self.options.enforce_budget else None
         t = config.training
         self.role = DeviceRole(device, train, np.arange(len(train)), trace, manager, architecture, optimizer,
                                t.batch_size, t.local_steps, t.local_epochs, measure=measure)
@@ -118,6 +121,7 @@ class _Device:
         if self.options.enforce_budget:
             if self.strategy.rules.replan:  # a baseline runs its plain plan whatever the budget says
                 self._refuse_unplannable(manager, len(architecture), trace.at(0.0))
+            warm_up(architecture, train.shape, t.batch_size)  # the runtime's one-time growth: footprint, not budget
             self._enforce(trace.at(0.0))
         log.info("device %d ready: %s, %d examples, budget %s", self.id, device.device_class, len(train),
                  self.options.budget)
@@ -146,19 +150,34 @@ class _Device:
                      "cgroup, + budget %.1f MB; resident set %.1f MB)", self.id, self.limit.limit / MB,
                      self.limit.base / MB, budget / MB, idle_footprint() / MB)
         elif budget != self.budget:
-            base = self.limit.base
-            self.limit = enforce_budget(base + budget, name=f"device-{self.id}")
-            self.limit = dataclasses.replace(self.limit, base=base)
-            self.budget = budget
+            self._limit_to(self.limit.base, budget)
             log.info("device %d: kernel memory limit now %.1f MB (budget %.1f MB)", self.id, self.limit.limit / MB,
                      budget / MB)
+
+    def _rebase(self, holding: int) -> None:
+        """At a round's start: the idle footprint is what the cgroup is charged now, less the ``holding`` bytes of
+        the round's incoming weights (the budget pays for those). What the process took since it was ready (its
+        data, the transport's buffers, the runtime's caches) is charged too, so a budget that drops later limits
+        training, not the process's own keep."""
+        usage = self.limit.usage()
+        if usage is not None and usage - holding != self.limit.base:
+            self._limit_to(max(usage - holding, 0), self.budget)
+
+    def _limit_to(self, base: int, budget: int) -> None:
+        self.limit = dataclasses.replace(enforce_budget(base + budget, name=f"device-{self.id}"), base=base)
+        self.budget = budget
 
     def close(self) -> None:
         if self.limit is not None:
             self.limit.leave()
 
     def _real_peak(self, plan) -> int:
-        return max(self.counter.heap.peak() - self.counter.baseline, 0)
+        """What this process took for the round at the step's peak: by the heap counter (above the heap when the
+        round began), or by the kernel (the cgroup's peak charge above the idle footprint: every page, the
+        transport's buffers included)."""
+        if self.counter is not None:
+            return max(self.counter.heap.peak() - self.counter.baseline, 0)
+        return max((self.limit.peak() or 0) - self.limit.base, 0)
 
     _ARGS = {"start_round": {"instructions", "observe"}, "plan_step": {"clock"}, "budget_returns_at": {"clock"},
              "paused": set(), "dropped_out": set(), "begin_step": {"step"}, "forward": {"micro_batch"},
@@ -178,6 +197,10 @@ class _Device:
                 self.counter.baseline = self.counter.heap.live()
             observer = self.observer() if args["observe"] else None
             self.pending, self.assigned_cut = None, args["instructions"].cut
+            if self.limit is not None:
+                self._rebase(sum(t.numel() * t.element_size() for state in args["instructions"].weights.values()
+                                 for t in state.values()))
+                self.limit.reset_peak()
             sizes = role.start_round(args["instructions"], observer)
             self.step_count = len(sizes)
             return sizes
@@ -256,9 +279,22 @@ def _budget(spec: str, trace):
         raise SmartSplitError(f"--budget {spec!r}: give 'trace', 'available' or a number of bytes") from None
 
 
+def one_malloc_arena() -> bool:
+    """Ask glibc for one malloc arena for every thread (``mallopt(M_ARENA_MAX, 1)``): the calls reach the device on
+    the transport's threads, and each thread's own arena would take fresh pages for memory an earlier thread
+    freed, charging a memory limit for what the process already holds. False where it is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-8, 1))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
 def run_device(edge: str, device_id: int, certs: Path | None, options: DeviceOptions = DeviceOptions()) -> None:
     """Serve as device ``device_id`` through the edge at ``edge`` until the run ends. Reconnects when the link
     drops (an edge restarting); gives up after ``options.retry_s`` without reaching it."""
+    if options.enforce_budget:
+        one_malloc_arena()
     me = _Device(device_id, options)
     try:
         _serve(edge, certs, f"device-{device_id}", me, options)

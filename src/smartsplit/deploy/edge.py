@@ -587,13 +587,15 @@ def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, s
     faults, wire = Counter(), Counter()
     observer = strategy.step_observer() if work["observe"] else None
     role.start_round(work["edge"], observer)
-    participants = [
-        Participant(RemoteDevice(service, device, timeout_s, connect_s, faults, wire, shapes,
-                                 service.step_sizes[instructions.device_id], _shaper(device, pace, spec)),
-                    instructions, 0, typed(AvailabilityTrace, availability, "a round's availability"))
-        for instructions, device, availability in
-        ((i, typed(Device, d, "a round's device"), a) for i, d, a in work["devices"])
-    ]
+    participants = []
+    for instructions, device, availability in work["devices"]:
+        device = typed(Device, device, "a round's device")
+        shaper = _shaper(device, pace, spec)
+        remote = RemoteDevice(service, device, timeout_s, connect_s, faults, wire, shapes,
+                              service.step_sizes[instructions.device_id], shaper)
+        online = typed(AvailabilityTrace, availability, "a round's availability")
+        link_s = (lambda s=shaper: s.busy_s) if shaper is not None else None
+        participants.append(Participant(remote, instructions, 0, online, link_s=link_s))
     options = typed(EngineOptions, work["options"], "the round's engine options")
     if pace.pace == "free":
         outcome = assemble(run_free(participants, [role], profile, work["start_s"], pace.round_wall_s, pace.time_scale,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from smartsplit.config import Config
+from smartsplit.deploy.limits import limit_cpu
 from smartsplit.errors import SmartSplitError
 from smartsplit.reports.summary import RunSummary
 
@@ -42,8 +43,10 @@ def _start(command: list[str], log_path: Path) -> subprocess.Popen:
 
 def launch_local(config_path: str, overrides: list[str], config: Config, run_dir: Path, *, overwrite: bool = False,
                  resume: bool = False, insecure: bool = False, meter: bool = True, timeout_s: float = 60.0,
-                 budget: str = "trace", enforce_budget: bool = False, progress: bool = True) -> RunSummary:
-    """Run ``config`` as a deployment on loopback; see the module's docstring."""
+                 budget: str = "trace", enforce_budget: bool = False, progress: bool = True,
+                 cpu_shares: dict[int, float] | None = None) -> RunSummary:
+    """Run ``config`` as a deployment on loopback; see the module's docstring. ``cpu_shares``: device id -> the
+    share of one core its process may use (a CPU quota, ``limits.limit_cpu``)."""
     from smartsplit.runtime.folder import check_run_folder
 
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
@@ -64,19 +67,14 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
     server = _start(["server", config_path, *sets, "--listen", f"127.0.0.1:{server_port}", "--out", str(run_dir),
                      *(["--resume"] if resume else ["--overwrite"] if overwrite else []), *security],
                     logs / "server.log")
-    others = [
-        _start(["edge", "--server", f"127.0.0.1:{server_port}", "--listen", f"127.0.0.1:{edge_ports[e]}",
-                "--name", f"edge-{e}", "--timeout", str(timeout_s), *security], logs / f"edge-{e}.log")
-        for e in range(edges)
-    ]
-    others += [
-        _start(["device", "--edge", f"127.0.0.1:{edge_ports[d % edges]}", "--id", str(d),
-                "--budget", budget, *(["--enforce-budget"] if enforce_budget else []),
-                *([] if meter else ["--no-meter"]), *security], logs / f"device-{d}.log")
-        for d in range(devices)
-    ]
+    device_options = ["--budget", budget, *(["--enforce-budget"] if enforce_budget else []),
+                      *([] if meter else ["--no-meter"]), *security]
+    others = _start_edges_and_devices(server_port, edge_ports, devices, timeout_s, security, device_options, logs)
     log.info("launched the central server, %d edge servers and %d devices on loopback; logs in %s", edges, devices, logs)
+    quotas = []
     try:
+        for d, share in (cpu_shares or {}).items():
+            quotas.append(limit_cpu(others[edges + d].pid, share, f"{run_dir.name}-device-{d}-{others[edges + d].pid}"))
         code = _wait(server, progress, run_dir, config.training.rounds)
         deadline = time.monotonic() + 30
         for p in others:
@@ -93,12 +91,30 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        for quota in quotas:
+            quota.remove()
     if code != 0:
         tail = (logs / "server.log").read_text(errors="replace").strip().splitlines()[-5:]
         raise SmartSplitError(f"the central server stopped with exit code {code}; see {logs / 'server.log'}:\n  "
                               + "\n  ".join(tail))
     summary_path = run_dir / "summary.json"
     return RunSummary(**json.loads(summary_path.read_text()))
+
+
+def _start_edges_and_devices(server_port: int, edge_ports: list[int], devices: int, timeout_s: float,
+                             security: list[str], device_options: list[str], logs: Path) -> list[subprocess.Popen]:
+    """The edge processes, then one process per device (device ``d`` at ``others[len(edge_ports) + d]``)."""
+    edges = len(edge_ports)
+    others = [
+        _start(["edge", "--server", f"127.0.0.1:{server_port}", "--listen", f"127.0.0.1:{edge_ports[e]}",
+                "--name", f"edge-{e}", "--timeout", str(timeout_s), *security], logs / f"edge-{e}.log")
+        for e in range(edges)
+    ]
+    return others + [
+        _start(["device", "--edge", f"127.0.0.1:{edge_ports[d % edges]}", "--id", str(d), *device_options],
+               logs / f"device-{d}.log")
+        for d in range(devices)
+    ]
 
 
 def _wait(server: subprocess.Popen, progress: bool, run_dir: Path, rounds: int) -> int:
@@ -110,8 +126,9 @@ def _wait(server: subprocess.Popen, progress: bool, run_dir: Path, rounds: int) 
             for record in lines[seen:]:
                 if progress:
                     accuracy = "not evaluated" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
+                    clock = "measured" if record.get("clock") == "measured" else "simulated"
                     print(f"round {record['round']}/{rounds}: accuracy {accuracy}, wall "
-                          f"{record['wall_s']:.1f} s, simulated {record['latency_s']:.1f} s"
+                          f"{record['wall_s']:.1f} s, {clock} {record['latency_s']:.1f} s"
                           + (f", faults {record['faults']}" if record.get("faults") else ""), file=sys.stderr)
             seen = max(seen, len(lines))
         if code is not None:

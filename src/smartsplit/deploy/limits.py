@@ -285,6 +285,15 @@ class MemoryLimit:
         """The most memory used here, bytes (v2: memory.peak, None where absent; v1: memory.max_usage_in_bytes)."""
         return _read_int(self.path / ("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"))
 
+    def reset_peak(self) -> bool:
+        """Start ``peak`` afresh from the usage now (v1: max_usage_in_bytes; v2: memory.peak, Linux 6.12+); False
+        where the kernel cannot, so ``peak`` still counts from earlier."""
+        try:
+            (self.path / ("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes")).write_text("0")
+            return True
+        except OSError:
+            return False
+
     def leave(self, pid: int | None = None) -> None:
         """Move process ``pid`` (default: this one) back to the parent cgroup, then remove this one."""
         with contextlib.suppress(OSError):

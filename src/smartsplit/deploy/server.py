@@ -196,7 +196,8 @@ class CentralService(rpc.CentralServicer):
         merged = sorted((r for e in range(self.num_edges) for r in results[e]["results"]), key=lambda r: r.report.device)
         for kind, count in sorted(faults.items()):
             log.warning("round %d: %d %s", edge_instructions[0].round + 1, count, kind.replace("_", " "))
-        return RoundOutcome([results[e]["updates"] for e in range(self.num_edges)], merged, dict(faults), dict(wire))
+        return RoundOutcome([results[e]["updates"] for e in range(self.num_edges)], merged, dict(faults), dict(wire),
+                            measured=experiment.config.deployment.pace == "free")
 
     def _await_edges(self, rnd: int) -> None:
         """Every edge's result, or the deadline: an edge still silent then loses its part of the round (holding

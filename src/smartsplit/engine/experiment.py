@@ -18,6 +18,7 @@ from smartsplit.engine.build import (
     build_architecture, build_availability, build_fleet, build_traces, device_manager, start_meter,
 )
 from smartsplit.engine.forecast import Forecast
+from smartsplit.engine.learned import LearnedProfiles
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.kernels.aggregate import all_finite
 from smartsplit.errors import SmartSplitError, check_argument
@@ -97,6 +98,7 @@ class Experiment:
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.plan_memo = PlanMemo()  # what every device's planning shares
         self._candidates: dict[int, Candidate] = {}  # each device's, until its budget forecast changes
+        self.learned = LearnedProfiles() if config.fleet.profiles == "learned" else None
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edge_specs))
         if hasattr(executor, "evaluate"):  # the engine's workers score the test set's batches apart
             self.central.evaluator = executor.evaluate
@@ -166,14 +168,15 @@ class Experiment:
     def candidates(self) -> list[Candidate]:
         """Every device online now, with its predicted peaks and times per cut. Figures at a cut are predicted
         when a strategy first reads them (for all the devices whose forecasts were made together), and a device's
-        are kept until its budget forecast changes: nothing else they depend on does."""
+        are kept until its budget forecast (or, with learned profiles, its learned speed) changes."""
         out, fresh = [], []
         for device in self.devices:
             if not self.availability[device.id].online_at(self.clock_s):
                 continue
             budget = self.budget_forecast(device)
+            device = self.learned.device(device) if self.learned is not None else device
             known = self._candidates.get(device.id)
-            if known is None or known.budget != budget:
+            if known is None or known.budget != budget or known.device != device:
                 fresh.append((len(out), device, budget))
             out.append(known)
         if fresh:
@@ -200,6 +203,8 @@ class Experiment:
         outcome = (self.executor or Experiment.train_here)(self, device_instructions, edge_instructions, observer)
         latency = max((r.finish_s for r in outcome.reports), default=0.0)
         self.clock_s += latency
+        if self.learned is not None:
+            self.learned.learn(outcome.reports, {a["device"]: a["predicted_round_s"] for a in decision["assignments"]})
         empty, idle = self._empty(rnd, plan, candidates, outcome), 0.0
         if empty is not None and latency == 0.0:
             idle = self._wait_for_a_change()
@@ -288,6 +293,8 @@ class Experiment:
                     "budget_forecast_mb": round(by_id[a.device_id].budget / MB, 3),
                     "feasible_cuts": list(by_id[a.device_id].feasible_cuts),
                     "predicted_step_s": by_id[a.device_id].step_times[a.cut - 1],
+                    # the clock model's whole round for the device at this cut, edge queue aside
+                    "predicted_round_s": by_id[a.device_id].round_times[a.cut - 1] if by_id[a.device_id].round_times else None,
                 }
                 for a in plan.assignments
             ],
@@ -325,6 +332,7 @@ class Experiment:
             wall_s=wall_s,
             faults=outcome.faults or None,
             wire=outcome.wire or None,
+            clock="measured" if outcome.measured else "simulated",
             devices=reports,
             decision=decision,
         )
@@ -356,12 +364,15 @@ class Experiment:
             "rounds_done": rounds_done,
             **self.central.state_dict(),
             "clock_s": self.clock_s,
+            "learned": self.learned.state_dict() if self.learned is not None else None,
             "measured": [[cut, micro, [list(s) for s in segments], peak] for (cut, micro, segments), peak in self.measured.items()],
         }
 
     def load_state_dict(self, state: dict) -> int:
         self.central.load_state_dict(state)
         self.clock_s = state["clock_s"]
+        if self.learned is not None:
+            self.learned.load_state_dict(state.get("learned") or {})
         self.measured = {(cut, micro, tuple(tuple(s) for s in segments)): peak for cut, micro, segments, peak in state.get("measured", [])}
         return state["rounds_done"]
 

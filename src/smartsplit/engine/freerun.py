@@ -7,6 +7,7 @@ clock (in the fleet's seconds, wall seconds over ``time_scale``), so runs are no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 
@@ -77,7 +78,7 @@ class FreeDeviceRound:
         self.edge_index, self.turn = participant.edge, turn
         self.availability = participant.availability
         self.start_s, self.deadline_wall_s, self.scale, self.observer = start_s, deadline_wall_s, time_scale, observer
-        self.profile = profile
+        self.profile, self.link_s = profile, participant.link_s
         self.times = SimulatedTimes()
         self.steps = 0
         self.began = time.monotonic()
@@ -138,8 +139,12 @@ class FreeDeviceRound:
         if self.steps:  # its update goes up
             self.times.bytes_up += self.profile.param_bytes(1, self.instructions.cut)
         self.times.wait_s = self.turn.waited_s / self.scale
-        self.times.finish_s = self.elapsed_s()
         result = device.finish_round(self.times)
+        # its update went up in finish_round: the round ends, and the link's time is known, only now
+        finish = {"finish_s": self.elapsed_s()}
+        if self.link_s is not None:
+            finish["comm_s"] = self.link_s() / self.scale
+        result = DeviceResult(result.update, dataclasses.replace(result.report, **finish), result.observations)
         with parts_lock:
             if result.update is not None:
                 parts.device_updates[device.id] = (self.edge_index, [result.update, *([own_copy] if own_copy else [])])

@@ -14,6 +14,7 @@ trains them as the device's for the rest of the round), else a pause until the b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import simpy
 
@@ -36,6 +37,7 @@ class Participant:
     instructions: RoundInstructions
     edge: int = 0  # index of the edge server the device is attached to
     availability: AvailabilityTrace | None = None  # when it is online (absolute time); None: always
+    link_s: Callable[[], float] | None = None  # free-running rounds: wall seconds its emulated link has taken
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RoundOutcome:
     results: list[DeviceResult]  # per device, by device id
     faults: dict[str, int] = field(default_factory=dict)  # deployed runs: device disconnects, timeouts, edge rejoins
     wire: dict[str, int] = field(default_factory=dict)  # deployed runs: bytes that crossed the links, by kind
+    measured: bool = False  # the reports' times were measured by the wall clock (free-running), not simulated
 
     @property
     def reports(self):

@@ -65,3 +65,18 @@ def one_at_a_time(units: nn.Sequential) -> Iterator[nn.Module]:
     generator = torch.Generator().manual_seed(0)
     for unit in units:
         yield with_stand_ins(unit, generator)
+
+
+def warm_up(units: nn.Sequential, input_shape: tuple[int, ...], batch: int) -> None:
+    """One forward and backward of every unit at ``batch`` examples, one unit at a time with stand-in weights and
+    let go: what the runtime keeps after its first steps of a shape (oneDNN's primitive cache, autograd's engine,
+    the allocator's pools) is then already taken, before a memory limit is set on what comes next."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn((batch, *input_shape), generator=generator)
+    for index, unit in enumerate(one_at_a_time(units)):
+        x = h.detach().requires_grad_(index > 0)
+        out = unit(x)
+        if out.requires_grad:
+            out.backward(torch.ones_like(out))
+        h = out.detach()
+        del unit, out, x
