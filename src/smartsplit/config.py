@@ -197,6 +197,9 @@ class DeploymentConfig(_Section):
     # emulate each device's link in the link layer: every message waits its transfer time at the device class's
     # bandwidth, plus edge.latency_s, times time_scale
     shape_links: bool = False
+    # the links' bandwidth is shaped by the kernel (each device in a network namespace with tbf, as `smartsplit
+    # testbed` does where it can): shape_links then adds only the latency
+    kernel_links: bool = False
 
 
 class Config(_Section):

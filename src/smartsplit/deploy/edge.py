@@ -13,6 +13,7 @@ assigned that device to this edge; every refusal is logged.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -272,14 +273,18 @@ class RemoteDevice:
     the simulator counts bytes (model weights, activations, gradients)."""
 
     def __init__(self, service: EdgeService, device, timeout_s: float, connect_s: float, faults: Counter,
-                 wire: Counter, shapes: ModelShapes, step_sizes: list[int], shaper: ShapedLink | None = None) -> None:
+                 wire: Counter, shapes: ModelShapes, step_sizes: list[int], shaper: ShapedLink | None = None,
+                 assigned_cut: int | None = None) -> None:
         self.service, self.device, self.id = service, device, device.id
         self.shaper = shaper  # the device's link, emulated (None: as fast as the network here goes)
         self.timeout_s, self.connect_s = timeout_s, connect_s
         self.faults, self.wire = faults, wire
         self.shapes, self.step_sizes = shapes, step_sizes
         self.lost = False
-        self.tally: RoundTally | None = None  # what the edge saw of the device's round: its report if it is lost
+        # what the edge saw of the device's round: its report if it is lost (from the round's start, when its cut
+        # is known: a device lost before its download is reported too)
+        self.tally: RoundTally | None = None if assigned_cut is None else RoundTally(assigned_cut=assigned_cut,
+                                                                                      cut=assigned_cut)
         self._link: _Link | None = None
         self._plan: DevicePlan | None = None
         self._step = -1
@@ -574,6 +579,8 @@ def device_view(config: Config) -> str:
 def _shaper(device: Device, pace: DeploymentConfig, spec: EdgeSpec) -> ShapedLink | None:
     if not pace.shape_links:
         return None
+    if pace.kernel_links:  # tbf holds the device's link to its bandwidth: the link layer adds the latency
+        return ShapedLink(math.inf, math.inf, spec.latency_s, pace.time_scale)
     return ShapedLink(device.downlink_bytes_per_s, device.uplink_bytes_per_s, spec.latency_s, pace.time_scale)
 
 
@@ -592,7 +599,7 @@ def _train_round(work: dict, index: int, role: EdgeRole, service: EdgeService, s
         device = typed(Device, device, "a round's device")
         shaper = _shaper(device, pace, spec)
         remote = RemoteDevice(service, device, timeout_s, connect_s, faults, wire, shapes,
-                              service.step_sizes[instructions.device_id], shaper)
+                              service.step_sizes[instructions.device_id], shaper, instructions.cut)
         online = typed(AvailabilityTrace, availability, "a round's availability")
         link_s = (lambda s=shaper: s.busy_s) if shaper is not None else None
         participants.append(Participant(remote, instructions, 0, online, link_s=link_s))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from smartsplit.config import Config
 from smartsplit.deploy.limits import limit_cpu
+from smartsplit.deploy.netns import DeviceNetwork
 from smartsplit.errors import SmartSplitError
 from smartsplit.reports.summary import RunSummary
 
@@ -33,30 +34,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(command: list[str], log_path: Path) -> subprocess.Popen:
+def _start(command: list[str], log_path: Path, network: DeviceNetwork | None = None) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "smartsplit", *command], stdout=out, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    argv = [sys.executable, "-m", "smartsplit", *command]
+    return subprocess.Popen(network.wrap(argv) if network is not None else argv, stdout=out,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def launch_local(config_path: str, overrides: list[str], config: Config, run_dir: Path, *, overwrite: bool = False,
                  resume: bool = False, insecure: bool = False, meter: bool = True, timeout_s: float = 60.0,
                  budget: str = "trace", enforce_budget: bool = False, progress: bool = True,
-                 cpu_shares: dict[int, float] | None = None) -> RunSummary:
+                 cpu_shares: dict[int, float] | None = None,
+                 networks: dict[int, DeviceNetwork] | None = None) -> RunSummary:
     """Run ``config`` as a deployment on loopback; see the module's docstring. ``cpu_shares``: device id -> the
-    share of one core its process may use (a CPU quota, ``limits.limit_cpu``)."""
+    share of one core its process may use (a CPU quota, ``limits.limit_cpu``); ``networks``: device id -> the
+    shaped network namespace its process runs in (``netns``; the edges then listen on every address)."""
     from smartsplit.runtime.folder import check_run_folder
 
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     devices, edges = config.fleet.devices, len(config.edge.speeds())
-    certs = run_dir / "certs"
-    security: list[str] = ["--insecure"] if insecure else ["--certs", str(certs)]
-    if not insecure:
-        from smartsplit.deploy.certs import write_certs
-
-        write_certs(certs, devices=devices, edges=edges, overwrite=True)
+    security = _security(run_dir / "certs", insecure, devices, edges)
     logs = run_dir / "logs"
     if not resume:
         for old in logs.glob("*.log"):
@@ -69,7 +68,8 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
                     logs / "server.log")
     device_options = ["--budget", budget, *(["--enforce-budget"] if enforce_budget else []),
                       *([] if meter else ["--no-meter"]), *security]
-    others = _start_edges_and_devices(server_port, edge_ports, devices, timeout_s, security, device_options, logs)
+    others = _start_edges_and_devices(server_port, edge_ports, devices, timeout_s, security, device_options, logs,
+                                      networks or {})
     log.info("launched the central server, %d edge servers and %d devices on loopback; logs in %s", edges, devices, logs)
     quotas = []
     try:
@@ -101,18 +101,30 @@ def launch_local(config_path: str, overrides: list[str], config: Config, run_dir
     return RunSummary(**json.loads(summary_path.read_text()))
 
 
+def _security(certs: Path, insecure: bool, devices: int, edges: int) -> list[str]:
+    """Every process's TLS options: certificates written for this run into ``certs`` (or none, ``insecure``)."""
+    if insecure:
+        return ["--insecure"]
+    from smartsplit.deploy.certs import write_certs
+
+    write_certs(certs, devices=devices, edges=edges, overwrite=True)
+    return ["--certs", str(certs)]
+
+
 def _start_edges_and_devices(server_port: int, edge_ports: list[int], devices: int, timeout_s: float,
-                             security: list[str], device_options: list[str], logs: Path) -> list[subprocess.Popen]:
-    """The edge processes, then one process per device (device ``d`` at ``others[len(edge_ports) + d]``)."""
-    edges = len(edge_ports)
+                             security: list[str], device_options: list[str], logs: Path,
+                             networks: dict[int, DeviceNetwork]) -> list[subprocess.Popen]:
+    """The edge processes, then one process per device (device ``d`` at ``others[len(edge_ports) + d]``), each in
+    its network namespace where it has one."""
+    edges, listen = len(edge_ports), "0.0.0.0" if networks else "127.0.0.1"
     others = [
-        _start(["edge", "--server", f"127.0.0.1:{server_port}", "--listen", f"127.0.0.1:{edge_ports[e]}",
+        _start(["edge", "--server", f"127.0.0.1:{server_port}", "--listen", f"{listen}:{edge_ports[e]}",
                 "--name", f"edge-{e}", "--timeout", str(timeout_s), *security], logs / f"edge-{e}.log")
         for e in range(edges)
     ]
     return others + [
-        _start(["device", "--edge", f"127.0.0.1:{edge_ports[d % edges]}", "--id", str(d), *device_options],
-               logs / f"device-{d}.log")
+        _start(["device", "--edge", f"{networks[d].host_ip if d in networks else '127.0.0.1'}:{edge_ports[d % edges]}",
+                "--id", str(d), *device_options], logs / f"device-{d}.log", networks.get(d))
         for d in range(devices)
     ]
 

@@ -25,6 +25,7 @@ from smartsplit.config import Config, load_config
 from smartsplit.data import load_data
 from smartsplit.deploy.launch import launch_local
 from smartsplit.deploy.limits import cpu_quota_unavailable, enforcement_unavailable
+from smartsplit.deploy.netns import device_network, network_unavailable
 from smartsplit.engine.build import build_architecture, build_fleet
 from smartsplit.errors import SmartSplitError
 from smartsplit.kernels.step import make_optimizer
@@ -35,6 +36,8 @@ from smartsplit.reports.testbed import fidelity, write_testbed_report
 log = logging.getLogger(__name__)
 
 LINK = "link-layer token bucket: each message waits its bytes at the class's bandwidth, plus edge.latency_s"
+KERNEL_LINK = ("a veth pair per device into its own network namespace, tbf at the class's bandwidth each way; "
+               "edge.latency_s added by the link layer (no netem here)")
 
 
 def host_facts() -> dict:
@@ -87,13 +90,13 @@ def time_scale(device_flops: list[float], per_round: int, cores: int, core: floa
 
 def emulation() -> dict[str, str]:
     """Which mechanism emulates each resource here (without root or cgroups: none, said with the reason)."""
-    cpu, memory = cpu_quota_unavailable(), enforcement_unavailable()
+    cpu, memory, network = cpu_quota_unavailable(), enforcement_unavailable(), network_unavailable()
     return {
         "cpu": "cgroup CPU quota (share of one core from the class's sustained speed)" if cpu is None
         else f"unshaped: every device runs at the host's speed ({cpu})",
         "memory": "cgroup memory limit (--enforce-budget, following the budget trace)" if memory is None
         else f"unshaped: no kernel limit ({memory}); budgets are the planner's only",
-        "network": LINK,
+        "network": KERNEL_LINK if network is None else f"{LINK} (kernel shaping unavailable: {network})",
     }
 
 
@@ -117,10 +120,20 @@ def run_testbed(config_path: str, overrides: list[str], out_dir: str | Path, str
         sets = [*overrides, f"strategy.name={name}", f"name={config.name}-{name}", "deployment.pace=free",
                 "deployment.shape_links=true", f"deployment.time_scale={scale!r}",
                 f"edge.gflops={scale * core / 1e9!r}"]  # the edge's process runs unthrottled on one core
+        kernel_links = emulated["network"] == KERNEL_LINK
+        sets += ["deployment.kernel_links=true"] if kernel_links else []
         run_config = load_config(config_path, sets)
-        summary = launch_local(config_path, sets, run_config, run_dir, overwrite=True, meter=False,
-                               enforce_budget=emulated["memory"].startswith("cgroup"), cpu_shares=shares,
-                               progress=progress)
+        tag = str(os.getpid() % 100000)
+        networks = {}
+        try:
+            for d in devices if kernel_links else []:
+                networks[d.id] = device_network(d.id, d.uplink_bytes_per_s / scale, d.downlink_bytes_per_s / scale, tag)
+            summary = launch_local(config_path, sets, run_config, run_dir, overwrite=True, meter=False,
+                                   enforce_budget=emulated["memory"].startswith("cgroup"), cpu_shares=shares,
+                                   networks=networks, progress=progress)
+        finally:
+            for net in networks.values():
+                net.remove()
         result["strategies"][name] = _measured(run_dir, summary.final_accuracy)
         (out / "testbed.json").write_text(strict_json(result, indent=2))  # written as each strategy ends
     write_testbed_report(result, out)

@@ -102,8 +102,11 @@ class FreeDeviceRound:
         self._report(parts, parts_lock)
 
     def _train(self) -> bool:
-        """The device's steps; True when it went offline (it drops out)."""
+        """The device's steps; True when it went offline (it drops out). Its clock starts once it answers: a
+        device process still connecting or starting up is not yet training."""
         device = self.device
+        device.budget_returns_at(self.start_s)  # changes nothing; answered once the device is ready
+        self.began = time.monotonic()
         sizes = device.start_round(self.instructions, self.observer)
         self.times.bytes_down += self.profile.param_bytes(1, self.instructions.cut)
         while self.steps < len(sizes) and time.monotonic() - self.began < self.deadline_wall_s:
