@@ -55,6 +55,8 @@ def main() -> int:
         simulated = statistics.fmean(r["simulated_s"] for r in data["rounds"][1:] or data["rounds"] if r["simulated_s"])
         print(f"{name:<11} {len(data['rounds']):>6} {_pct(data['fidelity']):>15} {_pct(later):>10} {verdict:>7} "
               f"{mean['comm_s']:>6.2f}  {mean['wait_s']:>6.2f}  {mean['paused_s']:>6.2f}  {rest:>6.2f}  {simulated:>9.2f}")
+    if "namespace" in result["emulation"]["network"]:
+        print("(links shaped by the kernel: 'link' is the link layer's latency only; transfers are in 'rest')")
     strategies = result["strategies"]
     if {"smartsplit", "fedavg"} <= set(strategies):
         s, f = strategies["smartsplit"], strategies["fedavg"]

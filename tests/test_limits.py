@@ -181,3 +181,26 @@ def test_cpu_quotas_refuse_bad_shares_and_names() -> None:
         limits.limit_cpu(os.getpid(), 0.0, name="zero")
     with pytest.raises(SmartSplitError, match="cgroup name"):
         limits.limit_cpu(os.getpid(), 0.5, name="a/b")
+
+
+@needs_enforcement
+def test_a_budget_change_resizes_the_limit_in_place_never_nesting_a_cgroup():
+    """A device's limit follows its budget trace: each change rewrites the same cgroup's limit, so a budget that
+    comes back is a limit that comes back (a cgroup nested under an old, lower one would keep the lower)."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    limit = None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        limit = enforce_budget(400 * MB, pid=child.pid, name=f"test-resize-{child.pid}")
+        where = Path(f"/proc/{child.pid}/cgroup").read_text()
+        low = limit.resize(300 * MB, base=7)
+        high = low.resize(500 * MB)
+        assert (low.limit, high.limit) == (300 * MB, 500 * MB) and low.base == high.base == 7
+        assert high.path == limit.path and Path(f"/proc/{child.pid}/cgroup").read_text() == where
+        assert not any(p.is_dir() for p in limit.path.iterdir())  # no child cgroup made under it
+    finally:
+        child.kill()
+        child.wait()
+        if limit is not None:
+            limit.remove()

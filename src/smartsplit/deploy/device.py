@@ -13,7 +13,6 @@ process's heap held above what it held before the round's units were loaded.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 import os
 import queue
@@ -164,7 +163,7 @@ class _Device:
             self._limit_to(max(usage - holding, 0), self.budget)
 
     def _limit_to(self, base: int, budget: int) -> None:
-        self.limit = dataclasses.replace(enforce_budget(base + budget, name=f"device-{self.id}"), base=base)
+        self.limit = self.limit.resize(base + budget, base=base)  # in place: never a cgroup nested in the last
         self.budget = budget
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import errno
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from smartsplit.errors import SmartSplitError
@@ -284,6 +284,29 @@ class MemoryLimit:
     def peak(self) -> int | None:
         """The most memory used here, bytes (v2: memory.peak, None where absent; v1: memory.max_usage_in_bytes)."""
         return _read_int(self.path / ("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"))
+
+    def resize(self, limit_bytes: int, base: int | None = None) -> MemoryLimit:
+        """The same cgroup with its limit set to ``limit_bytes`` (swap included where v1 counts it), in place: the
+        process stays where it is, so the limit is never nested under an older one. ``base``: its new idle
+        footprint (default: unchanged)."""
+        if int(limit_bytes) <= 0:
+            raise SmartSplitError(f"a memory limit must be > 0 bytes, got {limit_bytes}")
+        if self.version == 2:
+            limit_file, swap_file, swap_value = self.path / "memory.max", self.path / "memory.swap.max", "0"
+        else:
+            limit_file, swap_file = self.path / "memory.limit_in_bytes", self.path / "memory.memsw.limit_in_bytes"
+            swap_value = str(int(limit_bytes))
+        try:
+            if self.version == 1 and swap_file.exists():
+                swap_file.write_text("-1")  # memsw may not go below the memory limit: lift it before lowering that
+            limit_file.write_text(str(int(limit_bytes)))
+            if swap_file.exists():
+                swap_file.write_text(swap_value)
+        except OSError as exc:
+            raise SmartSplitError(f"cannot set the memory limit of {self.path} to {int(limit_bytes)} bytes "
+                                  f"({exc.strerror or exc})") from None
+        return replace(self, limit=_read_int(limit_file) or int(limit_bytes),
+                                   base=self.base if base is None else base)
 
     def reset_peak(self) -> bool:
         """Start ``peak`` afresh from the usage now (v1: max_usage_in_bytes; v2: memory.peak, Linux 6.12+); False

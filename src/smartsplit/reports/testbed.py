@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from smartsplit.reports.table import markdown_table
 
@@ -35,6 +36,7 @@ def _figure(strategies: dict[str, dict]) -> Figure:
         scatter.plot(simulated, measured, "o", color=colour, label=name)
         top = max([top, *measured, *simulated])
     by_round.set_xlabel("round")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.set_ylabel("round latency (s of the fleet's time)")
     by_round.legend(fontsize=7)
     scatter.plot([0, top * 1.05], [0, top * 1.05], ":", color="grey", label="measured = simulated")
@@ -69,14 +71,18 @@ def write_testbed_report(result: dict, out_dir: str | Path) -> Path:
         "*Measured*: the wall-clock latency of each round of a free-running deployment (devices as processes under the "
         "resources above, the edge serving steps as they arrive), divided by the time scale. *Simulated*: the clock "
         "model's prediction for the same devices at the same cuts (the largest `predicted_round_s` of the round's "
-        "decision, edge queue aside), with the edge's speed set to what its process gets here. Round 1 includes the "
-        "device processes' start-up (building, profiling, first allocations).", "",
+        "decision, edge queue aside), with the edge's speed set to what its process gets here. A device's clock starts "
+        "once it answers (its process's launch and welcome are not counted), but round 1 still carries what each "
+        "device does once: its first steps' allocations and code paths, run under its CPU quota.", "",
     ]
     terms = _terms(strategies)
     if terms:
+        kernel = "namespace" in emulation.get("network", "")
+        link = ("the link layer's waits (with links shaped by the kernel, only their latency: the transfers' own "
+                "time is then in the rest)" if kernel else "the emulated link (transfers and latency)")
         lines += ["Where the time went in each strategy's slowest device (mean over rounds, seconds of the fleet's "
-                  "time, measured): the emulated link, the edge queue, pauses for memory, and the rest (computing on "
-                  "the device and the edge, and the calls between them).", "",
+                  f"time, measured): {link}, the edge queue, pauses for memory, and the rest (computing on the "
+                  "device and the edge, and the calls between them).", "",
                   markdown_table(["strategy", "link", "edge queue", "paused", "rest", "simulated round"], terms), ""]
     page = out_dir / "testbed.md"
     page.write_text("\n".join(lines))
