@@ -416,8 +416,8 @@ def testbed_part(ctx: Context) -> tuple[str, str]:
     ours, theirs = peaks["smartsplit"], peaks["fedavg"]
     cuts = [None if a is None or b is None else 100 * (1 - a / b) for a, b in zip(ours, theirs)]
     said = (f" Measured on this machine's emulated testbed: SmartSplit's peak round latency is "
-            f"{_lower(cuts[0])} than FedAvg's ({_lower(cuts[1])} without round 1, which carries the device processes' "
-            f"start-up); the clock model says {_lower(cuts[2])} for the same plans.")
+            f"{_lower(cuts[0])} than FedAvg's ({_lower(cuts[1])} without round 1, which carries each device's first "
+            f"steps under its CPU quota); the clock model says {_lower(cuts[2])} for the same plans.")
     emulation = "; ".join(f"{k}: {v}" for k, v in result["emulation"].items())
     text = "\n\n".join([
         f"Each device a process under its class's resources ({emulation}); time scale {result['time_scale']:.3g} "
