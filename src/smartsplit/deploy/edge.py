@@ -12,6 +12,7 @@ assigned that device to this edge; every refusal is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -471,7 +472,10 @@ class RemoteDevice:
                                     times=plain(times))
                 if result.update is not None:
                     self.wire["model_up"] += _nbytes(t for state in result.update.units.values() for t in state.values())
-                return result
+                # the round's times are the edge's (simulated, or measured here): never the device's word for them,
+                # which learned profiles and the strategy's speed estimates would otherwise take
+                report = dataclasses.replace(result.report, **dataclasses.asdict(times))
+                return DeviceResult(result.update, report, result.observations)
             except DeviceLost:
                 pass
         # gone: the device's units went with it; what the edge saw of it is its report
