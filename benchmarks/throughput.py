@@ -15,7 +15,10 @@ ru_maxrss: the largest single process of its tree) with the peak summed PSS of i
 steps but does not separate evaluation from training, so the SmartSplit process is ``smartsplit.cli.main`` with
 timers wrapped around the engine's calls (evaluation, planning, device training, aggregation: the breakdown line);
 its round times are the metrics' ``wall_s``. The ceiling trains exactly SmartSplit's batches (each round's
-devices' batch sizes, from the metrics) on the same data, normalised the same way, with the same 10 evaluations.
+devices' batch sizes, from the metrics) on the same data, normalised the same way, with the same 10 evaluations:
+client by client (one device's batch per step, as every federated engine trains), and as one large batch (each
+local step's batches of all the round's devices in one step: the arithmetic ceiling, what the same samples
+cost on this machine when nothing keeps the clients apart).
 
     .venv/bin/python benchmarks/throughput.py                                    # SmartSplit, ceiling at 1 and 2 threads
     .venv/bin/python benchmarks/throughput.py --set threads=2                    # any --set goes to smartsplit run
@@ -223,6 +226,8 @@ def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") 
             "accuracy": rec["accuracy"],
             # the ceiling trains these: each device's batches, full ones then its short last one
             "batches": [b for d in devices for b in _batch_sizes(d["samples"], d["steps"], t["batch_size"])],
+            # the large-batch ceiling trains, at each local step, every device's batch of that step as one batch
+            "large_batches": _large_batches([_batch_sizes(d["samples"], d["steps"], t["batch_size"]) for d in devices]),
         })
     untimed = [r["round"] for r in rounds if r["accuracy"] is not None and not r["evaluations"]]
     if untimed:
@@ -247,6 +252,12 @@ def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") 
         "final_accuracy": rounds[-1]["accuracy"], "run_dir": str(run_dir),
         "round_train_s": [r["wall_s"] - r["eval_s"] for r in rounds], "round_samples": [r["samples"] for r in rounds],
     }
+
+
+def _large_batches(per_device: list[list[int]]) -> list[int]:
+    """Step j's batches of all the devices that take a step j, as one batch per j."""
+    steps = max((len(b) for b in per_device), default=0)
+    return [sum(b[j] for b in per_device if j < len(b)) for j in range(steps)]
 
 
 def _batch_sizes(samples: int, steps: int, batch: int) -> list[int]:
@@ -323,23 +334,29 @@ def ceiling_child(plan_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps({"rounds": rounds, "test_examples": len(y_test)}))
 
 
-def run_ceiling(threads: int, smartsplit: dict, workdir: Path) -> dict:
+def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = False) -> dict:
+    """Plain PyTorch on SmartSplit's samples: one device's batch at a time, or (``large``) each local step's
+    batches of all the round's devices as one batch: the arithmetic ceiling, what the samples cost when nothing
+    keeps them apart."""
     c = smartsplit["config"]
-    plan_path, result_path = workdir / f"ceiling-{threads}-plan.json", workdir / f"ceiling-{threads}.json"
+    tag = f"{'large-' if large else ''}{threads}"
+    plan_path, result_path = workdir / f"ceiling-{tag}-plan.json", workdir / f"ceiling-{tag}.json"
     plan_path.write_text(json.dumps({
         "threads": threads, "seed": c["seed"], "lr": c["training"]["lr"], "momentum": c["training"]["momentum"],
-        "eval_batch": c["training"]["eval_batch_size"], "rounds": [r["batches"] for r in smartsplit["rounds"]],
+        "eval_batch": c["training"]["eval_batch_size"],
+        "rounds": [r["large_batches" if large else "batches"] for r in smartsplit["rounds"]],
         "root": c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
     }))
     if c["training"]["optimizer"] != "sgd" or c["data"]["dataset"] != "fashion-mnist" or c["data"].get("pad_to"):
         raise SystemExit("the ceiling knows SGD on unpadded Fashion-MNIST only; keep those in the config")
     measured = launch([sys.executable, __file__, "--ceiling-child", str(plan_path), str(result_path)],
-                      workdir / f"ceiling-{threads}.log")
+                      workdir / f"ceiling-{tag}.log")
     if measured["rc"] != 0:
         raise SystemExit(f"the ceiling failed (exit {measured['rc']}):\n{tail(measured['log'])}")
     out = json.loads(result_path.read_text())
     rounds = out["rounds"]
-    return {"name": f"plain PyTorch ({threads} thread{'s' * (threads > 1)})", **measured, "rounds": rounds,
+    kind = "one large batch" if large else "client by client"
+    return {"name": f"plain PyTorch, {kind} ({threads} thr)", **measured, "rounds": rounds,
             "samples": sum(r["samples"] for r in rounds), "steps": sum(r["steps"] for r in rounds),
             "train_s": sum(r["train_s"] for r in rounds), "eval_s": sum(r["eval_s"] for r in rounds),
             "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"],
@@ -384,7 +401,7 @@ def figures(row: dict, test_examples: int) -> dict:
             "eval_sps": row["evaluations"] * n / row["eval_s"], "process_sps": row["samples"] / row["process_s"]}
 
 
-NAME = 34
+NAME = 40
 
 
 def print_table(rows: list[dict]) -> None:
@@ -444,8 +461,9 @@ def main() -> None:
         rows.append(run_smartsplit(args, workdir, [v for v in variant.split(",") if v], f"-{n}"))
         print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s ({rows[-1]['command']})", flush=True)
     for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
-        rows.append(run_ceiling(threads, ss, workdir))
-        print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+        for large in (False, True):
+            rows.append(run_ceiling(threads, ss, workdir, large))
+            print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
     plain = [r for r in rows if r["name"].startswith("plain")]
     test_examples = plain[0]["test_examples"] if plain else 10000  # the test set's size, as the ceiling read it
     if args.flower:

@@ -95,6 +95,19 @@ def test_the_parallel_engine_gives_the_sequential_metrics(tmp_path, strategy, ov
         assert sum(r["dropouts"] for r in got) > 0
 
 
+def test_compare_gives_a_run_that_trains_apart_the_cores_left_idle(tmp_path):
+    """Three runs on two cores: the two split runs start first, each in its own process; FedAvg, whose devices
+    train apart, starts last with the parallel engine on both cores. Every run's metrics are its sequential
+    ones."""
+    base = config(tmp_path, *ROOMY)
+    summaries = compare(base, ["fedavg", "splitfed", "smartsplit"], workers=2, report=False)
+    engines = {s.strategy: yaml.safe_load((Path(s.run_dir) / "config.yaml").read_text())["engine"] for s in summaries}
+    assert engines == {"fedavg": "parallel", "splitfed": "sequential", "smartsplit": "sequential"}
+    for summary in summaries:
+        want = sequential(tmp_path / summary.strategy, f"strategy.name={summary.strategy}", *ROOMY)
+        assert metrics(Path(summary.run_dir)) == want
+
+
 def test_run_engine_flags_and_resuming_on_another_engine(tmp_path):
     want = sequential(tmp_path)
     path = tmp_path / "config.yaml"

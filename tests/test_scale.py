@@ -80,3 +80,32 @@ def test_collector_frozen_freezes_for_the_block_only() -> None:
     with collector_frozen():
         assert gc.get_freeze_count() > before
     assert gc.get_freeze_count() == before
+
+
+def test_many_candidates_figures_gathered_at_once_equal_each_read_alone() -> None:
+    """What SmartSplit's selection reads in arrays (``per_cut_array``, ``feasibility``, the fastest feasible
+    round) equals reading each candidate's figures one by one, and the budgets above a cut's ``roomy`` share
+    the plan options the search finds for any of them."""
+    import numpy as np
+
+    from smartsplit.strategies.base import feasibility, per_cut_array
+    from smartsplit.strategies.selection import DeviceHistory
+
+    x = Experiment(build_config({**FLEET, "strategy": {"name": "smartsplit"}},
+                                ["fleet.budgets.kind=foreground", "fleet.budgets.max_take=0.9", "edge.servers=2"]))
+    x.clock_s = 500.0
+    candidates = x.candidates()
+    for field in ("peaks", "round_times", "edge_times"):
+        got = per_cut_array([getattr(c, field) for c in candidates])
+        assert got.tolist() == [list(getattr(c, field)) for c in candidates]
+    fits = feasibility(candidates)
+    assert [tuple(np.flatnonzero(row) + 1) for row in fits] == [c.feasible_cuts for c in candidates]
+    history = DeviceHistory()
+    history.speed = {c.device.id: 1.0 + 0.1 * (c.device.id % 3) for c in candidates}
+    feasible = [c for c in candidates if c.feasible_cuts]
+    fastest = history.fastest(feasible, feasibility(feasible)).tolist()
+    assert fastest == [min(history.times(c)[0][cut - 1] for cut in c.feasible_cuts) for c in feasible]
+    manager = x.manager(candidates[0].device.id)
+    for cut in range(1, x.num_units + 1):
+        roomy = manager.roomy(cut)
+        assert manager._search(cut, roomy) == manager._search(cut, roomy * 3) == manager._search(cut, roomy + 12345)

@@ -142,6 +142,9 @@ class TrainingConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     eval_batch_size: int = Field(1000, ge=1)
     eval_every: int = Field(1, ge=1)  # evaluate the global model after every N-th round, and after the last
+    # devices that train the whole model alone may step together as one computation (engine.grouping): auto
+    # (where measuring once on this machine shows it pays), always, never (one device at a time, bit for bit as before)
+    grouping: Literal["auto", "always", "never"] = "auto"
     round_deadline_s: float | None = Field(None, gt=0)  # a device paused past it stops for the round
 
     @model_validator(mode="after")
@@ -217,6 +220,8 @@ class Config(_Section):
     # torch threads per run: results depend on it (reduction order), so it is part of the config; the
     # simulation's many small tensors run fastest on one, and `compare` runs in parallel processes instead
     threads: int = Field(1, ge=1)
+    # where grouped devices' steps are computed (cuda: the GPU torch sees; everything else stays on the CPU)
+    device: Literal["cpu", "cuda"] = "cpu"
     # measure device memory with the heap meter (profiles calibrated, peaks measured); false: plans rest on
     # saved-tensor profiles alone and no peak is measured (faster, and the same on every machine)
     meter: bool = True

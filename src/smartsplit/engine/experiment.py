@@ -18,6 +18,7 @@ from smartsplit.engine.build import (
     build_architecture, build_availability, build_fleet, build_traces, device_manager, start_meter,
 )
 from smartsplit.engine.forecast import Forecast
+from smartsplit.engine.grouping import Grouping, grouped_compute_unavailable
 from smartsplit.engine.learned import LearnedProfiles
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.kernels.aggregate import all_finite
@@ -63,6 +64,8 @@ class Experiment:
         check_argument("Experiment", "config", config, Config)
         check_argument("Experiment", "meter", meter, HeapMeter, type(None))
         self.config = config
+        if (reason := grouped_compute_unavailable(config.device)) is not None:
+            raise SmartSplitError(reason)
         self.meter = meter if meter is not None else start_meter(config) if config.meter else None
         self._owns_meter = meter is None
         self.measured: dict[tuple[int, int, tuple], int] = {}  # meter's step peak per (cut, micro-batch, segments)
@@ -107,6 +110,8 @@ class Experiment:
         self.edge_roles = [EdgeRole(e, self.architecture, self.optimizer) for e in range(len(self.edge_specs))]
         self.clock_s = 0.0  # simulated time since the experiment started
         self.stopped: str | None = None  # why the run ended before its last round (nobody can train)
+        self.grouping = None if t.grouping == "never" else Grouping(t.grouping, config.device, self.architecture,
+                                                                  self.input_shape, self.train.num_classes)
 
     def manager(self, device_id: int) -> OnDeviceManager:
         """The device's on-device manager: its role plans with it, and the central server predicts its plans with
@@ -356,7 +361,7 @@ class Experiment:
         ]
         return simulate(participants, self.edge_roles, self.edge_specs, self.profile, start_s=self.clock_s,
                         deadline_s=self.config.training.round_deadline_s, options=self.strategy.execution,
-                        observer=observer)
+                        observer=observer, grouping=self.grouping)
 
     def state_dict(self, rounds_done: int) -> dict:
         """Everything a resumed run needs to continue exactly as this one would have."""

@@ -62,11 +62,18 @@ class Forecast:
         self.groups = {budget: np.array(rows) for budget, rows in groups.items()}
         self.num_units = profile.num_units
         self._cuts: dict[int, CutForecast] = {}
+        self._matrices: dict[str, np.ndarray] = {}
 
     def figures(self, row: int) -> dict[str, PerCut]:
         """Device ``row``'s peaks, step, round and edge times per cut, as a ``Candidate`` takes them."""
         return {name: _Figure(self, field, row) for name, field in
                 (("peaks", "peaks"), ("step_times", "step_s"), ("round_times", "round_s"), ("edge_times", "edge_s"))}
+
+    def matrix(self, field: str) -> np.ndarray:
+        """One figure for every device and cut, [row, cut - 1] (every cut predicted)."""
+        if field not in self._matrices:
+            self._matrices[field] = np.array([getattr(self.at(cut), field) for cut in range(1, self.num_units + 1)]).T
+        return self._matrices[field]
 
     def at(self, cut: int) -> CutForecast:
         if cut not in self._cuts:
@@ -76,7 +83,12 @@ class Forecast:
     def _predict(self, cut: int) -> CutForecast:
         n = len(self.steps)
         peaks, recompute, trips = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        roomy = self.planner.roomy(cut)  # budgets from there up share their options: one group
+        groups: dict[int, list[np.ndarray]] = {}
         for budget, rows in self.groups.items():
+            groups.setdefault(min(budget, roomy), []).append(rows)
+        for budget, parts in groups.items():
+            rows = np.concatenate(parts)
             options = self.planner.options(cut, budget) or self.planner.options(cut, UNLIMITED)
             pick = fastest(options, self.devices.flops_per_s[rows], self.planner.round_trip_s)
             peaks[rows] = np.array([o.memory.total for o in options], dtype=np.int64)[pick]
@@ -111,3 +123,19 @@ class _Figure(PerCut):
 
     def _at(self, index: int):
         return getattr(self._forecast.at(index + 1), self._field)[self._row]
+
+    @classmethod
+    def gather(cls, figures: Sequence["_Figure"]) -> np.ndarray:
+        """The rows of each forecast's matrix at once (figures of one field; another mix is read one by one)."""
+        if len({f._field for f in figures}) != 1:
+            return super().gather(figures)
+        batches: dict[int, tuple[Forecast, list[int], list[int]]] = {}
+        for position, f in enumerate(figures):
+            batch = batches.setdefault(id(f._forecast), (f._forecast, [], []))
+            batch[1].append(position)
+            batch[2].append(f._row)
+        parts = [(positions, forecast.matrix(figures[0]._field)[rows]) for forecast, positions, rows in batches.values()]
+        out = np.empty((len(figures), parts[0][1].shape[1]), dtype=np.result_type(*(m for _, m in parts)))
+        for positions, values in parts:
+            out[positions] = values
+        return out

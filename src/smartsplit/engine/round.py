@@ -14,7 +14,7 @@ trains them as the device's for the rest of the round), else a pause until the b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import simpy
 
@@ -29,6 +29,9 @@ from smartsplit.roles.device import DeviceSide, SimulatedTimes, StepDone
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import DeviceResult, Observation, RoundInstructions, Update
 from smartsplit.strategies.base import StepObserver
+
+if TYPE_CHECKING:
+    from smartsplit.engine.grouping import Grouping
 
 
 @dataclass
@@ -121,18 +124,28 @@ def simulate(
     deadline_s: float | None = None,
     options: EngineOptions = EngineOptions(),
     observer: StepObserver | None = None,
+    grouping: Grouping | None = None,
 ) -> RoundParts:
-    """``train_round``'s simulation, its results not yet in aggregation order."""
+    """``train_round``'s simulation, its results not yet in aggregation order. With ``grouping``, devices that
+    may step together defer their steps' arithmetic (``engine.grouping``): it runs, grouped, once the simulated
+    round has ended, and then they report."""
     env = simpy.Environment()
     queues = [simpy.Resource(env, capacity=1) for _ in edge_roles]
     parts = RoundParts({}, {}, [])
-    previous = None
+    if grouping is not None and observer is None:
+        grouping.defer([p.role for p in participants], [p.instructions for p in participants], profile.num_units,
+                       profile.batch)
+    previous, waiting = None, []
     for p in participants:
         device_round = DeviceRound(env, p, edge_roles[p.edge], edge_specs[p.edge], queues[p.edge], profile, start_s,
-                                   deadline_s, observer)
+                                   deadline_s, observer, waiting)
         after = previous if options.edge_order == "sequential" else None
         previous = env.process(device_round.run(after, parts))
     env.run()
+    if waiting:
+        grouping.run([w.device for w in waiting])
+        for w in waiting:
+            w.report(parts)
     parts.shared.update((e, copy) for e, edge in enumerate(edge_roles) if (copy := edge.finish_round()) is not None)
     return parts
 
@@ -150,7 +163,7 @@ class DeviceRound:
 
     def __init__(self, env: simpy.Environment, participant: Participant, edge: EdgeRole, spec: EdgeSpec,
                  queue: simpy.Resource, profile: ModelProfile, start_s: float, deadline_s: float | None,
-                 observer: StepObserver | None) -> None:
+                 observer: StepObserver | None, waiting: list | None = None) -> None:
         self.env, self.edge, self.spec, self.queue, self.profile = env, edge, spec, queue, profile
         self.device: DeviceSide = participant.role
         self.instructions, self.edge_index = participant.instructions, participant.edge
@@ -161,6 +174,7 @@ class DeviceRound:
         self.step_sizes: list[int] = []
         self.steps = 0
         self.resumed_at = 0.0
+        self.waiting = waiting  # where a device whose steps' arithmetic waits (engine.grouping) reports from
 
     def run(self, after: simpy.Process | None, parts: RoundParts):
         """The SimPy process: the phases in order; the device's result goes into ``parts``."""
@@ -183,7 +197,11 @@ class DeviceRound:
             yield from self.drop_out()
         elif self.steps:
             yield from self.upload()
-        self.report(parts)
+        self.times.finish_s = self.env.now
+        if self.waiting is not None and getattr(self.device, "waiting", False):
+            self.waiting.append(self)  # it reports once its steps have run, after the simulated round
+        else:
+            self.report(parts)
 
     def must_stay_online(self, seconds: float) -> None:
         if self.offline_at is not None and self.env.now + seconds > self.offline_at:
@@ -284,7 +302,6 @@ class DeviceRound:
         handed_back, own_copy, seen_by_edge = self.edge.close_session(device.id)
         if handed_back is not None:
             device.take_back(handed_back)
-        self.times.finish_s = self.env.now
         result = device.finish_round(self.times)
         if result.update is not None:
             parts.device_updates[device.id] = (self.edge_index, [result.update, *([own_copy] if own_copy else [])])

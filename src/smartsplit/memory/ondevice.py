@@ -174,11 +174,19 @@ class OnDeviceManager:
 
     def options(self, cut: int, budget: int) -> list[PlanOption]:
         """Every micro-batch size's cheapest way to fit ``budget`` (already rounded) at ``cut``; none depends on
-        the device's speed, so managers sharing a memo find them once for all their devices."""
+        the device's speed, so managers sharing a memo find them once for all their devices. Every budget at or
+        above ``roomy(cut)`` gets the same options (each micro-batch's plain plan), found once."""
         if self._model_key is None:
             head = self.profile_at(self.batch)
             self._model_key = (head.input_shape, head.dtype, self.batch, self.slots)
-        return self.memo.options((*self._model_key, self.checkpointing, cut, budget), lambda: self._search(cut, budget))
+        key = min(budget, self.roomy(cut))
+        return self.memo.options((*self._model_key, self.checkpointing, cut, key), lambda: self._search(cut, key))
+
+    def roomy(self, cut: int) -> int:
+        """The smallest budget in which every micro-batch size's plain plan (nothing recomputed) fits at ``cut``:
+        from there up, the options do not depend on the budget."""
+        sizes = micro_batch_sizes(self.batch) if self.checkpointing else [self.batch]
+        return max(self.memo.plain(self.profile_at(m), cut, self.slots, math.ceil(self.batch / m)).total for m in sizes)
 
     def _search(self, cut: int, budget: int) -> list[PlanOption]:
         options = []

@@ -35,6 +35,7 @@ class RunSummary:
     stopped: str | None = None  # why the run ended before its last round
     run_dir: str | None = None
     profiles: dict | None = None  # which memory profiles the run planned from (engine.build.profile_sources)
+    grouping: dict | None = None  # whether devices stepped together, as measured and chosen (engine.grouping)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,7 +43,7 @@ class RunSummary:
 
 def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed: int | None, fleet_size: int | None,
               target: float | None = None, wall_s: float | None = None, run_dir: str | None = None,
-              profiles: dict | None = None, stopped: str | None = None) -> RunSummary:
+              profiles: dict | None = None, stopped: str | None = None, grouping: dict | None = None) -> RunSummary:
     n = max(len(records), 1)
     evaluated = [r for r in records if r.accuracy is not None]
     reached = next((r for r in evaluated if target is not None and r.accuracy >= target), None)
@@ -77,6 +78,7 @@ def summarise(records: Sequence[RoundRecord], *, name: str, strategy: str, seed:
         stopped=stopped,
         run_dir=run_dir,
         profiles=profiles,
+        grouping=grouping,
     )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import unit_state, unit_states
+from smartsplit.kernels.grouped import Client
 from smartsplit.kernels.structure import materialise, structure_of
 from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer
 from smartsplit.fleet import BudgetTrace, Device
@@ -134,6 +135,7 @@ class _RoundState(RoundTally):
     loss_sum: float = 0.0
     crossed: int = 0
     pending: torch.Tensor | None = None  # the micro-batch's cut activation, waiting for its gradient
+    deferred: int = 0  # the first steps, whose arithmetic waits to run grouped with other devices' (engine.grouping)
 
 
 class DeviceSide(Protocol):
@@ -209,6 +211,7 @@ class DeviceRole:
         self.optimizer = optimizer
         self.batch_size, self.local_steps, self.local_epochs = batch_size, local_steps, local_epochs
         self.measure = measure
+        self.deferring = False  # this round's steps may wait to run grouped (set by engine.grouping, each round)
         self._round: _RoundState | None = None
 
     @property
@@ -296,6 +299,11 @@ class DeviceRole:
         holds every unit (it then computes the loss and runs backward itself). Raises ``DeviceOutOfMemory``
         (and records the event) when the forward saves more than the plan and the budget allow."""
         r, plan = self._state, self._state.plan
+        if self.deferring:
+            if r.deferred == r.step and not plan.segments and plan.micro_batch >= len(r.y) and r.budget >= plan.peak_bytes:
+                r.deferred += 1  # the plain plan at a budget that holds it: the guard cannot trip; run it later
+                return None
+            self.catch_up()  # its plan or budget no longer allows waiting: on alone from here
         n, size = len(r.y), plan.micro_batch
         start = micro_batch * size
         xb, yb = r.x[start : start + size], r.y[start : start + size]
@@ -327,25 +335,80 @@ class DeviceRole:
     def end_step(self) -> StepDone:
         """Step the optimizer; measure the plan's real peak; let the strategy's observer see the units."""
         r = self._state
-        if r.optimizer is not None:
+        waiting = r.step < r.deferred  # its arithmetic runs later (catch_up, step_deferred_together)
+        if r.optimizer is not None and not waiting:
             r.optimizer.step()
         for index, unit in enumerate(r.units[: r.cut], start=1):
             if r.observer is not None:
                 r.observations.append((r.step, index, r.observer.observe(index, unit)))
-        held = held_bytes([r.units], [t for state in r.instructions.weights.values() for t in state.values()],
-                          r.optimizer)
-        r.held = max(r.held or 0, held)
+        if not waiting:
+            self._note_held()
         if self.measure is not None:
             measured = self.measure(r.plan)
             r.peak_measured = max(r.peak_measured or 0, measured)
             if measured > r.budget:
                 r.oom_events += 1
-        done = StepDone(loss=r.loss_sum, samples=len(r.y), cut_bytes=r.crossed)
+        done = StepDone(loss=math.nan if waiting else r.loss_sum, samples=len(r.y), cut_bytes=r.crossed)
         r.steps += 1
         r.samples += done.samples
         r.losses.append(done.loss)
         r.x = r.y = None
         return done
+
+    def _note_held(self) -> None:
+        r = self._state
+        held = held_bytes([r.units], [t for state in r.instructions.weights.values() for t in state.values()],
+                          r.optimizer)
+        r.held = max(r.held or 0, held)
+
+    # ---- steps whose arithmetic waited (engine.grouping)
+
+    @property
+    def waiting(self) -> bool:
+        """Finished steps whose arithmetic has not run yet."""
+        return self._round is not None and self._round.deferred > 0
+
+    @property
+    def deferred_steps(self) -> int:
+        return self._state.deferred
+
+    def deferred_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples of waiting step ``step``."""
+        indices = self._state.batches[step]
+        return self.data.x[indices], self.data.y[indices]
+
+    def deferred_client(self) -> Client:
+        """The units whose waiting steps are to run (``kernels.grouped.step_together``), with their momentum."""
+        return Client(self._state.units, _momentum(self._state))
+
+    def finish_deferred(self, client: Client, losses: list[float]) -> None:
+        """The waiting steps have run on ``client`` (this device's own units), with these losses: keep its
+        momentum as the optimizer's state, note what the device holds, stop waiting."""
+        r = self._state
+        r.losses[: len(losses)] = losses
+        if client.momentum is not None and r.optimizer is not None:
+            for name, p in r.units.named_parameters():
+                r.optimizer.state[p]["momentum_buffer"] = client.momentum[name]
+        self._note_held()
+        r.deferred, self.deferring = 0, False
+
+    def catch_up(self) -> None:
+        """Run the steps that waited, one at a time (each the plain step it was planned as), and stop waiting."""
+        r = self._state
+        for j in range(r.deferred):
+            indices = r.batches[j]
+            x, y = self.data.x[indices], self.data.y[indices]
+            if r.optimizer is not None:
+                r.optimizer.zero_grad(set_to_none=True)
+            activation = device_forward(r.units[: r.cut], x, ())
+            r.losses[j], grad = edge_backward(nn.Sequential(), activation, y, len(y))
+            backward_into(activation, grad)
+            if r.optimizer is not None:
+                r.optimizer.step()
+            self._note_held()
+        if r.optimizer is not None:
+            r.optimizer.zero_grad(set_to_none=True)  # the step under way starts from no gradient
+        r.deferred, self.deferring = 0, False
 
     # ---- units moving to and from the edge
 
@@ -391,7 +454,7 @@ class DeviceRole:
                             samples={i: r.samples for i in range(1, r.assigned_cut + 1)})
         report = r.report(self.device, times, unread_budget=self.trace.at(0.0))
         observations = r.observations if r.steps else []
-        self._round = None
+        self._round, self.deferring = None, False
         return DeviceResult(update, report, observations)
 
     @property
@@ -399,3 +462,11 @@ class DeviceRole:
         if self._round is None:
             raise RuntimeError(f"device {self.id}: no round under way (start_round first)")
         return self._round
+
+
+def _momentum(r: _RoundState) -> dict[str, torch.Tensor] | None:
+    """The SGD momentum buffers of a round's units, by parameter name (None before the first step)."""
+    if r.optimizer is None:
+        return None
+    buffers = {name: r.optimizer.state.get(p, {}).get("momentum_buffer") for name, p in r.units.named_parameters()}
+    return None if any(b is None for b in buffers.values()) else buffers

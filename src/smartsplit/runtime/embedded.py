@@ -193,6 +193,7 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
     summary = summarise(records, name=config.name, strategy=config.strategy.name, seed=config.seed,
                         fleet_size=len(experiment.devices), target=config.target_accuracy,
                         wall_s=time.perf_counter() - started, run_dir=str(run_dir),
-                        profiles=profile_sources(experiment.meter), stopped=experiment.stopped)
+                        profiles=profile_sources(experiment.meter), stopped=experiment.stopped,
+                        grouping=experiment.grouping.record() if experiment.grouping is not None else None)
     (run_dir / "summary.json").write_text(strict_json(summary.to_json(), indent=2))
     return summary

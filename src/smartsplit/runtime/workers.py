@@ -99,9 +99,13 @@ class Replica:
         freeze_collector()  # for the worker's life
 
     def train(self, part: Part, edge_instructions: list[EdgeInstructions], clock_s: float,
-              observer: StepObserver | None) -> RoundParts:
+              observer: StepObserver | None) -> tuple[RoundParts, dict]:
+        """The part's results, and which memory figures this replica's meter has given so far (the run's
+        summary counts the figures every process planned from)."""
         self.experiment.clock_s = clock_s
-        return self.experiment.train_part(part.instructions, edge_instructions, part.edges, observer)
+        parts = self.experiment.train_part(part.instructions, edge_instructions, part.edges, observer)
+        meter = self.experiment.meter
+        return parts, dict(meter.sources) if meter is not None else {}
 
     def score(self, state: dict, batch_size: int, first: int, last: int) -> list[tuple[float, int]]:
         """The global model ``state``'s scores on test batches ``first..last-1`` (this replica's own test set)."""
@@ -162,7 +166,11 @@ class WorkerRounds:
         if len(parts) <= 1 and self.single_part_here:
             return experiment.train_here(device_instructions, edge_instructions, observer)
         calls = [(part, edge_instructions, experiment.clock_s, observer) for part in parts]
-        return assemble(self._on_workers("train", calls), len(experiment.edge_specs))
+        trained = self._on_workers("train", calls)
+        if experiment.meter is not None:
+            for _, sources in trained:
+                experiment.meter.sources.update(sources)
+        return assemble([part for part, _ in trained], len(experiment.edge_specs))
 
     def evaluate(self, model, test, batch_size: int) -> Evaluation:
         """``roles.central.evaluate``'s figures, the batches scored in the workers at once."""

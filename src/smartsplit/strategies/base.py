@@ -53,6 +53,28 @@ class PerCut(Sequence[T]):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and tuple(self) == tuple(other)
 
+    @classmethod
+    def gather(cls, figures: Sequence["PerCut"]) -> np.ndarray:
+        """Many candidates' figures as one array, [candidate, cut - 1] (a subclass may gather them faster)."""
+        return np.array([tuple(f) for f in figures])
+
+
+def per_cut_array(figures: Sequence[Sequence]) -> np.ndarray:
+    """Many candidates' per-cut figures as one array, [candidate, cut - 1]: the engine's forecasts hand theirs
+    over at once; plain sequences are read one by one."""
+    kinds = {type(f) for f in figures}
+    if len(kinds) == 1 and issubclass(kind := kinds.pop(), PerCut):
+        return kind.gather(figures)
+    return np.array([tuple(f) for f in figures])
+
+
+def feasibility(candidates: Sequence["Candidate"]) -> np.ndarray:
+    """Which cuts fit each candidate's budget, [candidate, cut - 1]: ``Candidate.fits`` for all at once."""
+    if not candidates:
+        return np.zeros((0, 0), dtype=bool)
+    peaks = per_cut_array([c.peaks for c in candidates])
+    return peaks <= np.array([c.budget for c in candidates], dtype=peaks.dtype)[:, None]
+
     def __repr__(self) -> str:
         return repr(tuple(self))
 

@@ -73,6 +73,9 @@ REGISTRY: dict[str, StrategyFactory] = {
     "smartsplit-no-ckpt": _smartsplit(checkpointing=False),
 }
 STRATEGIES = tuple(REGISTRY)
+# built-ins whose devices always train the whole model and never move their cut: a round's devices never touch
+# an edge server, so its parts train apart (the parallel engine splits such a round across all its workers)
+TRAIN_APART = frozenset({"fedavg", "fedavg-ckpt", "oort"})
 
 
 def make_strategy(config: StrategyConfig, num_units: int, seed: int = 0) -> Strategy:

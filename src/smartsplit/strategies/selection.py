@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.records import DeviceReport
-from smartsplit.strategies.base import Candidate, PerCut
+from smartsplit.strategies.base import Candidate, PerCut, per_cut_array
 
 
 def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
@@ -31,10 +31,25 @@ def system_penalty(time_s: float, preferred_s: float, alpha: float = 2.0) -> flo
     return float((preferred_s / time_s) ** alpha)
 
 
-def present_classes(label_counts: Sequence[int], min_share: float = 0.05) -> frozenset[int]:
+MIN_SHARE = 0.05  # a class below this share of a device's samples is a stray, not coverage
+
+
+def present_classes(label_counts: Sequence[int], min_share: float = MIN_SHARE) -> frozenset[int]:
     """Classes that make up at least ``min_share`` of a device's samples (a stray example is not coverage)."""
     total = sum(label_counts)
     return frozenset(j for j, n in enumerate(label_counts) if n > 0 and n >= min_share * total)
+
+
+def coverage_bonuses(label_counts: np.ndarray, weight: float) -> np.ndarray:
+    """``coverage_bonus`` of many devices (rows of ``label_counts``) with nothing covered yet, all at once:
+    the same arithmetic, so the same values."""
+    counts = np.asarray(label_counts, dtype=np.int64)
+    totals = counts.sum(axis=1)
+    present = (counts > 0) & (counts >= MIN_SHARE * totals[:, None])
+    held = np.where(present, counts, 0).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bonus = weight * held / totals
+    return np.where((totals <= 0) | (weight == 0), 0.0, bonus)
 
 
 def coverage_bonus(
@@ -80,6 +95,16 @@ class DeviceHistory:
         rounds, edge = predicted_times(c)
         f = self.speed.get(c.device.id, 1.0)
         return PerCut(len(rounds), lambda cut: f * (rounds[cut - 1] - edge[cut - 1]) + edge[cut - 1]), edge
+
+    def fastest(self, candidates: Sequence[Candidate], fits: np.ndarray) -> np.ndarray:
+        """Each candidate's fastest round over the cuts ``fits`` allows (as ``times`` scales them), all at once."""
+        if not candidates:
+            return np.zeros(0)
+        rounds = per_cut_array([c.round_times or c.step_times for c in candidates]).astype(float)
+        edge = per_cut_array([c.edge_times for c in candidates]).astype(float) if all(c.edge_times for c in candidates) \
+            else np.array([tuple(predicted_times(c)[1]) for c in candidates], dtype=float)
+        factor = np.array([self.speed.get(c.device.id, 1.0) for c in candidates])[:, None]
+        return np.where(fits, factor * (rounds - edge) + edge, np.inf).min(axis=1)
 
     def plan(self, c: Candidate, cut: int) -> None:
         rounds, edge = predicted_times(c)

@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from smartsplit.records import DeviceReport
-from smartsplit.strategies.base import Assignment, Candidate, Observation, PlanRules, RoundPlan, StepObserver, Strategy
+from smartsplit.strategies.base import (
+    Assignment, Candidate, Observation, PlanRules, RoundPlan, StepObserver, Strategy, feasibility,
+)
 from smartsplit.strategies.selection import (
-    DeviceHistory, coverage_bonus, present_classes, sample_eligible, statistical_utility, system_penalty,
+    DeviceHistory, coverage_bonus, coverage_bonuses, present_classes, sample_eligible, statistical_utility,
+    system_penalty,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +39,19 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- the central manager
+
+
+class _Present(dict):
+    """Each candidate's present classes (``present_classes``), worked out the first time they are needed: the
+    lazy greedy selection looks at few devices' beyond its first pass."""
+
+    def __init__(self, candidates: Sequence[Candidate]) -> None:
+        super().__init__()
+        self._counts = {c.device.id: c.label_counts for c in candidates}
+
+    def __missing__(self, device_id: int) -> frozenset[int]:
+        value = self[device_id] = present_classes(self._counts[device_id])
+        return value
 
 
 class SmartSplit(Strategy):
@@ -96,7 +112,7 @@ class SmartSplit(Strategy):
         """Greedy: repeatedly take the highest utility, the coverage bonus recomputed against those taken; ties go
         to the earlier in a seeded order."""
         order = [pool[i] for i in rng.permutation(len(pool))]
-        present = {c.device.id: present_classes(c.label_counts) for c in pool}
+        present = _Present(order)
         falling = self.coverage >= 0 and all(s["statistical"] >= 0 and s["penalty"] >= 0 for s in scores.values())
         return (self._select_lazily if falling else self._select_plainly)(order, k, scores, present)
 
@@ -120,10 +136,12 @@ class SmartSplit(Strategy):
         only fall as the chosen cover more labels, so the value last computed for it bounds it: a max-heap of
         (bound, position in the seeded order) pops devices, and one whose value is current when it reaches the
         top is the best, the first of equals among them."""
+        if not order:
+            return []
         heap = []
-        for position, c in enumerate(order):
-            bonus, utility = self._bonus_and_utility(c, set(), scores, present)
-            heap.append((-utility, position, 0, bonus))  # 0: computed with none chosen
+        first = coverage_bonuses(np.array([c.label_counts for c in order]).reshape(len(order), -1), self.coverage)
+        for position, (c, bonus) in enumerate(zip(order, first.tolist())):  # none chosen yet: all at once
+            heap.append((-self._utility(scores[c.device.id], bonus), position, 0, bonus))  # 0: with none chosen
         heapq.heapify(heap)
         chosen: list[Candidate] = []
         covered: set[int] = set()
@@ -179,9 +197,10 @@ class SmartSplit(Strategy):
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         """Select (utility, within the deadline), assign cuts jointly, let the MEC manager fine-tune them."""
-        feasible = [c for c in candidates if c.feasible_cuts]
-        times = {c.device.id: self.history.times(c) for c in feasible}
-        fastest = {c.device.id: min(times[c.device.id][0][x - 1] for x in c.feasible_cuts) for c in feasible}
+        fits = feasibility(candidates)  # every candidate at every cut, in arrays
+        rows = np.flatnonzero(fits.any(axis=1)) if len(candidates) else np.zeros(0, dtype=int)
+        feasible = [candidates[r] for r in rows]
+        fastest = dict(zip((c.device.id for c in feasible), self.history.fastest(feasible, fits[rows]).tolist()))
         pool = feasible
         if self.deadline_s is not None:
             pool = [c for c in feasible if fastest[c.device.id] <= self.deadline_s]
@@ -193,6 +212,7 @@ class SmartSplit(Strategy):
         else:
             chosen = sample_eligible(feasible, k, rng)
         chosen.sort(key=lambda c: c.device.id)
+        times = {c.device.id: self.history.times(c) for c in chosen}
 
         cuts, rebalance_moves = self._assign(chosen, times)
         moved = self._fine_tune(chosen, cuts, times) if self.cut_finetuning and self.mec is not None else {

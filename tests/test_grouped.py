@@ -1,0 +1,169 @@
+"""Devices stepping together as one computation (``kernels.grouped``, ``engine.grouping``) train what they train one
+at a time, within floating-point rounding.
+
+Tolerance: the grouped step computes the same sums in another order (batched convolutions and matrix products),
+so every loss, weight and accuracy must agree to a relative 1e-4 (absolute 1e-6 for values near zero) after a
+few steps; one device at a time (``training.grouping: never``) is bit for bit what the engine always did.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smartsplit.config import build_config
+from smartsplit.engine.experiment import Experiment
+from smartsplit.engine.grouping import MARGIN, Grouping
+from smartsplit.errors import SmartSplitError
+from smartsplit.kernels.grouped import Client, step_together
+from smartsplit.models.zoo import build_model
+from smartsplit.runtime.embedded import run_experiment
+
+RTOL, ATOL = 1e-4, 1e-6
+
+FEDAVG = {
+    "name": "grouped", "seed": 3, "meter": False,
+    "data": {"dataset": "synthetic", "synthetic_train": 400, "synthetic_test": 80},
+    "model": {"name": "cnn", "width": 0.5},
+    "fleet": {"devices": 8, "classes": {"phone-entry": 1.0}},
+    "training": {"rounds": 2, "devices_per_round": 6, "local_steps": 3, "batch_size": 16, "momentum": 0.9},
+    "strategy": {"name": "fedavg"},
+}
+# budgets that drop below the whole model's peak mid-round: fedavg-ckpt's devices re-plan (micro-batches,
+# recomputation), so their steps stop waiting and go on alone
+SQUEEZED = ["strategy.name=fedavg-ckpt", "fleet.budgets.kind=foreground",
+            "fleet.budgets.mean_gap_s=0.02", "fleet.budgets.mean_hold_s=0.3", "fleet.budgets.max_take=0.9",
+            "fleet.budgets.floor=0.01", "fleet.budgets.horizon_s=3000"]
+
+
+def close(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= ATOL + RTOL * abs(b)
+
+
+def run(tmp_path: Path, grouping: str, *overrides: str) -> tuple[list[dict], dict, dict]:
+    config = build_config({**FEDAVG, "output_dir": str(tmp_path)}, [*overrides, f"training.grouping={grouping}",
+                                                                   f"name=g-{grouping}"])
+    run_experiment(config, progress=False, overwrite=True)
+    folder = tmp_path / f"g-{grouping}"
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return records, torch.load(folder / "model.pt"), json.loads((folder / "summary.json").read_text())
+
+
+def assert_alike(a: list[dict], b: list[dict], exact: bool = False) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert [d["device"] for d in ra["devices"]] == [d["device"] for d in rb["devices"]]
+        assert [d["steps"] for d in ra["devices"]] == [d["steps"] for d in rb["devices"]]
+        assert ra["latency_s"] == rb["latency_s"]  # the simulated clock does not depend on the arithmetic
+        for da, db in zip(ra["devices"], rb["devices"]):
+            assert (da["loss_rms"] == db["loss_rms"]) if exact else close(da["loss_rms"], db["loss_rms"]), (da, db)
+        assert (ra["loss"] == rb["loss"]) if exact else close(ra["loss"], rb["loss"])
+
+
+def test_clients_stepped_together_equal_each_stepped_alone():
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, width=0.5, input_size=28)
+    clients, steps, batch = 4, 3, 8
+    xs, ys = torch.randn(steps, clients, batch, 1, 28, 28), torch.randint(0, 10, (steps, clients, batch))
+    alone = [copy.deepcopy(model) for _ in range(clients)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in alone]
+    together = [Client(copy.deepcopy(model)) for _ in range(clients)]
+    for s in range(steps):
+        want = []
+        for m, o, x, y in zip(alone, optimizers, xs[s], ys[s]):
+            o.zero_grad()
+            loss = F.cross_entropy(m(x), y, reduction="sum") / len(y)
+            loss.backward()
+            o.step()
+            want.append(loss.item())
+        got = step_together(together, xs[s], ys[s], 0.05, 0.9)
+        assert all(close(g, w) for g, w in zip(got, want)), (got, want)
+    for m, o, c in zip(alone, optimizers, together):
+        for (name, p), q in zip(m.named_parameters(), c.units.parameters()):
+            torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(q.grad, p.grad, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(c.momentum[name], o.state[p]["momentum_buffer"], rtol=RTOL, atol=ATOL)
+
+
+def test_a_fedavg_run_grouped_trains_what_it_trains_one_device_at_a_time(tmp_path):
+    alone, alone_model, _ = run(tmp_path, "never")
+    together, together_model, summary = run(tmp_path, "always")
+    assert_alike(together, alone)
+    for name in alone_model:
+        torch.testing.assert_close(together_model[name], alone_model[name], rtol=RTOL, atol=ATOL)
+    assert summary["grouping"]["mode"] == "always"
+
+
+def test_devices_whose_budgets_squeeze_them_mid_round_go_on_alone(tmp_path, monkeypatch):
+    """fedavg-ckpt under swinging budgets: some steps need micro-batches or recomputation, so those devices run
+    their waiting steps alone there and then (``catch_up``); the run still equals one device at a time."""
+    from smartsplit.roles.device import DeviceRole
+
+    caught_up, grouped = [], []
+    catch_up, finish = DeviceRole.catch_up, DeviceRole.finish_deferred
+    monkeypatch.setattr(DeviceRole, "catch_up",
+                        lambda self: (caught_up.append(self._state.deferred) if self._state.deferred else None, catch_up(self))[1])
+    monkeypatch.setattr(DeviceRole, "finish_deferred",
+                        lambda self, client, losses: (grouped.append(len(losses)), finish(self, client, losses))[1])
+    alone, _, _ = run(tmp_path, "never", *SQUEEZED)
+    assert not caught_up and not grouped  # never: nothing waits
+    together_records, _, _ = run(tmp_path, "always", *SQUEEZED)
+    assert_alike(together_records, alone)
+    assert caught_up and grouped, "the squeezed fleet should exercise both the fallback and grouping"
+    assert sum(r["oom_events"] or 0 for r in alone) == sum(r["oom_events"] or 0 for r in together_records)
+
+
+def test_devices_that_drop_out_mid_round_count_the_steps_they_finished(tmp_path):
+    overrides = ["fleet.availability.kind=on_off", "fleet.availability.mean_on_s=3",
+                 "fleet.availability.mean_off_s=1"]
+    alone, _, _ = run(tmp_path, "never", *overrides)
+    together, _, _ = run(tmp_path, "always", *overrides)
+    assert_alike(together, alone)
+    assert sum(r["dropouts"] or 0 for r in alone) > 0, "the churn should make devices drop out mid-round"
+
+
+def test_split_devices_are_never_grouped(tmp_path):
+    """A split device's edge serves devices in simulated arrival order: its steps cannot wait, and a split
+    run with grouping on is bit for bit the run without."""
+    alone, _, _ = run(tmp_path, "never", "strategy.name=splitfed")
+    together, _, _ = run(tmp_path, "always", "strategy.name=splitfed")
+    assert_alike(together, alone, exact=True)
+
+
+def test_auto_measures_once_and_groups_only_where_together_is_clearly_faster(tmp_path):
+    config = build_config({**FEDAVG, "output_dir": str(tmp_path)}, [])
+    x = Experiment(config)
+    grouping = Grouping("auto", "cpu", x.architecture, x.input_shape, x.train.num_classes)
+    chosen = grouping.pays(16, 3)
+    choice = grouping.record()["choices"][0]
+    assert choice["batch"] == 16 and choice["clients"] == 3
+    assert choice["one_at_a_time_s"] > 0 and choice["together_s"] > 0
+    assert chosen == (choice["one_at_a_time_s"] >= MARGIN * choice["together_s"]) == choice["grouped"]
+    again = Grouping("auto", "cpu", x.architecture, x.input_shape, x.train.num_classes)
+    assert again.pays(16, 3) == chosen and again.record()["choices"][0] == choice  # from the cache: decided once
+    x.close()
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_sentence(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the refusal is for machines without one")
+    config = build_config({**FEDAVG, "output_dir": str(tmp_path)}, ["device=cuda"])
+    with pytest.raises(SmartSplitError, match="device: cuda, but torch sees no CUDA GPU"):
+        Experiment(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_grouped_steps_on_the_gpu_equal_the_cpu(tmp_path):
+    cpu, cpu_model, _ = run(tmp_path, "always")
+    gpu, gpu_model, summary = run(tmp_path / "cuda", "always", "device=cuda")
+    assert summary["grouping"]["device"] == "cuda"
+    assert_alike(gpu, cpu)
+    for name in cpu_model:
+        torch.testing.assert_close(gpu_model[name], cpu_model[name], rtol=RTOL, atol=ATOL)
