@@ -243,7 +243,9 @@ def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") 
     engine = config.get("engine", "sequential")  # engine and workers: where rounds train (sequential: here)
     return {
         "name": f"smartsplit {config['strategy']['name']} ({config['threads']} thread{'s' * (config['threads'] > 1)}"
-                + (f", {engine} x{config.get('workers') or 'auto'})" if engine != "sequential" else ")"),
+                + (f", {engine} x{config.get('workers') or 'auto'}" if engine != "sequential" else "")
+                + (f", grouping {config['training']['grouping']})" if config["training"].get("grouping", "auto") != "auto"
+                   else ")"),
         **measured, "config": config, "rounds": rounds, "samples": samples, "steps": sum(r["steps"] for r in rounds),
         "train_s": train_s, "eval_s": eval_s, "evaluations": evaluations, "test_examples": None,
         "planning_s": sum(r["planning_s"] for r in rounds), "aggregation_s": sum(r["aggregation_s"] for r in rounds),

@@ -1,7 +1,7 @@
 """Regenerate the README's `make run` table: run `make run`'s job, then put what it printed, its wall time and the
 machine it ran on between the README's `make-run` markers.
 
-    .venv/bin/python scripts/readme_table.py        # runs the job (about 7 minutes on 2 cores)
+    .venv/bin/python scripts/readme_table.py        # runs the job (about 3.5 minutes on 2 cores)
 """
 
 from __future__ import annotations
