@@ -2,8 +2,11 @@
 at a time, within floating-point rounding.
 
 Tolerance: the grouped step computes the same sums in another order (batched convolutions and matrix products),
-so every loss, weight and accuracy must agree to a relative 1e-4 (absolute 1e-6 for values near zero) after a
-few steps; one device at a time (``training.grouping: never``) is bit for bit what the engine always did.
+so every loss must agree to a relative 1e-4 (absolute 1e-6 near zero), one step's weights likewise, and the
+global model's weights after two rounds (six local steps with momentum 0.9, where rounding differences grow) to
+an absolute 1e-4 (checked with torch's own kernels, AVX2 and no vector extensions:
+``ATEN_CPU_CAPABILITY=default`` gives differences up to 2e-5). One device at a time (``training.grouping:
+never``) is bit for bit what the engine always did.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from smartsplit.models.zoo import build_model
 from smartsplit.runtime.embedded import run_experiment
 
 RTOL, ATOL = 1e-4, 1e-6
+MODEL_ATOL = 1e-4  # the global model after rounds of steps
 
 FEDAVG = {
     "name": "grouped", "seed": 3, "meter": False,
@@ -97,7 +101,7 @@ def test_a_fedavg_run_grouped_trains_what_it_trains_one_device_at_a_time(tmp_pat
     together, together_model, summary = run(tmp_path, "always")
     assert_alike(together, alone)
     for name in alone_model:
-        torch.testing.assert_close(together_model[name], alone_model[name], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(together_model[name], alone_model[name], rtol=0, atol=MODEL_ATOL)
     assert summary["grouping"]["mode"] == "always"
 
 
@@ -166,4 +170,4 @@ def test_grouped_steps_on_the_gpu_equal_the_cpu(tmp_path):
     assert summary["grouping"]["device"] == "cuda"
     assert_alike(gpu, cpu)
     for name in cpu_model:
-        torch.testing.assert_close(gpu_model[name], cpu_model[name], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(gpu_model[name], cpu_model[name], rtol=0, atol=MODEL_ATOL)
