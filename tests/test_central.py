@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from smartsplit.fleet import Device
-from smartsplit.strategies.smartsplit import SmartSplit, coverage_bonus, present_classes, statistical_utility, system_penalty
+from smartsplit.strategies.smartsplit import SmartSplit, coverage_bonus, statistical_utility, system_penalty
 from smartsplit.records import DeviceReport
 from smartsplit.strategies import Candidate, sample_eligible
 from smartsplit.strategies.latency_only import LatencyOnly
@@ -169,22 +169,22 @@ def test_coverage_bonus_prefers_missing_labels() -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_lazy_greedy_selection_chooses_what_the_plain_greedy_does(seed: int) -> None:
-    """Selection evaluates only the devices whose outdated utility reaches the top; ties (few distinct samples,
-    losses and penalties here) must still go to the earlier device in the seeded order."""
+def test_the_selection_in_arrays_chooses_what_the_plain_greedy_does(seed: int) -> None:
+    """Selection recomputes every device's utility at each pick in arrays; ties (few distinct samples, losses and
+    penalties here) must still go to the earlier device in the seeded order, and the bonus and rank recorded
+    must be the one-at-a-time greedy's."""
     rng = np.random.default_rng(seed)
     pool = [cand(i, samples=int(rng.choice([50, 100])), labels=(rng.integers(0, 4, 10) * (rng.random(10) < 0.5)).tolist())
             for i in range(60)]
     scores = {c.device.id: {"statistical": float(c.samples * rng.choice([1.0, 2.0])), "penalty": float(rng.choice([0.5, 1.0]))}
               for c in pool}
     strategy = SmartSplit(coverage=float(rng.choice([0.0, 0.5, 3.0])))
-    order = [pool[i] for i in rng.permutation(len(pool))]
-    present = {c.device.id: present_classes(c.label_counts) for c in pool}
     for k in (1, 7, 60, 80):
-        lazy, plain = copy.deepcopy(scores), copy.deepcopy(scores)
-        chosen = strategy._select_lazily(order, k, lazy, present)
-        assert [c.device.id for c in chosen] == [c.device.id for c in strategy._select_plainly(order, k, plain, present)]
-        assert lazy == plain and len(chosen) == min(k, len(pool))  # the same bonus and rank recorded
+        arrays, plain = copy.deepcopy(scores), copy.deepcopy(scores)
+        chosen = strategy._select(pool, k, arrays, np.random.default_rng(seed + 100))
+        order = [pool[i] for i in np.random.default_rng(seed + 100).permutation(len(pool))]
+        assert [c.device.id for c in chosen] == [c.device.id for c in strategy._select_plainly(order, k, plain)]
+        assert arrays == plain and len(chosen) == min(k, len(pool))  # the same bonus and rank recorded
 
 
 def test_no_selection_ablation_is_random_among_feasible() -> None:

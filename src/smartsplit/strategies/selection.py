@@ -40,13 +40,26 @@ def present_classes(label_counts: Sequence[int], min_share: float = MIN_SHARE) -
     return frozenset(j for j, n in enumerate(label_counts) if n > 0 and n >= min_share * total)
 
 
-def coverage_bonuses(label_counts: np.ndarray, weight: float) -> np.ndarray:
-    """``coverage_bonus`` of many devices (rows of ``label_counts``) with nothing covered yet, all at once:
-    the same arithmetic, so the same values."""
-    counts = np.asarray(label_counts, dtype=np.int64)
+def label_matrix(label_counts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Devices' label counts as one array, [device, class] (shorter rows padded with zeros: absent classes)."""
+    widths = {len(c) for c in label_counts}
+    if len(widths) == 1:
+        return np.array(label_counts, dtype=np.int64).reshape(len(label_counts), widths.pop())
+    width = max(widths, default=0)
+    out = np.zeros((len(label_counts), width), dtype=np.int64)
+    for row, counts in enumerate(label_counts):
+        out[row, : len(counts)] = counts
+    return out
+
+
+def coverage_bonuses(counts: np.ndarray, weight: float, covered: np.ndarray | None = None) -> np.ndarray:
+    """``coverage_bonus`` of many devices at once (rows of ``counts``, a ``label_matrix``), the classes
+    ``covered`` (a mask over the columns; none by default) taken: the same arithmetic, so the same values."""
     totals = counts.sum(axis=1)
-    present = (counts > 0) & (counts >= MIN_SHARE * totals[:, None])
-    held = np.where(present, counts, 0).sum(axis=1)
+    new = (counts > 0) & (counts >= MIN_SHARE * totals[:, None])
+    if covered is not None:
+        new &= ~covered
+    held = np.where(new, counts, 0).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         bonus = weight * held / totals
     return np.where((totals <= 0) | (weight == 0), 0.0, bonus)

@@ -20,7 +20,6 @@ system penalty, coverage bonus, speed history) live in ``strategies.selection``,
 
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -30,8 +29,8 @@ from smartsplit.strategies.base import (
     Assignment, Candidate, Observation, PlanRules, RoundPlan, StepObserver, Strategy, feasibility,
 )
 from smartsplit.strategies.selection import (
-    DeviceHistory, coverage_bonus, coverage_bonuses, present_classes, sample_eligible, statistical_utility,
-    system_penalty,
+    DeviceHistory, coverage_bonus, coverage_bonuses, label_matrix, present_classes, sample_eligible,
+    statistical_utility, system_penalty,
 )
 
 if TYPE_CHECKING:
@@ -39,19 +38,6 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- the central manager
-
-
-class _Present(dict):
-    """Each candidate's present classes (``present_classes``), worked out the first time they are needed: the
-    lazy greedy selection looks at few devices' beyond its first pass."""
-
-    def __init__(self, candidates: Sequence[Candidate]) -> None:
-        super().__init__()
-        self._counts = {c.device.id: c.label_counts for c in candidates}
-
-    def __missing__(self, device_id: int) -> frozenset[int]:
-        value = self[device_id] = present_classes(self._counts[device_id])
-        return value
 
 
 class SmartSplit(Strategy):
@@ -110,51 +96,39 @@ class SmartSplit(Strategy):
         self, pool: list[Candidate], k: int, scores: dict[int, dict], rng: np.random.Generator
     ) -> list[Candidate]:
         """Greedy: repeatedly take the highest utility, the coverage bonus recomputed against those taken; ties go
-        to the earlier in a seeded order."""
+        to the earlier in a seeded order. Every device's utility is recomputed at each pick, in arrays: the same
+        arithmetic as ``_select_plainly`` (the yardstick the tests hold it to), so the same choice."""
         order = [pool[i] for i in rng.permutation(len(pool))]
-        present = _Present(order)
-        falling = self.coverage >= 0 and all(s["statistical"] >= 0 and s["penalty"] >= 0 for s in scores.values())
-        return (self._select_lazily if falling else self._select_plainly)(order, k, scores, present)
+        if not order:
+            return []
+        counts = label_matrix([c.label_counts for c in order])
+        statistical = np.array([scores[c.device.id]["statistical"] for c in order], dtype=float)
+        penalty = np.array([scores[c.device.id]["penalty"] for c in order], dtype=float)
+        covered = np.zeros(counts.shape[1], dtype=bool)
+        taken = np.zeros(len(order), dtype=bool)
+        chosen: list[Candidate] = []
+        while len(chosen) < min(k, len(order)):
+            bonus = coverage_bonuses(counts, self.coverage, covered)
+            utility = statistical * (1.0 + bonus) * penalty
+            best = int(np.flatnonzero(~taken)[np.argmax(utility[~taken])])  # the first of equals, in seeded order
+            c = order[best]
+            scores[c.device.id].update(coverage_bonus=float(bonus[best]), rank=len(chosen))
+            chosen.append(c)
+            taken[best] = True
+            covered[list(present_classes(c.label_counts))] = True
+        return chosen
 
-    def _bonus_and_utility(self, c: Candidate, covered: set[int], scores: dict[int, dict], present: dict) -> tuple[float, float]:
-        bonus = coverage_bonus(c.label_counts, covered, self.coverage, present[c.device.id])
-        return bonus, self._utility(scores[c.device.id], bonus)
-
-    def _select_plainly(self, order: list[Candidate], k: int, scores: dict[int, dict], present: dict) -> list[Candidate]:
+    def _select_plainly(self, order: list[Candidate], k: int, scores: dict[int, dict]) -> list[Candidate]:
+        """The greedy selection one device at a time: the yardstick ``_select`` is tested against."""
         remaining, chosen, covered = list(order), [], set()
         while remaining and len(chosen) < k:
-            scored = [self._bonus_and_utility(c, covered, scores, present) for c in remaining]
+            scored = [(bonus := coverage_bonus(c.label_counts, covered, self.coverage),
+                       self._utility(scores[c.device.id], bonus)) for c in remaining]
             best = max(range(len(remaining)), key=lambda i: scored[i][1])
             c = remaining.pop(best)
             scores[c.device.id].update(coverage_bonus=scored[best][0], rank=len(chosen))
             chosen.append(c)
-            covered |= present[c.device.id]
-        return chosen
-
-    def _select_lazily(self, order: list[Candidate], k: int, scores: dict[int, dict], present: dict) -> list[Candidate]:
-        """The same choice as ``_select_plainly`` in far fewer evaluations (lazy greedy). A device's utility can
-        only fall as the chosen cover more labels, so the value last computed for it bounds it: a max-heap of
-        (bound, position in the seeded order) pops devices, and one whose value is current when it reaches the
-        top is the best, the first of equals among them."""
-        if not order:
-            return []
-        heap = []
-        first = coverage_bonuses(np.array([c.label_counts for c in order]).reshape(len(order), -1), self.coverage)
-        for position, (c, bonus) in enumerate(zip(order, first.tolist())):  # none chosen yet: all at once
-            heap.append((-self._utility(scores[c.device.id], bonus), position, 0, bonus))  # 0: with none chosen
-        heapq.heapify(heap)
-        chosen: list[Candidate] = []
-        covered: set[int] = set()
-        while heap and len(chosen) < k:
-            _, position, computed_with, bonus = heapq.heappop(heap)
-            c = order[position]
-            if computed_with != len(chosen):
-                bonus, utility = self._bonus_and_utility(c, covered, scores, present)
-                heapq.heappush(heap, (-utility, position, len(chosen), bonus))
-                continue
-            scores[c.device.id].update(coverage_bonus=bonus, rank=len(chosen))
-            chosen.append(c)
-            covered |= present[c.device.id]
+            covered |= present_classes(c.label_counts)
         return chosen
 
     @staticmethod
