@@ -9,7 +9,7 @@ whole batch at once, nothing recomputed) at a budget that holds its peak; a devi
 allowing that runs its waiting steps one at a time there and then, and goes on alone.
 
 Whether grouping pays is measured, not assumed: ``mode: auto`` times a group's steps one client at a time and
-together once per model, input shape, batch, group size and compute device on this machine (kept in the cache,
+together once per model, input shape, batch, group size (a power of two) and compute device on this machine (kept in the cache,
 so a machine decides once and every later run decides the same), and groups when together is at least
 ``MARGIN`` times faster. ``always`` always groups (tests, GPUs), ``never`` never does. Each decision is recorded in
 ``choices``.
@@ -37,8 +37,12 @@ class Grouping:
         self.choices: dict[tuple[int, int], dict] = {}  # (batch, clients) -> the measurement and the choice
 
     def pays(self, batch: int, clients: int) -> bool:
+        """Whether ``clients`` devices' steps at ``batch`` examples should run together. ``auto`` times groups of
+        a power of two of clients (``clients`` rounded up), so a fleet whose rounds vary in size is timed a few
+        times, not once per size."""
         if self.mode != "auto":
             return self.mode == "always"
+        clients = 1 << (clients - 1).bit_length()
         key = (batch, clients)
         if key not in self.choices:
             timing = cached_json("grouping", "timing", [one_line(describe()), torch_version(), self.device,

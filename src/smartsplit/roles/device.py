@@ -378,7 +378,7 @@ class DeviceRole:
         return self.data.x[indices], self.data.y[indices]
 
     def deferred_client(self) -> Client:
-        """The units whose waiting steps are to run (``kernels.grouped.step_together``), with their momentum."""
+        """The units whose waiting steps are to run (``kernels.grouped.Stacked``), with their momentum."""
         return Client(self._state.units, _momentum(self._state))
 
     def finish_deferred(self, client: Client, losses: list[float]) -> None:
