@@ -550,7 +550,7 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
                             exc.code().name)
     finally:
         service.close_all()
-        grpc_server.stop(grace=2.0)
+        grpc_server.stop(grace=2.0).wait(5.0)  # its threads end before the interpreter does (else std::terminate)
         channel.close()
 
 

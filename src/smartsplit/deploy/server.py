@@ -234,4 +234,4 @@ def run_server(config: Config, listen: str, certs: Path | None, run_dir: Path | 
         return run_experiment(config, run_dir, progress=progress, resume=resume, overwrite=overwrite, executor=service)
     finally:
         service.finish()
-        server.stop(grace=2.0)
+        server.stop(grace=2.0).wait(5.0)  # its threads end before the interpreter does (else std::terminate)
