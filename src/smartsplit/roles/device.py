@@ -23,7 +23,7 @@ from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import unit_state, unit_states
 from smartsplit.kernels.grouped import Client
 from smartsplit.kernels.structure import materialise, structure_of
-from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer
+from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer, reference_step
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.meter.held import held_bytes
@@ -396,15 +396,8 @@ class DeviceRole:
         """Run the steps that waited, one at a time (each the plain step it was planned as), and stop waiting."""
         r = self._state
         for j in range(r.deferred):
-            indices = r.batches[j]
-            x, y = self.data.x[indices], self.data.y[indices]
-            if r.optimizer is not None:
-                r.optimizer.zero_grad(set_to_none=True)
-            activation = device_forward(r.units[: r.cut], x, ())
-            r.losses[j], grad = edge_backward(nn.Sequential(), activation, y, len(y))
-            backward_into(activation, grad)
-            if r.optimizer is not None:
-                r.optimizer.step()
+            x, y = self.deferred_batch(j)
+            r.losses[j] = reference_step(r.units[: r.cut], nn.Sequential(), x, y, r.optimizer, None).loss
             self._note_held()
         if r.optimizer is not None:
             r.optimizer.zero_grad(set_to_none=True)  # the step under way starts from no gradient
