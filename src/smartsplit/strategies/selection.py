@@ -113,9 +113,7 @@ class DeviceHistory:
         """Each candidate's fastest round over the cuts ``fits`` allows (as ``times`` scales them), all at once."""
         if not candidates:
             return np.zeros(0)
-        rounds = per_cut_array([c.round_times or c.step_times for c in candidates]).astype(float)
-        edge = per_cut_array([c.edge_times for c in candidates]).astype(float) if all(c.edge_times for c in candidates) \
-            else np.array([tuple(predicted_times(c)[1]) for c in candidates], dtype=float)
+        rounds, edge = (per_cut_array(figures).astype(float) for figures in zip(*map(predicted_times, candidates)))
         factor = np.array([self.speed.get(c.device.id, 1.0) for c in candidates])[:, None]
         return np.where(fits, factor * (rounds - edge) + edge, np.inf).min(axis=1)
 
