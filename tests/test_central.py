@@ -14,6 +14,7 @@ from smartsplit.strategies.smartsplit import SmartSplit, coverage_bonus, statist
 from smartsplit.records import DeviceReport
 from smartsplit.strategies import Candidate, sample_eligible
 from smartsplit.strategies.latency_only import LatencyOnly
+from smartsplit.strategies.selection import label_matrix
 from smartsplit.strategies.oort import Oort
 
 L = 3
@@ -179,12 +180,16 @@ def test_the_selection_in_arrays_chooses_what_the_plain_greedy_does(seed: int) -
     scores = {c.device.id: {"statistical": float(c.samples * rng.choice([1.0, 2.0])), "penalty": float(rng.choice([0.5, 1.0]))}
               for c in pool}
     strategy = SmartSplit(coverage=float(rng.choice([0.0, 0.5, 3.0])))
+    counts = label_matrix([c.label_counts for c in pool])
+    statistical, penalty = (np.array([scores[c.device.id][key] for c in pool]) for key in ("statistical", "penalty"))
     for k in (1, 7, 60, 80):
-        arrays, plain = copy.deepcopy(scores), copy.deepcopy(scores)
-        chosen = strategy._select(pool, k, arrays, np.random.default_rng(seed + 100))
+        plain = copy.deepcopy(scores)
+        chosen = strategy._select(counts, statistical, penalty, k, np.random.default_rng(seed + 100))
         order = [pool[i] for i in np.random.default_rng(seed + 100).permutation(len(pool))]
-        assert [c.device.id for c in chosen] == [c.device.id for c in strategy._select_plainly(order, k, plain)]
-        assert arrays == plain and len(chosen) == min(k, len(pool))  # the same bonus and rank recorded
+        expected = strategy._select_plainly(order, k, plain)
+        assert [pool[row].device.id for row, _ in chosen] == [c.device.id for c in expected]
+        assert [bonus for _, bonus in chosen] == [plain[c.device.id]["coverage_bonus"] for c in expected]
+        assert len(chosen) == min(k, len(pool))
 
 
 def test_no_selection_ablation_is_random_among_feasible() -> None:

@@ -10,7 +10,7 @@ config): see :func:`partition` for what it is given and must return.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -158,6 +158,36 @@ def _plugin(spec: str, labels: np.ndarray, num_clients: int, **options: Any) -> 
     return out
 
 
+class Shards(Sequence[np.ndarray]):
+    """Every client's sample indices in one array: client ``i``'s are ``indices[offsets[i]:offsets[i + 1]]``,
+    handed out as read-only views, so a fleet's shards are two arrays, not an array per client."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.indices = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if int(self.sizes.sum()) else \
+            np.zeros(0, dtype=np.int64)
+        self.indices.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]
+        return self.indices[self.offsets[i]:self.offsets[i + 1]]
+
+
+def label_counts(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """How many examples of each class each client holds, [client, class] (at least ``num_classes`` columns)."""
+    parts = parts if isinstance(parts, Shards) else Shards(parts)
+    y = np.asarray(labels).astype(np.int64)
+    width = max(num_classes, int(y.max()) + 1 if len(y) else 0)
+    owner = np.repeat(np.arange(len(parts), dtype=np.int64), parts.sizes)
+    return np.bincount(owner * width + y[parts.indices], minlength=len(parts) * width).reshape(len(parts), width)
+
+
 def label_skew(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) -> float:
     """Mean total-variation distance between each non-empty client's label distribution and the global one.
 
@@ -165,9 +195,11 @@ def label_skew(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) ->
     """
     y = np.asarray(labels).astype(np.int64)
     glob = np.bincount(y, minlength=num_classes) / max(len(y), 1)
-    dists = [0.5 * np.abs(np.bincount(y[p], minlength=num_classes) / len(p) - glob).sum()
-             for p in parts if len(p)]
-    return float(np.mean(dists)) if dists else 0.0
+    counts = label_counts(y, parts, num_classes)
+    sizes = counts.sum(axis=1)
+    held = sizes > 0
+    dists = 0.5 * np.abs(counts[held] / sizes[held, None] - np.pad(glob, (0, counts.shape[1] - len(glob)))).sum(axis=1)
+    return float(np.mean(dists)) if len(dists) else 0.0
 
 
 def _check(labels: np.ndarray, num_clients: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from smartsplit.fleet import (
     AvailabilityTrace,
     BudgetTrace,
     Device,
+    Fleet,
     always_online,
     constant_trace,
     fleet_from_csv,
@@ -39,7 +40,7 @@ from smartsplit.roles.device import OptimizerSpec
 log = logging.getLogger(__name__)
 
 
-def build_fleet(config: Config) -> list[Device]:
+def build_fleet(config: Config) -> Fleet:
     f = config.fleet
     if f.csv is not None:
         devices = sorted(fleet_from_csv(f.csv), key=lambda d: d.id)
@@ -47,7 +48,7 @@ def build_fleet(config: Config) -> list[Device]:
             raise SmartSplitError(f"fleet.csv: {f.csv} lists {len(devices)} devices but fleet.devices is {f.devices}")
         if [d.id for d in devices] != list(range(len(devices))):
             raise SmartSplitError(f"fleet.csv: device ids in {f.csv} must be 0..{len(devices) - 1}")
-        return devices
+        return Fleet.of(devices)
     catalog = load_catalog(f.catalog)
     return _named("fleet.classes", sample_fleet)(f.devices, f.classes, seed=config.seed, catalog=catalog, jitter=f.jitter)
 
@@ -89,14 +90,14 @@ def build_availability(config: Config, devices: list[Device]) -> list[Availabili
     """One availability trace per device, on the experiment's clock; seeded per device."""
     a = config.fleet.availability
     files = _trace_files("fleet.availability.csv_dir", a.csv_dir, devices) if a.kind == "csv" else {}
-    traces = []
+    traces, online = [], always_online()  # one object for every device that is always online: it never changes
     for device in devices:
         if a.kind == "on_off":
             traces.append(on_off_trace([config.seed, 7, device.id], a.mean_on_s, a.mean_off_s, a.horizon_s))
         elif device.id in files:
             traces.append(load_availability_csv(files[device.id]))
         else:
-            traces.append(always_online())
+            traces.append(online)
     return traces
 
 

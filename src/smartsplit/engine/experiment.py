@@ -13,17 +13,16 @@ import torch
 from torch import nn
 
 from smartsplit.config import Config
-from smartsplit.data import load_data, partition
+from smartsplit.data import Shards, label_counts, load_data, partition
 from smartsplit.engine.build import (
     build_architecture, build_availability, build_fleet, build_traces, device_manager, start_meter,
 )
-from smartsplit.engine.forecast import Forecast
+from smartsplit.engine.forecast import FleetCandidates, FleetForecast
 from smartsplit.engine.grouping import Grouping, grouped_compute_unavailable
 from smartsplit.engine.learned import LearnedProfiles
 from smartsplit.engine.round import Participant, RoundOutcome, RoundParts, assemble, simulate
 from smartsplit.kernels.aggregate import all_finite
 from smartsplit.errors import SmartSplitError, check_argument
-from smartsplit.fleet import Device
 from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.memory.model import optimizer_slots
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager, PlanMemo
@@ -31,10 +30,11 @@ from smartsplit.meter.heap import HeapMeter
 from smartsplit.models.profile import ModelProfile, ProfileCache
 from smartsplit.records import MB, RoundRecord
 from smartsplit.roles.central import CentralRole
-from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_batches
+from smartsplit.roles.device import DeviceRole, OptimizerSpec, local_step_count
 from smartsplit.roles.edge import EdgeRole
 from smartsplit.messages import DeviceResult, EdgeInstructions, RoundInstructions, Update
 from smartsplit.strategies import Candidate, RoundPlan, Strategy, make_strategy
+from smartsplit.strategies.base import Candidates
 from smartsplit.strategies.base import StepObserver
 
 log = logging.getLogger(__name__)
@@ -80,27 +80,25 @@ class Experiment:
             raise SmartSplitError(f"strategy: {type(strategy).__name__} is not a smartsplit.Strategy; subclass it and "
                                   "implement configure_round (see README: your own strategy)")
         self.devices = build_fleet(config)
-        self.shards = partition(
+        self.shards = Shards(partition(
             self.train.y.numpy(),
             len(self.devices),
             config.data.partition,
             alpha=config.data.alpha,
             shards_per_client=config.data.shards_per_client,
             seed=config.seed,
-        )
+        ))
         t = config.training
-        labels = self.train.y.numpy()
-        self.label_counts = [
-            tuple(int(n) for n in np.bincount(labels[shard], minlength=self.train.num_classes)) for shard in self.shards
-        ]
-        self.local_steps = [len(local_batches(shard, t.batch_size, t.local_steps, t.local_epochs, None)) for shard in self.shards]
+        self.label_counts = label_counts(self.train.y.numpy(), self.shards, self.train.num_classes)  # [device, class]
+        self.samples = self.shards.sizes
+        self.local_steps = [local_step_count(n, t.batch_size, t.local_steps, t.local_epochs) for n in self.samples.tolist()]
         self.optimizer = OptimizerSpec(t.optimizer, t.lr, t.momentum, optimizer_slots(t.optimizer, t.momentum))
         self.edge_specs = [EdgeSpec(g * 1e9, config.edge.latency_s) for g in config.edge.speeds()]  # one per edge server
         self.traces = build_traces(config, self.devices)
         self.availability = build_availability(config, self.devices)
         self.profiles = ProfileCache(self.meter, (t.optimizer, t.lr, t.momentum))
         self.plan_memo = PlanMemo()  # what every device's planning shares
-        self._candidates: dict[int, Candidate] = {}  # each device's, until its budget forecast changes
+        self._forecast: FleetForecast | None = None  # every device's predictions, made when a round first needs them
         self.learned = LearnedProfiles() if config.fleet.profiles == "learned" else None
         self.central = CentralRole(model, strategy, self.test, t.eval_batch_size, config.seed, len(self.edge_specs))
         if hasattr(executor, "evaluate"):  # the engine's workers score the test set's batches apart
@@ -163,37 +161,34 @@ class Experiment:
     def profile(self) -> ModelProfile:
         return self.profile_at(self.config.training.batch_size)
 
-    def budget_forecast(self, device: Device) -> int:
+    def budget_forecast(self, device_id: int) -> int:
         """A low quantile of the budget the device had over the recent window."""
-        b, trace = self.config.fleet.budgets, self.traces[device.id]
+        b, trace = self.config.fleet.budgets, self.traces[device_id]
         if self.clock_s <= 0:
             return trace.at(0.0)
         return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
 
-    def candidates(self) -> list[Candidate]:
-        """Every device online now, with its predicted peaks and times per cut. Figures at a cut are predicted
-        when a strategy first reads them (for all the devices whose forecasts were made together), and a device's
-        are kept until its budget forecast (or, with learned profiles, its learned speed) changes."""
-        out, fresh = [], []
-        for device in self.devices:
-            if not self.availability[device.id].online_at(self.clock_s):
-                continue
-            budget = self.budget_forecast(device)
-            device = self.learned.device(device) if self.learned is not None else device
-            known = self._candidates.get(device.id)
-            if known is None or known.budget != budget or known.device != device:
-                fresh.append((len(out), device, budget))
-            out.append(known)
-        if fresh:
-            forecast = Forecast(self.manager(fresh[0][1].id), self.profile, [d for _, d, _ in fresh],
-                                [b for _, _, b in fresh], [self.edge_specs[self.central.edge_of(d.id)] for _, d, _ in fresh],
-                                [self.local_steps[d.id] for _, d, _ in fresh])
-            for row, (position, device, budget) in enumerate(fresh):
-                out[position] = self._candidates[device.id] = Candidate(
-                    device=device, budget=budget, **forecast.figures(row), samples=len(self.shards[device.id]),
-                    label_counts=self.label_counts[device.id], edge=self.central.edge_of(device.id),
-                )
-        return out
+    def candidates(self) -> Candidates:
+        """Every device online now, with its budget forecast and its predicted peaks and times per cut, as
+        columns. Figures at a cut are predicted when a strategy first reads them, and a device's are kept until
+        its budget forecast (or, with learned profiles, its learned speed) changes."""
+        now, availability = self.clock_s, self.availability
+        ids = np.array([i for i in range(len(self.devices)) if availability[i].online_at(now)], dtype=np.int64)
+        budgets = np.array([self.budget_forecast(i) for i in ids.tolist()], dtype=np.int64)
+        learned = self.learned
+        speeds = self.devices.speeds[ids]
+        if learned is not None:
+            devices = [learned.device(self.devices[i]) for i in ids.tolist()]
+            speeds = np.array([(d.flops_per_s, d.uplink_bytes_per_s, d.downlink_bytes_per_s) for d in devices],
+                              dtype=float).reshape(len(devices), 3)
+        if self._forecast is None:
+            self._forecast = FleetForecast(self.manager(0), self.profile, len(self.devices), self.edge_specs,
+                                           self.central.edge_of(np.arange(len(self.devices))),
+                                           np.array(self.local_steps, dtype=np.int64))
+        self._forecast.offer(ids, budgets, speeds)
+        device = (lambda i: learned.device(self.devices[i])) if learned is not None else self.devices.__getitem__
+        return FleetCandidates(self._forecast, ids, budgets, self.samples[ids], self.central.edge_of(ids),
+                               self.label_counts[ids], device).columns()
 
     def run_round(self, rnd: int) -> RoundRecord:
         """One round: the strategy plans it over the candidates, the executor trains it, the central server
@@ -284,7 +279,8 @@ class Experiment:
 
     def _decision(self, rnd: int, plan: RoundPlan, candidates: list[Candidate]) -> dict:
         """What the strategy decided and on what figures (``decisions.jsonl``'s line)."""
-        by_id = {c.device.id: c for c in candidates}
+        columns, picked = Candidates.of(candidates), [a.device_id for a in plan.assignments]
+        by_id = dict(zip(picked, map(columns.__getitem__, columns.rows_of(picked).tolist())))
         return {
             "round": rnd + 1,
             "strategy": self.strategy.name,

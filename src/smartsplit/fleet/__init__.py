@@ -3,6 +3,7 @@
 from smartsplit.fleet.catalog import (
     Device,
     DeviceClass,
+    Fleet,
     fleet_from_csv,
     fleet_to_csv,
     load_catalog,
@@ -30,6 +31,7 @@ __all__ = [
     "save_availability_csv",
     "Device",
     "DeviceClass",
+    "Fleet",
     "constant_trace",
     "fleet_from_csv",
     "fleet_to_csv",

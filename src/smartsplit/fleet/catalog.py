@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -52,6 +52,45 @@ class Device:
     flops_per_s: float
     uplink_bytes_per_s: float
     downlink_bytes_per_s: float
+
+
+class Fleet(Sequence[Device]):
+    """Devices held as columns: an array per figure, a row per device (id = row). Indexing gives a ``Device``
+    (made when read), so a fleet of 100,000 devices is not 100,000 objects."""
+
+    def __init__(self, classes: Sequence[str], class_index: np.ndarray, memory_bytes: np.ndarray, speeds: np.ndarray) -> None:
+        self.classes = tuple(classes)
+        self.class_index = np.asarray(class_index, dtype=np.int64)
+        self.memory_bytes = np.asarray(memory_bytes, dtype=np.int64)
+        self.speeds = np.asarray(speeds, dtype=float).reshape(len(self.class_index), 3)  # flops/s, uplink, downlink
+
+    @classmethod
+    def of(cls, devices: Iterable[Device]) -> "Fleet":
+        """``devices`` (ids ``0..n-1`` in order) as columns."""
+        devices = list(devices)
+        if [d.id for d in devices] != list(range(len(devices))):
+            raise SmartSplitError(f"fleet: device ids must be 0..{len(devices) - 1} in order")
+        classes = sorted({d.device_class for d in devices})
+        return cls(classes, [classes.index(d.device_class) for d in devices], [d.memory_bytes for d in devices],
+                   [(d.flops_per_s, d.uplink_bytes_per_s, d.downlink_bytes_per_s) for d in devices])
+
+    def __len__(self) -> int:
+        return len(self.class_index)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]
+        flops, up, down = self.speeds[i].tolist()
+        return Device(i, self.classes[self.class_index[i]], int(self.memory_bytes[i]), flops, up, down)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Fleet({len(self)} devices of {', '.join(self.classes)})"
 
 
 def _positive_number(value: Any) -> bool:
@@ -131,7 +170,7 @@ def sample_fleet(
     seed: int,
     catalog: Mapping[str, DeviceClass] | None = None,
     jitter: float = 0.2,
-) -> list[Device]:
+) -> Fleet:
     """Sample ``n`` devices from catalog classes in the given (normalised) proportions.
 
     Counts per class use largest remainders so they sum to ``n`` exactly. Each figure of each device is
@@ -155,24 +194,19 @@ def sample_fleet(
 
     counts = _largest_remainder(int(n), {k: float(v) for k, v in proportions.items()})
     rng = np.random.default_rng(seed)
-    unordered: list[tuple[str, int, float, float, float]] = []
-    for name, count in counts.items():
-        if count == 0:
-            continue
-        c = cat[name]
-        factors = np.exp(rng.normal(0.0, jitter, size=(count, 4))) if jitter > 0 else np.ones((count, 4))
-        for f in factors:
-            unordered.append(
-                (
-                    name,
-                    max(1, round(c.memory_mb * MB * f[0])),
-                    c.gflops * 1e9 * float(f[1]),
-                    c.uplink_mbps * 1e6 / 8 * float(f[2]),
-                    c.downlink_mbps * 1e6 / 8 * float(f[3]),
-                )
-            )
-    order = rng.permutation(len(unordered))
-    return [Device(i, *unordered[j]) for i, j in enumerate(order)]
+    names = [name for name, count in counts.items() if count > 0]
+    class_index, memory, speeds = [], [], []
+    for k, name in enumerate(names):
+        c, count = cat[name], counts[name]
+        f = np.exp(rng.normal(0.0, jitter, size=(count, 4))) if jitter > 0 else np.ones((count, 4))
+        class_index.append(np.full(count, k))
+        memory.append(np.maximum(1, np.rint(c.memory_mb * MB * f[:, 0])).astype(np.int64))
+        speeds.append(np.stack([c.gflops * 1e9 * f[:, 1], c.uplink_mbps * 1e6 / 8 * f[:, 2],
+                                c.downlink_mbps * 1e6 / 8 * f[:, 3]], axis=1))
+    order = rng.permutation(sum(counts[name] for name in names))
+    if not names:
+        return Fleet((), np.zeros(0), np.zeros(0), np.zeros((0, 3)))
+    return Fleet(names, np.concatenate(class_index)[order], np.concatenate(memory)[order], np.concatenate(speeds)[order])
 
 
 def fleet_to_csv(devices: Iterable[Device], path: str | Path) -> None:

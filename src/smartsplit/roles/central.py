@@ -70,7 +70,8 @@ class CentralRole:
         self._observer: StepObserver | None = None  # the one handed out for the round under way
         self.evaluator = evaluate  # (model, test set, batch size) -> Evaluation; an engine may score in parallel
 
-    def edge_of(self, device_id: int) -> int:
+    def edge_of(self, device_id):
+        """The edge server of ``device_id`` (an int, or an array of them: an array of edges)."""
         return device_id % self.num_edges
 
     def step_observer(self) -> StepObserver | None:

@@ -177,11 +177,16 @@ class DeviceSide(Protocol):
     def finish_round(self, times: SimulatedTimes) -> DeviceResult: ...
 
 
+def local_step_count(samples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
+    """How many local steps a device with ``samples`` examples takes a round (``local_batches``' length)."""
+    return steps if steps is not None else max(1, math.ceil(epochs * samples / batch_size))
+
+
 def local_batches(
     indices: np.ndarray, batch_size: int, steps: int | None, epochs: float | None, rng: np.random.Generator | None
 ) -> list[np.ndarray]:
     """Sample indices of each local step: reshuffled passes over the device's data (in order without ``rng``)."""
-    total = steps if steps is not None else max(1, math.ceil(epochs * len(indices) / batch_size))
+    total = local_step_count(len(indices), batch_size, steps, epochs)
     batches: list[np.ndarray] = []
     order = np.empty(0, dtype=np.int64)
     while len(batches) < total:

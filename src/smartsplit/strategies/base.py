@@ -53,6 +53,9 @@ class PerCut(Sequence[T]):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and tuple(self) == tuple(other)
 
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
     @classmethod
     def gather(cls, figures: Sequence["PerCut"]) -> np.ndarray:
         """Many candidates' figures as one array, [candidate, cut - 1] (a subclass may gather them faster)."""
@@ -70,13 +73,7 @@ def per_cut_array(figures: Sequence[Sequence]) -> np.ndarray:
 
 def feasibility(candidates: Sequence["Candidate"]) -> np.ndarray:
     """Which cuts fit each candidate's budget, [candidate, cut - 1]: ``Candidate.fits`` for all at once."""
-    if not candidates:
-        return np.zeros((0, 0), dtype=bool)
-    peaks = per_cut_array([c.peaks for c in candidates])
-    return peaks <= np.array([c.budget for c in candidates], dtype=peaks.dtype)[:, None]
-
-    def __repr__(self) -> str:
-        return repr(tuple(self))
+    return Candidates.of(candidates).feasibility()
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,100 @@ class Candidate:
     @cached_property
     def feasible_cuts(self) -> tuple[int, ...]:
         return tuple(c for c in range(1, len(self.peaks) + 1) if self.fits(c))
+
+
+class CandidateSource(ABC):
+    """Where a ``Candidates``' per-cut figures and its ``Candidate`` objects come from (rows are positions in it)."""
+
+    @abstractmethod
+    def per_cut(self, name: str, rows: np.ndarray, cuts: Sequence[int]) -> np.ndarray:
+        """Figure ``name`` of ``rows`` at ``cuts`` (1-based), [row, position in cuts]. ``round_times`` defaults to
+        the step times and ``edge_times`` to zeros where a candidate has none (``predicted_times``)."""
+
+    @abstractmethod
+    def candidate(self, row: int) -> Candidate:
+        """Row ``row`` as a ``Candidate``."""
+
+
+class Candidates(Sequence[Candidate]):
+    """A round's candidates held as columns: one array per attribute, a row per device. Indexing gives a
+    ``Candidate`` (made when read), so a strategy may treat it as a list; the built-in strategies read the
+    columns, so a fleet of 100,000 devices is never 100,000 objects. The figures are the round's: read them
+    during the round they were offered in."""
+
+    def __init__(self, source: CandidateSource, ids: np.ndarray, budgets: np.ndarray, samples: np.ndarray,
+                 edges: np.ndarray, label_counts: np.ndarray, num_units: int, rows: np.ndarray | None = None) -> None:
+        self._source, self.num_units = source, num_units
+        self.ids, self.budgets, self.samples, self.edges = ids, budgets, samples, edges
+        self.label_counts = label_counts  # [row, class]
+        self._rows = np.arange(len(ids)) if rows is None else rows
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> "Candidates":
+        """``candidates`` as columns (itself if it already is)."""
+        if isinstance(candidates, Candidates):
+            return candidates
+        from smartsplit.strategies.selection import label_matrix
+
+        listed = list(candidates)
+        column = lambda read, dtype: np.array([read(c) for c in listed], dtype=dtype)  # noqa: E731
+        return cls(_Listed(listed), column(lambda c: c.device.id, np.int64), column(lambda c: c.budget, np.int64),
+                   column(lambda c: c.samples, np.int64), column(lambda c: c.edge, np.int64),
+                   label_matrix([c.label_counts for c in listed]), max((len(c.peaks) for c in listed), default=0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._source.candidate(int(self._rows[index]))
+
+    def take(self, rows: np.ndarray) -> "Candidates":
+        """The candidates at ``rows`` (positions in this one), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Candidates(self._source, self.ids[rows], self.budgets[rows], self.samples[rows], self.edges[rows],
+                          self.label_counts[rows], self.num_units, self._rows[rows])
+
+    def figure(self, name: str, cuts: Sequence[int] | None = None) -> np.ndarray:
+        """Figure ``name`` (peaks, step_times, round_times, edge_times) of every candidate, [row, cut - 1], or at
+        ``cuts`` only (predicted only there)."""
+        cuts = range(1, self.num_units + 1) if cuts is None else cuts
+        if not len(self):
+            return np.zeros((0, len(cuts)))
+        return self._source.per_cut(name, self._rows, list(cuts))
+
+    def fits(self, cut: int) -> np.ndarray:
+        """Whether ``cut``'s plan fits each candidate's budget (``Candidate.fits`` for all)."""
+        return self.figure("peaks", [cut])[:, 0] <= self.budgets
+
+    def feasibility(self) -> np.ndarray:
+        """Which cuts fit each candidate's budget, [row, cut - 1]."""
+        if not len(self):
+            return np.zeros((0, self.num_units), dtype=bool)
+        return self.figure("peaks") <= self.budgets[:, None]
+
+    def rows_of(self, device_ids: Sequence[int]) -> np.ndarray:
+        """The rows of ``device_ids`` (each must be a candidate's)."""
+        order = np.argsort(self.ids, kind="stable")
+        return order[np.searchsorted(self.ids, device_ids, sorter=order)]
+
+
+class _Listed(CandidateSource):
+    """Candidates given as objects (a strategy called with a list)."""
+
+    def __init__(self, listed: list[Candidate]) -> None:
+        self.listed = listed
+
+    def per_cut(self, name: str, rows: np.ndarray, cuts: Sequence[int]) -> np.ndarray:
+        from smartsplit.strategies.selection import predicted_times
+
+        read = {"round_times": lambda c: predicted_times(c)[0], "edge_times": lambda c: predicted_times(c)[1]}.get(
+            name, lambda c: getattr(c, name))
+        return per_cut_array([read(self.listed[r]) for r in rows])[:, np.asarray(cuts) - 1]
+
+    def candidate(self, row: int) -> Candidate:
+        return self.listed[row]
 
 
 @dataclass(frozen=True)
@@ -130,10 +221,13 @@ def check_plan(plan: object, candidates: Sequence[Candidate], num_units: int, st
                               f"{type(plan.notes).__name__}")
     if isinstance(plan.excluded, bool) or not isinstance(plan.excluded, int) or plan.excluded < 0:
         raise SmartSplitError(f"{where}: RoundPlan.excluded must be a count of devices, got {plan.excluded!r:.40}")
-    offered = {c.device.id for c in candidates}
+    offered = Candidates.of(candidates).ids
+    picked = np.array([a.device_id if isinstance(a.device_id, (int, np.integer)) else -1 for a in plan.assignments],
+                      dtype=np.int64)
+    among = np.isin(picked, offered)
     seen: set[int] = set()
-    for a in plan.assignments:
-        if a.device_id not in offered:
+    for a, known in zip(plan.assignments, among):
+        if not known:
             raise SmartSplitError(f"{where} assigned device {a.device_id!r:.20}, which is not among this round's "
                                   f"{len(offered)} candidates")
         if a.device_id in seen:

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.strategies.options import EngineOptions
-from smartsplit.strategies.base import Assignment, Candidate, PlanRules, RoundPlan, Strategy
+from smartsplit.strategies.base import Assignment, Candidate, Candidates, PlanRules, RoundPlan, Strategy
 from smartsplit.strategies.selection import sample_eligible
 
 
@@ -25,10 +25,11 @@ class FixedCut(Strategy):
         self.execution = execution
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
-        eligible = [c for c in candidates if c.fits(self.cut)]
-        chosen = sample_eligible(eligible, k, rng)
+        candidates = Candidates.of(candidates)
+        eligible = np.flatnonzero(candidates.fits(self.cut))
+        chosen = sample_eligible(candidates.ids[eligible], k, rng)
         return RoundPlan(
-            assignments=tuple(Assignment(c.device.id, self.cut) for c in chosen),
+            assignments=tuple(Assignment(int(i), self.cut) for i in chosen),
             excluded=len(candidates) - len(eligible),
         )
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.records import DeviceReport
-from smartsplit.strategies.base import Candidate, PerCut, per_cut_array
+from smartsplit.strategies.base import Candidate, Candidates, PerCut
 
 
 def sample_eligible(eligible: Sequence[Candidate], k: int, rng: np.random.Generator) -> list[Candidate]:
@@ -111,10 +111,12 @@ class DeviceHistory:
 
     def fastest(self, candidates: Sequence[Candidate], fits: np.ndarray) -> np.ndarray:
         """Each candidate's fastest round over the cuts ``fits`` allows (as ``times`` scales them), all at once."""
-        if not candidates:
+        candidates = Candidates.of(candidates)
+        if not len(candidates):
             return np.zeros(0)
-        rounds, edge = (per_cut_array(figures).astype(float) for figures in zip(*map(predicted_times, candidates)))
-        factor = np.array([self.speed.get(c.device.id, 1.0) for c in candidates])[:, None]
+        rounds, edge = (candidates.figure(name).astype(float) for name in ("round_times", "edge_times"))
+        speed = self.speed
+        factor = np.array([speed.get(i, 1.0) for i in candidates.ids.tolist()])[:, None]
         return np.where(fits, factor * (rounds - edge) + edge, np.inf).min(axis=1)
 
     def plan(self, c: Candidate, cut: int) -> None:

@@ -26,10 +26,10 @@ import numpy as np
 
 from smartsplit.records import DeviceReport
 from smartsplit.strategies.base import (
-    Assignment, Candidate, Observation, PlanRules, RoundPlan, StepObserver, Strategy, feasibility,
+    Assignment, Candidate, Candidates, Observation, PlanRules, RoundPlan, StepObserver, Strategy,
 )
 from smartsplit.strategies.selection import (
-    DeviceHistory, coverage_bonus, coverage_bonuses, label_matrix, present_classes, sample_eligible,
+    DeviceHistory, coverage_bonus, coverage_bonuses, present_classes, sample_eligible,
     statistical_utility, system_penalty,
 )
 
@@ -78,44 +78,39 @@ class SmartSplit(Strategy):
 
     # ---- selection
 
-    def _scores(self, pool: Sequence[Candidate], fastest: dict[int, float], preferred: float) -> dict[int, dict]:
-        """Per device: statistical utility and system penalty (the parts that do not depend on who else is in)."""
+    def _scores(self, pool: Candidates, fastest: np.ndarray, preferred: float) -> dict[str, np.ndarray]:
+        """Per row of ``pool``: statistical utility and system penalty (the parts that do not depend on who else
+        is in), and whether the device was seen; columns, computed one device at a time (the same floats as a
+        single device's)."""
         guess = self.exploration * (self.history.latest_loss if self.history.latest_loss is not None else 1.0)
-        out = {}
-        for c in pool:
-            loss = self.history.loss_rms.get(c.device.id)
-            penalty = system_penalty(fastest[c.device.id], preferred, self.alpha) if self.deadline_s is None else 1.0
-            out[c.device.id] = {
-                "seen": loss is not None,
-                "statistical": statistical_utility(c.samples, guess if loss is None else loss),
-                "penalty": penalty,
-            }
-        return out
+        losses = [self.history.loss_rms.get(i) for i in pool.ids.tolist()]
+        return {
+            "seen": np.array([loss is not None for loss in losses], dtype=bool),
+            "statistical": np.array([statistical_utility(n, guess if loss is None else loss)
+                                     for n, loss in zip(pool.samples.tolist(), losses)], dtype=float),
+            "penalty": np.ones(len(pool)) if self.deadline_s is not None else np.array(
+                [system_penalty(t, preferred, self.alpha) for t in fastest.tolist()], dtype=float),
+        }
 
-    def _select(
-        self, pool: list[Candidate], k: int, scores: dict[int, dict], rng: np.random.Generator
-    ) -> list[Candidate]:
-        """Greedy: repeatedly take the highest utility, the coverage bonus recomputed against those taken; ties go
-        to the earlier in a seeded order. Every device's utility is recomputed at each pick, in arrays: the same
-        arithmetic as ``_select_plainly`` (the yardstick the tests hold it to), so the same choice."""
-        order = [pool[i] for i in rng.permutation(len(pool))]
-        if not order:
-            return []
-        counts = label_matrix([c.label_counts for c in order])
-        statistical = np.array([scores[c.device.id]["statistical"] for c in order], dtype=float)
-        penalty = np.array([scores[c.device.id]["penalty"] for c in order], dtype=float)
+    def _select(self, counts: np.ndarray, statistical: np.ndarray, penalty: np.ndarray, k: int,
+                rng: np.random.Generator) -> list[tuple[int, float]]:
+        """Greedy over the rows of a pool (its ``label_matrix``, statistical utilities and penalties): repeatedly
+        take the highest utility, the coverage bonus recomputed against those taken; ties go to the earlier in a
+        seeded order. Every device's utility is recomputed at each pick, in arrays: the same arithmetic as
+        ``_select_plainly`` (the yardstick the tests hold it to), so the same choice. Returns (row, coverage bonus)
+        in the order taken."""
+        order = rng.permutation(len(counts))
+        counts, statistical, penalty = counts[order], statistical[order], penalty[order]
         covered = np.zeros(counts.shape[1], dtype=bool)
         taken = np.zeros(len(order), dtype=bool)
-        chosen: list[Candidate] = []
+        chosen: list[tuple[int, float]] = []
         while len(chosen) < min(k, len(order)):
             bonus = coverage_bonuses(counts, self.coverage, covered)
             utility = statistical * (1.0 + bonus) * penalty
             best = int(np.flatnonzero(~taken)[np.argmax(utility[~taken])])  # the first of equals, in seeded order
-            c = order[best]
-            scores[c.device.id].update(coverage_bonus=float(bonus[best]), rank=len(chosen))
-            chosen.append(c)
+            chosen.append((int(order[best]), float(bonus[best])))
             taken[best] = True
-            covered[list(present_classes(c.label_counts))] = True
+            covered[list(present_classes(counts[best].tolist()))] = True
         return chosen
 
     def _select_plainly(self, order: list[Candidate], k: int, scores: dict[int, dict]) -> list[Candidate]:
@@ -171,21 +166,28 @@ class SmartSplit(Strategy):
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         """Select (utility, within the deadline), assign cuts jointly, let the MEC manager fine-tune them."""
-        fits = feasibility(candidates)  # every candidate at every cut, in arrays
-        rows = np.flatnonzero(fits.any(axis=1)) if len(candidates) else np.zeros(0, dtype=int)
-        feasible = [candidates[r] for r in rows]
-        fastest = dict(zip((c.device.id for c in feasible), self.history.fastest(feasible, fits[rows]).tolist()))
-        pool = feasible
-        if self.deadline_s is not None:
-            pool = [c for c in feasible if fastest[c.device.id] <= self.deadline_s]
-        median = float(np.median(list(fastest.values()) or [0.0]))
+        candidates = Candidates.of(candidates)  # read as columns: a row per device, no object per device
+        fits = candidates.feasibility()  # every candidate at every cut
+        rows = np.flatnonzero(fits.any(axis=1))
+        feasible = candidates.take(rows)
+        fastest = self.history.fastest(feasible, fits[rows])
+        in_time = np.ones(len(feasible), dtype=bool) if self.deadline_s is None else fastest <= self.deadline_s
+        median = float(np.median(fastest)) if len(fastest) else 0.0
         preferred = self.deadline_s if self.deadline_s is not None else median
-        scores = self._scores(feasible, fastest, preferred)
+        columns = self._scores(feasible, fastest, preferred)
+        scores: dict[int, dict] = {}
         if self.selection:
-            chosen = self._select(pool, k, scores, rng)
+            pool = np.flatnonzero(in_time)
+            picked = self._select(feasible.label_counts[pool], columns["statistical"][pool], columns["penalty"][pool],
+                                  k, rng)
+            picks = [(int(pool[row]), {"coverage_bonus": bonus, "rank": rank}) for rank, (row, bonus) in enumerate(picked)]
         else:
-            chosen = sample_eligible(feasible, k, rng)
-        chosen.sort(key=lambda c: c.device.id)
+            picks = [(int(row), {}) for row in sample_eligible(range(len(feasible)), k, rng)]
+        for row, extra in picks:
+            scores[int(feasible.ids[row])] = {"seen": bool(columns["seen"][row]),
+                                              "statistical": float(columns["statistical"][row]),
+                                              "penalty": float(columns["penalty"][row]), **extra}
+        chosen = sorted((feasible[row] for row, _ in picks), key=lambda c: c.device.id)
         times = {c.device.id: self.history.times(c) for c in chosen}
 
         cuts, rebalance_moves = self._assign(chosen, times)
@@ -196,7 +198,7 @@ class SmartSplit(Strategy):
         notes = {
             "selected": self._selected_notes(chosen, cuts, times, scores),
             "preferred_round_s": preferred,
-            "dropped_by_deadline": len(feasible) - len(pool),
+            "dropped_by_deadline": int(len(feasible) - in_time.sum()),
             "edge_load_s": {str(e): v for e, v in sorted(edge_loads(chosen, cuts, times).items())},
             "predicted_latency_s": predicted_latency(chosen, cuts, times),
             "rebalance_moves": rebalance_moves,
