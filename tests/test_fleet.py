@@ -290,3 +290,17 @@ def test_missing_trace_csv_errors(tmp_path: Path) -> None:
 def test_device_is_plain_data() -> None:
     d = Device(0, "mcu", 1, 1.0, 1.0, 1.0)
     assert d.memory_bytes == 1
+
+
+def test_a_fleet_is_columns_that_index_as_devices() -> None:
+    from smartsplit.fleet import Device, Fleet
+
+    fleet = sample_fleet(50, {"wearable": 1, "phone-entry": 2, "rpi4": 1}, seed=2)
+    devices = list(fleet)
+    assert isinstance(fleet, Fleet) and all(isinstance(d, Device) for d in devices)
+    assert [d.id for d in devices] == list(range(50)) and fleet[-1] == devices[49] and fleet[3:5] == devices[3:5]
+    assert Fleet.of(devices) == fleet == devices
+    assert fleet.speeds[:, 0].tolist() == [d.flops_per_s for d in devices]
+    assert all(type(d.memory_bytes) is int and type(d.uplink_bytes_per_s) is float for d in devices)
+    with pytest.raises(SmartSplitError, match="0..1 in order"):
+        Fleet.of([devices[1], devices[0]])

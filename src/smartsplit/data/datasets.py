@@ -116,9 +116,12 @@ def synthetic(shape: tuple[int, int, int], num_classes: int, n: int, seed: int, 
     y = torch.arange(n, dtype=torch.int64) % num_classes
     y = y[torch.randperm(n, generator=gen)]
     x = torch.randn((n, *shape), generator=gen)
-    for c in range(num_classes):  # each class's mean added in place: no second and third copy of the whole set
-        x[y == c] += means[c]
+    for start in range(0, n, _CHUNK):  # each example's class mean added in place, a few thousand at a time: no
+        x[start:start + _CHUNK] += means[y[start:start + _CHUNK]]  # temporary the size of a class or of the set
     return Dataset("synthetic", x.float(), y, num_classes)
+
+
+_CHUNK = 4096
 
 
 # --------------------------------------------------------------------------- helpers

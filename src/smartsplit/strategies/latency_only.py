@@ -27,7 +27,7 @@ class LatencyOnly(Strategy):
         self.num_units = num_units
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
-        chosen = sample_eligible(list(candidates), k, rng)
+        chosen = sample_eligible(candidates, k, rng)  # indexing ``Candidates`` makes only the chosen devices
         cuts = {c.device.id: fastest_cut(c) for c in chosen}
         return RoundPlan(
             assignments=tuple(Assignment(c.device.id, cuts[c.device.id]) for c in chosen),

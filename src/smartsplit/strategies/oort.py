@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from smartsplit.records import DeviceReport
-from smartsplit.strategies.base import Assignment, Candidate, RoundPlan, Strategy
+from smartsplit.strategies.base import Assignment, Candidate, Candidates, RoundPlan, Strategy
 from smartsplit.strategies.selection import DeviceHistory, sample_eligible, statistical_utility, system_penalty
 
 
@@ -40,11 +40,16 @@ class Oort(Strategy):
 
     def configure_round(self, rnd: int, candidates: Sequence[Candidate], k: int, rng: np.random.Generator) -> RoundPlan:
         L = self.num_units
-        eligible = [c for c in candidates if c.fits(L)]
-        times = {c.device.id: self.history.times(c)[0][L - 1] for c in eligible}
-        preferred = float(np.median(list(times.values()) or [0.0]))
-        seen = [c for c in eligible if c.device.id in self.history.loss_rms]
-        unseen = [c for c in eligible if c.device.id not in self.history.loss_rms]
+        candidates = Candidates.of(candidates)
+        eligible = candidates.take(np.flatnonzero(candidates.fits(L)))
+        rounds, edge = (eligible.figure(name, [L])[:, 0].astype(float) for name in ("round_times", "edge_times"))
+        speed = np.array([self.history.speed.get(i, 1.0) for i in eligible.ids.tolist()])
+        whole = speed * (rounds - edge) + edge  # ``DeviceHistory.times`` at cut L, for every eligible device
+        preferred = float(np.median(whole)) if len(whole) else 0.0
+        known = np.array([i in self.history.loss_rms for i in eligible.ids.tolist()], dtype=bool)
+        seen = [eligible[row] for row in np.flatnonzero(known).tolist()]  # devices that trained before: a few
+        unseen = eligible.take(np.flatnonzero(~known))
+        times = dict(zip(eligible.ids.tolist(), whole.tolist()))
         epsilon = max(self.min_epsilon, self.epsilon * self.decay**rnd)
         n_explore = min(len(unseen), round(epsilon * k))
         n_exploit = min(len(seen), k - n_explore)
