@@ -10,8 +10,9 @@ aggregation, evaluation on 100 test examples), rounds 1 and 2, after a warm-up t
 whatever its fleet (torch's first optimizer imports `torch._dynamo`; the first forward and backward set up
 their kernels). Resident memory (MB) is the process's once the experiment is built ("RSS built"), after round 2
 ("RSS after") and at its peak; "data MB" is the training set's share (it grows with the fleet here, two
-examples a device; generating the synthetic set takes about three times that for a moment, which is where the
-peak of the largest fleets comes from).
+examples a device). The last lines compare each size with the smallest: round 1 and
+planning 1 as ratios, and what the process holds beyond its data (RSS after round 2 less the training set), in
+all and more than the smallest fleet's process does (torch, the model and a round's working memory are in both).
 
     .venv/bin/python benchmarks/scale.py                       # 100, 1000, 10000, 100000 devices; smartsplit, fedavg
     .venv/bin/python benchmarks/scale.py --sizes 100,1000 --strategies fedavg --set fleet.budgets.kind=foreground
@@ -119,8 +120,11 @@ def main() -> None:
         mine = [r for r in rows if r["strategy"] == strategy]
         base = mine[0]
         for row in mine[1:]:
-            print(f"{strategy} at {row['devices']} devices: round 1 {row['round1_s'] / base['round1_s']:.1f}x, planning 1 "
-                  f"{row['plan1_s'] / base['plan1_s']:.1f}x what they take at {base['devices']}")
+            held = row["rss_after_mb"] - row["data_mb"]
+            fleet = held - (base["rss_after_mb"] - base["data_mb"])
+            print(f"{strategy} at {row['devices']} devices: round 1 {row['round1_s'] / base['round1_s']:.2f}x, planning 1 "
+                  f"{row['plan1_s'] / base['plan1_s']:.1f}x what they take at {base['devices']}; the process holds "
+                  f"{held:.0f} MB beyond the data, {fleet:.0f} MB more than at {base['devices']} devices")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ _LAZY = {  # imported on first use, so that `import smartsplit` (and the CLI's s
     "Experiment": "smartsplit.engine.experiment",
     "Strategy": "smartsplit.strategies",
     "Candidate": "smartsplit.strategies",
+    "Candidates": "smartsplit.strategies",
     "Assignment": "smartsplit.strategies",
     "RoundPlan": "smartsplit.strategies",
     "PlanRules": "smartsplit.strategies",
