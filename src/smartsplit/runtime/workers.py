@@ -191,6 +191,8 @@ class ProcessRounds(WorkerRounds):
         self.workers = workers or default_workers(config.threads)
         self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
                                          initializer=_start_worker, initargs=(config.model_dump_json(), strategy_blob(strategy)))
+        for _ in range(self.workers):  # the pool starts a worker per call waiting: start them all now, so that they
+            self._pool.submit(int)  # build their replicas while this process builds its experiment, not in round 1
 
     def _on_workers(self, method: str, calls: list[tuple]) -> list:
         futures = [self._pool.submit(_call_replica, method, args) for args in calls]
