@@ -160,14 +160,13 @@ def _plugin(spec: str, labels: np.ndarray, num_clients: int, **options: Any) -> 
 
 class Shards(Sequence[np.ndarray]):
     """Every client's sample indices in one array: client ``i``'s are ``indices[offsets[i]:offsets[i + 1]]``,
-    handed out as read-only views, so a fleet's shards are two arrays, not an array per client."""
+    handed out as views, so a fleet's shards are two arrays, not an array per client."""
 
     def __init__(self, parts: Sequence[np.ndarray]) -> None:
         self.sizes = np.array([len(p) for p in parts], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.indices = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if int(self.sizes.sum()) else \
             np.zeros(0, dtype=np.int64)
-        self.indices.setflags(write=False)
 
     def __len__(self) -> int:
         return len(self.sizes)
