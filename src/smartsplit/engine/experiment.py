@@ -216,7 +216,7 @@ class Experiment:
         record = self._record(rnd, plan, candidates, outcome, evaluation, latency, decision, time.perf_counter() - started)
         return dataclasses.replace(record, empty=empty, idle_s=idle)
 
-    def _empty(self, rnd: int, plan: RoundPlan, candidates: list[Candidate], outcome: RoundOutcome) -> str | None:
+    def _empty(self, rnd: int, plan: RoundPlan, candidates: Sequence[Candidate], outcome: RoundOutcome) -> str | None:
         """Why nobody trained this round (None: somebody finished a step), said in the log."""
         reports = outcome.reports
         if any(r.steps for r in reports):
@@ -277,7 +277,7 @@ class Experiment:
                                   "diverged. The run stops here; state.pt keeps the last finite round. Lower training.lr "
                                   "and start again")
 
-    def _decision(self, rnd: int, plan: RoundPlan, candidates: list[Candidate]) -> dict:
+    def _decision(self, rnd: int, plan: RoundPlan, candidates: Sequence[Candidate]) -> dict:
         """What the strategy decided and on what figures (``decisions.jsonl``'s line)."""
         columns, picked = Candidates.of(candidates), [a.device_id for a in plan.assignments]
         by_id = dict(zip(picked, map(columns.__getitem__, columns.rows_of(picked).tolist())))
@@ -302,7 +302,7 @@ class Experiment:
             **plan.notes,
         }
 
-    def _record(self, rnd: int, plan: RoundPlan, candidates: list[Candidate], outcome: RoundOutcome, evaluation,
+    def _record(self, rnd: int, plan: RoundPlan, candidates: Sequence[Candidate], outcome: RoundOutcome, evaluation,
                 latency: float, decision: dict, wall_s: float) -> RoundRecord:
         reports = outcome.reports
         compute_s = sum(r.compute_s for r in reports)

@@ -221,13 +221,10 @@ def check_plan(plan: object, candidates: Sequence[Candidate], num_units: int, st
                               f"{type(plan.notes).__name__}")
     if isinstance(plan.excluded, bool) or not isinstance(plan.excluded, int) or plan.excluded < 0:
         raise SmartSplitError(f"{where}: RoundPlan.excluded must be a count of devices, got {plan.excluded!r:.40}")
-    offered = Candidates.of(candidates).ids
-    picked = np.array([a.device_id if isinstance(a.device_id, (int, np.integer)) else -1 for a in plan.assignments],
-                      dtype=np.int64)
-    among = np.isin(picked, offered)
+    offered = set(Candidates.of(candidates).ids.tolist())
     seen: set[int] = set()
-    for a, known in zip(plan.assignments, among):
-        if not known:
+    for a in plan.assignments:
+        if a.device_id not in offered:
             raise SmartSplitError(f"{where} assigned device {a.device_id!r:.20}, which is not among this round's "
                                   f"{len(offered)} candidates")
         if a.device_id in seen:
