@@ -60,9 +60,9 @@ class FleetForecast:
     def offer(self, ids: np.ndarray, budgets: np.ndarray, speeds: np.ndarray) -> None:
         """The round's devices, their budget forecasts and speeds [row: flops/s, uplink, downlink]: rows whose
         forecast or speed changed are predicted afresh when read."""
-        changed = ids[(self.budgets[ids] != budgets) | (self.speeds[ids] != speeds).any(axis=1)]
+        fresh = (self.budgets[ids] != budgets) | (self.speeds[ids] != speeds).any(axis=1)
+        changed = ids[fresh]
         if len(changed):
-            fresh = np.isin(ids, changed)
             self.budgets[changed], self.speeds[changed] = budgets[fresh], speeds[fresh]
             self.groups[changed] = [quantize(b, self.planner.resolution) for b in budgets[fresh].tolist()]
             self.known[changed] = False

@@ -47,9 +47,10 @@ class Oort(Strategy):
         whole = speed * (rounds - edge) + edge  # ``DeviceHistory.times`` at cut L, for every eligible device
         preferred = float(np.median(whole)) if len(whole) else 0.0
         known = np.array([i in self.history.loss_rms for i in eligible.ids.tolist()], dtype=bool)
-        seen = [eligible[row] for row in np.flatnonzero(known).tolist()]  # devices that trained before: a few
+        seen_rows = np.flatnonzero(known)
+        seen = [eligible[row] for row in seen_rows.tolist()]  # devices that trained before: a few
         unseen = eligible.take(np.flatnonzero(~known))
-        times = dict(zip(eligible.ids.tolist(), whole.tolist()))
+        times = dict(zip(eligible.ids[seen_rows].tolist(), whole[seen_rows].tolist()))
         epsilon = max(self.min_epsilon, self.epsilon * self.decay**rnd)
         n_explore = min(len(unseen), round(epsilon * k))
         n_exploit = min(len(seen), k - n_explore)
@@ -71,7 +72,7 @@ class Oort(Strategy):
             "preferred_round_s": preferred,
             "selected": [
                 {"device": c.device.id, "seen": c.device.id in utility, "utility": utility.get(c.device.id),
-                 "predicted_round_s": float(times[c.device.id])}
+                 "predicted_round_s": float(self.history.times(c)[0][L - 1])}
                 for c in chosen
             ],
         }
