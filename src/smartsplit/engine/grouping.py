@@ -1,8 +1,14 @@
 """Which of a round's devices step together (``kernels.grouped``), and the steps they defer until then.
 
-A device may be grouped when it trains its whole model alone (its cut is the last unit, it may not move it, no
-strategy observer watches its steps), with SGD, and shares its steps' batch sizes with other devices of the
-round. While it may, the simulated round runs as always (plans, budgets, the clock, out-of-memory checks at a
+A device may be grouped when its step is the whole model's step and depends on no other device: it trains its
+whole model alone (its cut is the last unit), or it is split and its edge keeps a server-side copy for it alone
+(``edge_copies: per-device``, SplitFed-v1's way); it may not move its cut, no strategy observer watches its
+steps, it trains with SGD, and it shares its steps' batch sizes with other devices of the round. A split
+device's units are then held in two places, the device's and its copy at the edge (``EdgeRole.own_copy``),
+and its waiting steps train both; since every such step is the whole model's, devices of every cut stack into
+one computation (grouping by cut would only make smaller groups of the same arithmetic). Devices that share
+a server-side copy (SplitFed-v2, SmartSplit) are never grouped: the copy trains on their steps in simulated
+arrival order. While a device may wait, the simulated round runs as always (plans, budgets, the clock, out-of-memory checks at a
 step's start, drop-outs) but its steps' arithmetic waits; when the round's simulation ends, every group's
 waiting steps run together, step by step, and the devices report. A waiting step needs the plain plan (the
 whole batch at once, nothing recomputed) at a budget that holds its peak; a device whose plan or budget stops
@@ -18,14 +24,20 @@ so a machine decides once and every later run decides the same), and groups when
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from smartsplit.kernels.grouped import Stacked, time_both
 from smartsplit.machine import describe, one_line
 from smartsplit.meter.heap import cached_json, structure, torch_version
+from smartsplit.models.profile import ModelProfile
 from smartsplit.roles.device import DeviceRole
+from smartsplit.roles.edge import EdgeRole
+
+if TYPE_CHECKING:
+    from smartsplit.engine.round import Participant
 
 MARGIN = 1.5  # together must be this much faster: grouping changes the rounding, so only a clear gain pays for it
 
@@ -60,13 +72,19 @@ class Grouping:
         return {"mode": self.mode, "device": self.device,
                 "choices": [{"batch": b, **choice} for (b, _), choice in sorted(self.choices.items())]}
 
-    def defer(self, roles: Sequence[DeviceRole], instructions, num_units: int, batch: int) -> None:
+    def defer(self, participants: Sequence[Participant], edge_roles: Sequence[EdgeRole], profile: ModelProfile,
+              edge_copies: str) -> None:
         """Let the devices that may be grouped defer their steps' arithmetic (see the module docstring)."""
-        group = [role for role, i in zip(roles, instructions) if isinstance(role, DeviceRole) and i.cut == num_units
-                 and not i.move_cut and role.optimizer.name == "sgd"]
-        if len(group) > 1 and self.pays(batch, len(group)):
-            for role in group:
-                role.deferring = True
+        group = [p for p in participants if isinstance(p.role, DeviceRole) and not p.instructions.move_cut
+                 and (p.instructions.cut == profile.num_units or edge_copies == "per-device")
+                 and p.role.optimizer.name == "sgd"]
+        if len(group) > 1 and self.pays(profile.batch, len(group)):
+            for p in group:
+                cut = p.instructions.cut
+                if cut == profile.num_units:
+                    p.role.wait()
+                else:  # its copy at the edge exists once its round starts there
+                    p.role.wait(partial(edge_roles[p.edge].own_copy, p.role.id), profile.cut_bytes(cut) // profile.batch)
 
     def run(self, roles: Sequence[DeviceRole]) -> None:
         """The waiting steps of ``roles``, step by step: at each, the devices whose batches have the same size

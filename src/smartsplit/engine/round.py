@@ -133,8 +133,7 @@ def simulate(
     queues = [simpy.Resource(env, capacity=1) for _ in edge_roles]
     parts = RoundParts({}, {}, [])
     if grouping is not None and observer is None:
-        grouping.defer([p.role for p in participants], [p.instructions for p in participants], profile.num_units,
-                       profile.batch)
+        grouping.defer(participants, edge_roles, profile, options.edge_copies)
     previous, waiting = None, []
     for p in participants:
         device_round = DeviceRound(env, p, edge_roles[p.edge], edge_specs[p.edge], queues[p.edge], profile, start_s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
@@ -138,6 +139,24 @@ class _RoundState(RoundTally):
     deferred: int = 0  # the first steps, whose arithmetic waits to run grouped with other devices' (engine.grouping)
 
 
+@dataclass
+class EdgeCopy:
+    """A device's own server-side copy at its edge (per-device copies): the units past its cut, their optimizer
+    and the edge's count of the samples that trained each of them. A device whose steps wait to run grouped
+    (``engine.grouping``) runs them through it: with its own copy, a split device's step is the whole model's
+    step, its units held in two places."""
+
+    units: nn.Sequential  # units first..L, named as in the whole model
+    optimizer: torch.optim.Optimizer | None
+    samples: dict[int, int]
+    first: int
+
+    def trained(self, samples: int) -> None:
+        """A step of ``samples`` examples ran through these units."""
+        for index in range(self.first, self.first + len(self.units)):
+            self.samples[index] += samples
+
+
 class DeviceSide(Protocol):
     """A device's part of a round, as the round engine (``engine.round``) drives it, phase by phase: the same
     calls whether the device is a role in this process (``DeviceRole``) or a process across a stream
@@ -217,6 +236,8 @@ class DeviceRole:
         self.batch_size, self.local_steps, self.local_epochs = batch_size, local_steps, local_epochs
         self.measure = measure
         self.deferring = False  # this round's steps may wait to run grouped (set by engine.grouping, each round)
+        self._edge_copy: Callable[[], EdgeCopy] | None = None  # a split device's own server-side copy, while its steps wait
+        self._waiting_cut_bytes = 0  # what each example of a waiting step would have sent to the edge
         self._round: _RoundState | None = None
 
     @property
@@ -240,6 +261,12 @@ class DeviceRole:
         """The sample indices of each local step this round: seeded passes over the device's shard."""
         return local_batches(self.shard, self.batch_size, self.local_steps, self.local_epochs,
                              np.random.default_rng(list(instructions.batch_seed)))
+
+    def wait(self, edge_copy: Callable[[], EdgeCopy] | None = None, cut_bytes_per_example: int = 0) -> None:
+        """The next round's steps may wait to run grouped (``engine.grouping``). A split device's own server-side
+        copy (``edge_copy()``, from when the round has started at the edge) trains with them, and each waiting
+        step counts what its activations would have sent to the edge."""
+        self.deferring, self._edge_copy, self._waiting_cut_bytes = True, edge_copy, cut_bytes_per_example
 
     @property
     def cut(self) -> int:
@@ -307,6 +334,7 @@ class DeviceRole:
         if self.deferring:
             if r.deferred == r.step and not plan.segments and plan.micro_batch >= len(r.y) and r.budget >= plan.peak_bytes:
                 r.deferred += 1  # the plain plan at a budget that holds it: the guard cannot trip; run it later
+                r.crossed = len(r.y) * self._waiting_cut_bytes
                 return None
             self.catch_up()  # its plan or budget no longer allows waiting: on alone from here
         n, size = len(r.y), plan.micro_batch
@@ -383,30 +411,50 @@ class DeviceRole:
         return self.data.x[indices], self.data.y[indices]
 
     def deferred_client(self) -> Client:
-        """The units whose waiting steps are to run (``kernels.grouped.Stacked``), with their momentum."""
-        return Client(self._state.units, _momentum(self._state))
+        """The units whose waiting steps are to run (``kernels.grouped.Stacked``): the device's, then its own
+        server-side copy's when it is split, with their momentum, named as in the whole model."""
+        r, edge = self._state, self._own_copy()
+        if edge is None:
+            return Client(r.units, _momentum(r.units, r.optimizer))
+        mine, theirs = _momentum(r.units, r.optimizer), _momentum(edge.units, edge.optimizer)
+        whole = nn.Sequential(OrderedDict([*r.units.named_children(), *edge.units.named_children()]))
+        return Client(whole, None if mine is None or theirs is None else {**mine, **theirs})
 
     def finish_deferred(self, client: Client, losses: list[float]) -> None:
-        """The waiting steps have run on ``client`` (this device's own units), with these losses: keep its
-        momentum as the optimizer's state, note what the device holds, stop waiting."""
-        r = self._state
+        """The waiting steps have run on ``client`` (this device's own units, and its server-side copy's), with
+        these losses: keep the momentum as the optimizers' state, count the edge copy's samples, note what the
+        device holds, stop waiting."""
+        r, edge = self._state, self._own_copy()
         r.losses[: len(losses)] = losses
-        if client.momentum is not None and r.optimizer is not None:
-            for name, p in r.units.named_parameters():
-                r.optimizer.state[p]["momentum_buffer"] = client.momentum[name]
-        self._note_held()
-        r.deferred, self.deferring = 0, False
+        if client.momentum is not None:
+            _keep_momentum(r.units, r.optimizer, client.momentum)
+            if edge is not None:
+                _keep_momentum(edge.units, edge.optimizer, client.momentum)
+        self._stop_waiting()
 
     def catch_up(self) -> None:
         """Run the steps that waited, one at a time (each the plain step it was planned as), and stop waiting."""
-        r = self._state
+        r, edge = self._state, self._own_copy()
         for j in range(r.deferred):
             x, y = self.deferred_batch(j)
-            r.losses[j] = reference_step(r.units[: r.cut], nn.Sequential(), x, y, r.optimizer, None).loss
+            r.losses[j] = reference_step(r.units[: r.cut], edge.units if edge is not None else nn.Sequential(), x, y,
+                                         r.optimizer, edge.optimizer if edge is not None else None).loss
             self._note_held()
         if r.optimizer is not None:
             r.optimizer.zero_grad(set_to_none=True)  # the step under way starts from no gradient
-        r.deferred, self.deferring = 0, False
+        self._stop_waiting()
+
+    def _own_copy(self) -> EdgeCopy | None:
+        return self._edge_copy() if self._edge_copy is not None else None
+
+    def _stop_waiting(self) -> None:
+        r, edge = self._state, self._own_copy()
+        if edge is not None:
+            for j in range(r.deferred):
+                edge.trained(len(r.batches[j]))
+        self._note_held()
+        r.deferred = 0
+        self.deferring, self._edge_copy, self._waiting_cut_bytes = False, None, 0
 
     # ---- units moving to and from the edge
 
@@ -452,7 +500,8 @@ class DeviceRole:
                             samples={i: r.samples for i in range(1, r.assigned_cut + 1)})
         report = r.report(self.device, times, unread_budget=self.trace.at(0.0))
         observations = r.observations if r.steps else []
-        self._round, self.deferring = None, False
+        self._round = None
+        self.deferring, self._edge_copy, self._waiting_cut_bytes = False, None, 0
         return DeviceResult(update, report, observations)
 
     @property
@@ -462,9 +511,16 @@ class DeviceRole:
         return self._round
 
 
-def _momentum(r: _RoundState) -> dict[str, torch.Tensor] | None:
-    """The SGD momentum buffers of a round's units, by parameter name (None before the first step)."""
-    if r.optimizer is None:
+def _momentum(units: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor] | None:
+    """The SGD momentum buffers of ``units`` in ``optimizer``, by parameter name (None before the first step)."""
+    if optimizer is None:
         return None
-    buffers = {name: r.optimizer.state.get(p, {}).get("momentum_buffer") for name, p in r.units.named_parameters()}
+    buffers = {name: optimizer.state.get(p, {}).get("momentum_buffer") for name, p in units.named_parameters()}
     return None if any(b is None for b in buffers.values()) else buffers
+
+
+def _keep_momentum(units: nn.Module, optimizer: torch.optim.Optimizer | None, momentum: dict[str, torch.Tensor]) -> None:
+    """Make ``momentum`` (by parameter name) the SGD momentum buffers of ``units`` in ``optimizer``."""
+    if optimizer is not None:
+        for name, p in units.named_parameters():
+            optimizer.state[p]["momentum_buffer"] = momentum[name]

@@ -18,7 +18,7 @@ from torch import nn
 
 from smartsplit.kernels.aggregate import unit_state, unit_states
 from smartsplit.kernels.step import edge_backward, make_optimizer
-from smartsplit.roles.device import OptimizerSpec
+from smartsplit.roles.device import EdgeCopy, OptimizerSpec
 from smartsplit.messages import Activation, EdgeInstructions, Gradient, Observation, UnitHandoff, Update
 from smartsplit.strategies.base import StepObserver
 
@@ -80,6 +80,14 @@ class EdgeRole:
                                {i: 0 for i in range(1, len(units) + 1)})
         session.rebuild()
         self._sessions[device_id] = session
+
+    def own_copy(self, device_id: int) -> EdgeCopy:
+        """The device's own server-side copy (per-device copies only), for a device whose steps wait to run
+        grouped: they train it as serving its steps would have."""
+        session = self._sessions[device_id]
+        if self._shared is not None or session.handed:
+            raise RuntimeError(f"device {device_id}: only a per-device copy with no handed-over units can train apart")
+        return EdgeCopy(session.units[session.cut :], session.optimizer, session.samples, session.cut + 1)
 
     def receive(self, handoff: UnitHandoff) -> None:
         """Units a squeezed device gives up mid-round: the edge trains them, as that device's copy, from now on."""
