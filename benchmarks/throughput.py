@@ -244,8 +244,9 @@ def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") 
     return {
         "name": f"smartsplit {config['strategy']['name']} ({config['threads']} thread{'s' * (config['threads'] > 1)}"
                 + (f", {engine} x{config.get('workers') or 'auto'}" if engine != "sequential" else "")
-                + (f", grouping {config['training']['grouping']})" if config["training"].get("grouping", "auto") != "auto"
-                   else ")"),
+                + (f", grouping {config['training']['grouping']}" if config["training"].get("grouping", "auto") != "auto"
+                   else "")
+                + (f", {config['memory_format']})" if config.get("memory_format", "contiguous") != "contiguous" else ")"),
         **measured, "config": config, "rounds": rounds, "samples": samples, "steps": sum(r["steps"] for r in rounds),
         "train_s": train_s, "eval_s": eval_s, "evaluations": evaluations, "test_examples": None,
         "planning_s": sum(r["planning_s"] for r in rounds), "aggregation_s": sum(r["aggregation_s"] for r in rounds),
@@ -311,6 +312,8 @@ def ceiling_child(plan_path: str, result_path: str) -> None:
     x, y, x_test, y_test = load_fmnist(plan["root"])
     torch.manual_seed(plan["seed"])
     model = cnn()
+    if plan["memory_format"] == "channels_last":  # as SmartSplit's memory_format: channels_last lays it out
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=plan["lr"], momentum=plan["momentum"])
     g = torch.Generator().manual_seed(plan["seed"])
     order, rounds = torch.randperm(len(y), generator=g), []
@@ -336,15 +339,17 @@ def ceiling_child(plan_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps({"rounds": rounds, "test_examples": len(y_test)}))
 
 
-def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = False) -> dict:
+def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = False,
+                memory_format: str = "contiguous") -> dict:
     """Plain PyTorch on SmartSplit's samples: one device's batch at a time, or (``large``) each local step's
     batches of all the round's devices as one batch: the arithmetic ceiling, what the samples cost when nothing
-    keeps them apart."""
+    keeps them apart; its convolution weights laid out in ``memory_format``."""
     c = smartsplit["config"]
-    tag = f"{'large-' if large else ''}{threads}"
+    tag = f"{'large-' if large else ''}{threads}{'' if memory_format == 'contiguous' else '-' + memory_format}"
     plan_path, result_path = workdir / f"ceiling-{tag}-plan.json", workdir / f"ceiling-{tag}.json"
     plan_path.write_text(json.dumps({
         "threads": threads, "seed": c["seed"], "lr": c["training"]["lr"], "momentum": c["training"]["momentum"],
+        "memory_format": memory_format,
         "eval_batch": c["training"]["eval_batch_size"],
         "rounds": [r["large_batches" if large else "batches"] for r in smartsplit["rounds"]],
         "root": c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
@@ -358,7 +363,8 @@ def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = Fal
     out = json.loads(result_path.read_text())
     rounds = out["rounds"]
     kind = "one large batch" if large else "client by client"
-    return {"name": f"plain PyTorch, {kind} ({threads} thr)", **measured, "rounds": rounds,
+    layout = "" if memory_format == "contiguous" else f", {memory_format}"
+    return {"name": f"plain PyTorch, {kind} ({threads} thr{layout})", **measured, "rounds": rounds,
             "samples": sum(r["samples"] for r in rounds), "steps": sum(r["steps"] for r in rounds),
             "train_s": sum(r["train_s"] for r in rounds), "eval_s": sum(r["eval_s"] for r in rounds),
             "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"],
@@ -403,7 +409,7 @@ def figures(row: dict, test_examples: int) -> dict:
             "eval_sps": row["evaluations"] * n / row["eval_s"], "process_sps": row["samples"] / row["process_s"]}
 
 
-NAME = 40
+NAME = 56
 
 
 def print_table(rows: list[dict]) -> None:
@@ -441,6 +447,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run SmartSplit with these settings, e.g. engine=parallel,workers=2 (repeat it)")
     parser.add_argument("--threads", default="1,2", help="torch threads of the plain PyTorch ceiling runs")
+    parser.add_argument("--memory-formats", default="contiguous", help="layouts of the ceiling's convolution weights "
+                        "(contiguous, channels_last or both, comma-separated): the ceiling for a SmartSplit run with "
+                        "memory_format=channels_last is the plain loop laid out so too")
     parser.add_argument("--flower", metavar="PYTHON", help="a Python with flwr[simulation]==1.42.0 and torch: also "
                         "run benchmarks/flower_workload.py with it")
     parser.add_argument("--out", default="runs/throughput/throughput.json",
@@ -462,10 +471,11 @@ def main() -> None:
     for n, variant in enumerate(args.variant, 1):
         rows.append(run_smartsplit(args, workdir, [v for v in variant.split(",") if v], f"-{n}"))
         print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s ({rows[-1]['command']})", flush=True)
-    for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
-        for large in (False, True):
-            rows.append(run_ceiling(threads, ss, workdir, large))
-            print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+    for memory_format in [v.strip() for v in args.memory_formats.split(",") if v.strip()]:
+        for threads in [int(v) for v in args.threads.split(",") if v.strip()]:
+            for large in (False, True):
+                rows.append(run_ceiling(threads, ss, workdir, large, memory_format))
+                print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
     plain = [r for r in rows if r["name"].startswith("plain")]
     test_examples = plain[0]["test_examples"] if plain else 10000  # the test set's size, as the ceiling read it
     if args.flower:

@@ -222,6 +222,10 @@ class Config(_Section):
     threads: int = Field(1, ge=1)
     # where grouped devices' steps are computed (cuda: the GPU torch sees; everything else stays on the CPU)
     device: Literal["cpu", "cuda"] = "cpu"
+    # how convolution weights, and so activations, are laid out wherever the simulator computes (devices' and edges'
+    # steps, the meter, evaluation): contiguous (PyTorch's default) or channels_last (faster CPU convolutions and
+    # pooling; the same arithmetic up to floating-point order, so results differ from contiguous in the last digits)
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     # measure device memory with the heap meter (profiles calibrated, peaks measured); false: plans rest on
     # saved-tensor profiles alone and no peak is measured (faster, and the same on every machine)
     meter: bool = True

@@ -29,7 +29,7 @@ from smartsplit.fleet import (
     on_off_trace,
     sample_fleet,
 )
-from smartsplit.kernels.structure import structure_of
+from smartsplit.kernels.structure import in_memory_format, structure_of
 from smartsplit.machine import one_line
 from smartsplit.memory.ondevice import OnDeviceManager, PlanMemo
 from smartsplit.meter.heap import HeapMeter, MeterUnavailable, ShippedFigures, shim_path
@@ -140,12 +140,12 @@ def build_architecture(config: Config, train: Dataset, *, structure_only: bool =
     if structure_only:
         try:
             with torch.device("meta"):
-                return structure_of(build(config.model.name, **args))
+                return in_memory_format(structure_of(build(config.model.name, **args)), config.memory_format)
         except Exception as exc:  # noqa: BLE001 - a model whose construction needs real tensors is built, then let go
             log.info("model.name %r cannot be built on the meta device (%s): built once and let go",
                      config.model.name, type(exc).__name__)
-            return structure_of(build(config.model.name, **args))
-    model = build(config.model.name, **args)
+            return in_memory_format(structure_of(build(config.model.name, **args)), config.memory_format)
+    model = in_memory_format(build(config.model.name, **args), config.memory_format)
     _check_on_data(model, train, config.model.name)
     return model
 

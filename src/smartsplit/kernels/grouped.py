@@ -49,7 +49,8 @@ class Stacked:
         self.compute = structure if self.device.type == "cpu" else copy.deepcopy(structure).to(self.device)
         self.names = [name for name, _ in structure.named_parameters()]
         own = [dict(c.units.named_parameters()) for c in clients]
-        self.params = {n: torch.stack([o[n].detach() for o in own]).to(self.device) for n in self.names}
+        # contiguous: vmap's batching rules refuse channels-last layouts (``in_memory_format``) in places
+        self.params = {n: torch.stack([o[n].detach() for o in own]).to(self.device).contiguous() for n in self.names}
         first = clients[0].momentum
         self.momentum = None if first is None else {
             n: torch.stack([c.momentum[n] for c in clients]).to(self.device) for n in self.names}

@@ -16,6 +16,28 @@ import torch
 from torch import nn
 
 
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def in_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
+    """``model``, its 4-D parameters (convolution weights) laid out in ``memory_format`` ("contiguous": PyTorch's
+    default; "channels_last": channels innermost, which oneDNN's CPU convolutions and pooling run faster), in place.
+    Activations follow the weights' layout; the arithmetic is the same up to floating-point order."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory format {memory_format!r} is not one of {', '.join(MEMORY_FORMATS)}")
+    return model.to(memory_format=MEMORY_FORMATS[memory_format]) if memory_format != "contiguous" else model
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """``t`` is laid out channels-last (and is 4-D with a layout that differs from the contiguous one)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _laid_out_like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``reference``'s layout (a copy only when it differs: weights that crossed a wire come contiguous)."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last(reference) and not channels_last(t) else t
+
+
 def structure_of(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters are on the meta device (buffers, small and untrained, stay as they
     are); ``model`` itself when it already is one. Its weights are never allocated, not even for a moment."""
@@ -38,7 +60,9 @@ def materialise(units: nn.Module, states: Mapping[int, Mapping[str, torch.Tensor
     real)."""
     real = copy.deepcopy(units)
     for index, state in states.items():
-        real[index - 1].load_state_dict(state, assign=True)
+        unit = real[index - 1]
+        own = unit.state_dict(keep_vars=True)
+        unit.load_state_dict({k: _laid_out_like(v, own[k]) if k in own else v for k, v in state.items()}, assign=True)
     left = [name for name, p in real.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"no weights for {', '.join(left[:3])}: a unit made from a structure needs its state")
@@ -55,7 +79,7 @@ def with_stand_ins(module: nn.Module, generator: torch.Generator | None = None) 
     for name, p in list(real.named_parameters()):
         if p.is_meta:
             module_name, _, leaf = name.rpartition(".")
-            value = torch.randn(p.shape, dtype=p.dtype, generator=generator) * 0.05
+            value = torch.empty_like(p, device="cpu").copy_(torch.randn(p.shape, dtype=p.dtype, generator=generator) * 0.05)
             real.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=p.requires_grad)
     return real
 

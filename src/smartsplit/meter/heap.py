@@ -273,9 +273,13 @@ class HeapMeter:
 def structure(units) -> str:
     """What identifies a model for memory: its modules and their settings, the shapes of its tensors, and for a
     traced model its code; never its weights' values."""
-    shapes = [(name, tuple(t.shape), str(t.dtype)) for name, t in [*units.named_parameters(), *units.named_buffers()]]
+    from smartsplit.kernels.structure import channels_last
+
+    tensors = [*units.named_parameters(), *units.named_buffers()]
+    shapes = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
     code = "".join(getattr(m, "code", "") for m in units.modules() if hasattr(m, "graph"))
-    return f"{units!r}|{shapes}|{code}"
+    laid_out = [name for name, t in tensors if channels_last(t)]  # named only when some are: older keys stand
+    return f"{units!r}|{shapes}|{code}" + (f"|channels_last {laid_out}" if laid_out else "")
 
 
 def torch_version() -> str:
