@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from smartsplit.api import compare
@@ -163,3 +164,32 @@ def test_compare_runs_each_strategy_as_a_ray_task(tmp_path, local_ray):
     for summary, strategy in zip(summaries, ["fedavg", "splitfed"]):
         assert summary.strategy == strategy
         assert metrics(Path(summary.run_dir)) == sequential(tmp_path / strategy, f"strategy.name={strategy}")
+
+
+def test_a_call_to_a_worker_crosses_packed_with_every_tensor_as_it_was():
+    """``runtime.packing``: one buffer for a call's tensors; each comes back equal, with its dtype and strides
+    (channels-last stays so), in storage of its own; a tensor twice in a message comes back once; a tensor that
+    needs its graph, a parameter, or a strided slice crosses as plain pickling sends it."""
+    import pickle
+
+    from smartsplit.runtime.packing import ALIGN, pack, unpack
+
+    shared = torch.arange(10)
+    value = {
+        "weights": {1: {"w": torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)}},
+        "labels": shared, "again": shared, "flags": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3), "slice": torch.randn(6, 6)[:, ::2], "graph": torch.ones(2, requires_grad=True),
+        "param": torch.nn.Parameter(torch.ones(3)), "plain": [1, "two", 3.0],
+    }
+    packed = pack(value)
+    assert len(packed.tensors) == 6 and packed.buffer.numel() % ALIGN == 0  # labels once; not slice, graph, param
+    back = unpack(pickle.loads(pickle.dumps(packed)))
+    for key in ("labels", "flags", "scalar", "empty", "slice", "graph", "param"):
+        assert torch.equal(back[key].detach(), value[key].detach()) and back[key].dtype == value[key].dtype, key
+        assert back[key].stride() == value[key].stride(), key
+    w, w0 = back["weights"][1]["w"], value["weights"][1]["w"]
+    assert torch.equal(w, w0) and w.stride() == w0.stride() and w.is_contiguous(memory_format=torch.channels_last)
+    assert back["labels"] is back["again"] and back["plain"] == value["plain"]
+    assert back["graph"].requires_grad and isinstance(back["param"], torch.nn.Parameter)
+    storages = {t.untyped_storage().data_ptr() for t in (w, back["labels"], back["flags"], back["scalar"])}
+    assert len(storages) == 4 and w.untyped_storage().nbytes() == w.numel() * w.element_size()

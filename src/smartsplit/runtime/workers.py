@@ -30,6 +30,7 @@ from smartsplit.config import Config
 from smartsplit.engine.round import RoundOutcome, RoundParts, assemble
 from smartsplit.errors import SmartSplitError
 from smartsplit.runtime.allocator import freeze_collector, tune_allocator
+from smartsplit.runtime.packing import Packed, pack, unpack
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
@@ -137,8 +138,10 @@ def _start_worker(config_json: str, blob: bytes | None) -> None:
     _replica = Replica(Config.model_validate_json(config_json), blob)
 
 
-def _call_replica(method: str, args: tuple):
-    return getattr(_replica, method)(*args)
+def _call_replica(method: str, args: Packed) -> Packed:
+    """``Replica.<method>(*args)`` in a worker process: the arguments and the result cross packed
+    (``runtime.packing``)."""
+    return pack(getattr(_replica, method)(*unpack(args)))
 
 
 def batch_ranges(examples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -195,9 +198,9 @@ class ProcessRounds(WorkerRounds):
             self._pool.submit(int)  # build their replicas while this process builds its experiment, not in round 1
 
     def _on_workers(self, method: str, calls: list[tuple]) -> list:
-        futures = [self._pool.submit(_call_replica, method, args) for args in calls]
+        futures = [self._pool.submit(_call_replica, method, pack(args)) for args in calls]
         try:
-            return [f.result() for f in futures]
+            return [unpack(f.result()) for f in futures]
         except BrokenProcessPool:
             raise SmartSplitError(
                 "engine: parallel: a worker process died (its error is above). A script that runs experiments with "
