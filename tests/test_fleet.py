@@ -304,3 +304,32 @@ def test_a_fleet_is_columns_that_index_as_devices() -> None:
     assert all(type(d.memory_bytes) is int and type(d.uplink_bytes_per_s) is float for d in devices)
     with pytest.raises(SmartSplitError, match="0..1 in order"):
         Fleet.of([devices[1], devices[0]])
+
+
+def test_budget_traces_keep_constant_budgets_as_numbers_and_forecast_as_each_trace_does(tmp_path: Path) -> None:
+    """``BudgetTraces``: a constant budget is a number (its trace made when read, equal to ``constant_trace``);
+    a changing one is its own trace; ``forecast`` gives every device's ``BudgetTrace.quantile`` at once."""
+    import numpy as np
+
+    from smartsplit.config import build_config
+    from smartsplit.engine.build import build_fleet, build_traces
+    from smartsplit.fleet import BudgetTraces
+
+    raw = {"fleet": {"devices": 40, "classes": {"wearable": 0.5, "rpi4": 0.5}}}
+    fleet = build_fleet(build_config(raw))
+    constant = build_traces(build_config(raw), fleet)
+    assert isinstance(constant, BudgetTraces) and not constant.own  # no trace object per device
+    assert list(constant) == [constant_trace(d.memory_bytes) for d in fleet]
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    (folder / "device-3.csv").write_text("time_s,budget_mb\n0,4\n10,2\n20,6\n")
+    mixed = build_traces(build_config(raw, ["fleet.budgets.kind=csv", f"fleet.budgets.csv_dir={folder}"]), fleet)
+    assert list(mixed.own) == [3] and mixed[3] == load_trace_csv(folder / "device-3.csv") and mixed[4] == constant[4]
+    foreground = build_traces(build_config(raw, ["fleet.budgets.kind=foreground"]), fleet)
+    assert len(foreground.own) == 40 and (foreground.constants == -1).all()
+    ids = np.array([7, 3, 0, 39, 3])
+    for traces in (constant, mixed, foreground, BudgetTraces.of(list(foreground))):
+        for q, t0, t1 in ((0.1, 0.0, 0.0), (0.1, 5.0, 25.0), (0.5, 0.0, 300.0), (1.0, 12.0, 13.0)):
+            assert traces.forecast(ids, q, t0, t1).tolist() == [traces[i].quantile(q, t0, t1) for i in ids.tolist()]
+    with pytest.raises(ValueError, match="not both"):
+        BudgetTraces(np.array([5, -1]), {0: constant_trace(5)})

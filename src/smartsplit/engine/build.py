@@ -16,11 +16,10 @@ from smartsplit.data import Dataset
 from smartsplit.errors import SmartSplitError
 from smartsplit.fleet import (
     AvailabilityTrace,
-    BudgetTrace,
+    BudgetTraces,
     Device,
     Fleet,
     always_online,
-    constant_trace,
     fleet_from_csv,
     foreground_app_trace,
     load_availability_csv,
@@ -67,23 +66,23 @@ def _trace_files(field: str, csv_dir: str, devices: list[Device]) -> dict[int, P
     return {expected[p.name]: p for p in folder.glob("*.csv")}
 
 
-def build_traces(config: Config, devices: list[Device]) -> list[BudgetTrace]:
-    """One memory-budget trace per device, on the experiment's clock; seeded per device."""
+def build_traces(config: Config, devices: Fleet) -> BudgetTraces:
+    """One memory-budget trace per device, on the experiment's clock; seeded per device. A constant budget is the
+    device's memory, kept as a number (``BudgetTraces``)."""
     b = config.fleet.budgets
     files = _trace_files("fleet.budgets.csv_dir", b.csv_dir, devices) if b.kind == "csv" else {}
-    traces = []
-    for device in devices:
+    constants = devices.memory_bytes.copy()
+    own = {}
+    for device_id in (range(len(devices)) if b.kind == "foreground" else sorted(files)):
         if b.kind == "foreground":
-            trace = foreground_app_trace(
-                device.memory_bytes, seed=config.seed * 100_003 + device.id, horizon_s=b.horizon_s,
+            own[device_id] = foreground_app_trace(
+                int(devices.memory_bytes[device_id]), seed=config.seed * 100_003 + device_id, horizon_s=b.horizon_s,
                 mean_gap_s=b.mean_gap_s, mean_hold_s=b.mean_hold_s, max_take=b.max_take, floor=b.floor,
             )
-        elif device.id in files:
-            trace = load_trace_csv(files[device.id])
         else:
-            trace = constant_trace(device.memory_bytes)
-        traces.append(trace)
-    return traces
+            own[device_id] = load_trace_csv(files[device_id])
+        constants[device_id] = -1
+    return BudgetTraces(constants, own)
 
 
 def build_availability(config: Config, devices: list[Device]) -> list[AvailabilityTrace]:

@@ -161,12 +161,13 @@ class Experiment:
     def profile(self) -> ModelProfile:
         return self.profile_at(self.config.training.batch_size)
 
+    def budget_forecasts(self, ids: np.ndarray) -> np.ndarray:
+        """A low quantile of the budget each device had over the recent window (at the start: its budget then)."""
+        b, now = self.config.fleet.budgets, self.clock_s
+        return self.traces.forecast(ids, b.forecast_quantile, max(0.0, now - b.forecast_window_s), max(now, 0.0))
+
     def budget_forecast(self, device_id: int) -> int:
-        """A low quantile of the budget the device had over the recent window."""
-        b, trace = self.config.fleet.budgets, self.traces[device_id]
-        if self.clock_s <= 0:
-            return trace.at(0.0)
-        return trace.quantile(b.forecast_quantile, max(0.0, self.clock_s - b.forecast_window_s), self.clock_s)
+        return int(self.budget_forecasts(np.array([device_id]))[0])
 
     def candidates(self) -> Candidates:
         """Every device online now, with its budget forecast and its predicted peaks and times per cut, as
@@ -174,7 +175,7 @@ class Experiment:
         its budget forecast (or, with learned profiles, its learned speed) changes."""
         now, availability = self.clock_s, self.availability
         ids = np.array([i for i in range(len(self.devices)) if availability[i].online_at(now)], dtype=np.int64)
-        budgets = np.array([self.budget_forecast(i) for i in ids.tolist()], dtype=np.int64)
+        budgets = self.budget_forecasts(ids)
         learned = self.learned
         speeds = self.devices.speeds[ids]
         if learned is not None:

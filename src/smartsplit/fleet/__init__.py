@@ -12,6 +12,7 @@ from smartsplit.fleet.catalog import (
 from smartsplit.fleet.traces import (
     AvailabilityTrace,
     BudgetTrace,
+    BudgetTraces,
     always_online,
     load_availability_csv,
     on_off_trace,
@@ -25,6 +26,7 @@ from smartsplit.fleet.traces import (
 __all__ = [
     "AvailabilityTrace",
     "BudgetTrace",
+    "BudgetTraces",
     "always_online",
     "load_availability_csv",
     "on_off_trace",

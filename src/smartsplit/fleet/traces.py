@@ -12,6 +12,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -105,6 +106,48 @@ class BudgetTrace:
 def constant_trace(budget_bytes: int) -> BudgetTrace:
     """A budget that never changes."""
     return BudgetTrace((0.0,), (int(budget_bytes),))
+
+
+class BudgetTraces(Sequence[BudgetTrace]):
+    """Every device's budget trace, by device id. A budget that never changes is a number in one array (its trace
+    is made when read), so a fleet of constant budgets holds no object per device; the others are trace objects.
+
+    ``constants[i]`` is device ``i``'s constant budget, or -1 where ``own[i]`` is its trace."""
+
+    def __init__(self, constants: np.ndarray, own: Mapping[int, BudgetTrace] | None = None) -> None:
+        self.constants = np.array(constants, dtype=np.int64)
+        self.own = dict(own or {})
+        if any(self.constants[i] != -1 for i in self.own) or np.any((self.constants == -1) & ~self._owned()):
+            raise ValueError("each device needs a constant budget or a trace of its own, not both")
+
+    def _owned(self) -> np.ndarray:
+        owned = np.zeros(len(self.constants), dtype=bool)
+        owned[list(self.own)] = True
+        return owned
+
+    @classmethod
+    def of(cls, traces: Sequence[BudgetTrace]) -> BudgetTraces:
+        """Columns of a list of traces (a one-budget trace becomes its number)."""
+        constants = [t.budgets_bytes[0] if len(t.budgets_bytes) == 1 else -1 for t in traces]
+        return cls(np.array(constants, dtype=np.int64), {i: t for i, t in enumerate(traces) if constants[i] == -1})
+
+    def __len__(self) -> int:
+        return len(self.constants)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        budget = int(self.constants[i])
+        return constant_trace(budget) if budget >= 0 else self.own[int(i)]
+
+    def forecast(self, ids: np.ndarray, q: float, t0: float, t1: float) -> np.ndarray:
+        """The time-weighted ``q``-quantile of each device's budget over ``[t0, t1)`` (``BudgetTrace.quantile``),
+        an array in the order of ``ids``: a constant budget is itself, without making its trace."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = self.constants[ids].copy()
+        for row in np.flatnonzero(out < 0).tolist():
+            out[row] = self.own[int(ids[row])].quantile(q, t0, t1)
+        return out
 
 
 def foreground_app_trace(
