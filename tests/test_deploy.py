@@ -8,6 +8,7 @@ central server restarted mid-run, and refuse devices that cannot prove who they 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,8 +83,22 @@ def comparable(record: dict, skip: set[str]) -> dict:
     return out
 
 
-def test_launch_local_trains_what_the_embedded_engine_trains_and_counts_its_bytes(tmp_path):
-    config = write_config(tmp_path)
+def alike(a, b, rel: float) -> bool:
+    """Equal, floats within ``rel`` (relative), in nested dicts and lists."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(alike(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(alike(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=rel)
+    return a == b
+
+
+# channels-last: the same within rounding, not bit for bit (the wire carries tensors contiguous, and each process
+# lays them out again; where torch's kernels meet a tensor in another layout they round differently, 1e-7 apart)
+@pytest.mark.parametrize("memory_format, rel", [("contiguous", 0.0), ("channels_last", 1e-5)])
+def test_launch_local_trains_what_the_embedded_engine_trains_and_counts_its_bytes(tmp_path, memory_format, rel):
+    config = write_config(tmp_path, memory_format=memory_format)
     embedded = cli("run", str(config), "--out", str(tmp_path / "embedded"), "--quiet")
     assert embedded.returncode == 0, embedded.stderr
     launched = cli("launch", str(config), "--local", "--out", str(tmp_path / "deployed"), "--quiet")
@@ -93,9 +108,11 @@ def test_launch_local_trains_what_the_embedded_engine_trains_and_counts_its_byte
     ours, theirs = records(tmp_path / "embedded"), records(tmp_path / "deployed")
     assert len(ours) == len(theirs) == 2
     skip = MEASURED | DEPLOYED_ONLY
-    for a, b in zip(ours, theirs):
-        assert comparable(a, skip) == comparable(b, skip)  # accuracy, loss, cuts, simulated times, bytes: exactly
-    assert (tmp_path / "embedded" / "decisions.jsonl").read_text() == (tmp_path / "deployed" / "decisions.jsonl").read_text()
+    for a, b in zip(ours, theirs):  # accuracy, loss, cuts, simulated times, bytes: exactly (contiguous)
+        assert comparable(a, skip) == comparable(b, skip) if not rel else alike(comparable(a, skip), comparable(b, skip), rel)
+    decisions = [(tmp_path / run / "decisions.jsonl").read_text() for run in ("embedded", "deployed")]
+    assert decisions[0] == decisions[1] if not rel else alike(
+        *[[json.loads(line) for line in text.splitlines()] for text in decisions], rel)
     for record in theirs:
         wire = record["wire"]
         # the tensors that crossed are the simulator's bytes: model down and up, activations up, gradients down

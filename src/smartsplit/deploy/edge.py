@@ -43,6 +43,7 @@ from smartsplit.fleet.clock import EdgeSpec
 from smartsplit.memory.ondevice import DevicePlan
 from smartsplit.models.profile import ModelProfile
 from smartsplit.kernels.saved import DeviceOutOfMemory
+from smartsplit.kernels.structure import in_memory_format
 from smartsplit.models.zoo import build_model
 from smartsplit.roles.device import OptimizerSpec, RoundTally, SimulatedTimes, StepDone, local_batches
 from smartsplit.strategies.options import EngineOptions
@@ -522,8 +523,9 @@ def run_edge(server: str, listen: str, certs: Path | None, name: str, timeout_s:
     profile = typed(ModelProfile, info["profile"], "the central server's model profile")
     spec = typed(EdgeSpec, info["spec"], "the central server's edge spec")
     optimizer = typed(OptimizerSpec, info["optimizer"], "the central server's optimizer")
-    architecture = build_model(config.model.name, in_channels=info["input_shape"][0], num_classes=info["num_classes"],
-                               width=config.model.width, input_size=info["input_shape"][1], seed=config.seed)
+    architecture = in_memory_format(build_model(
+        config.model.name, in_channels=info["input_shape"][0], num_classes=info["num_classes"], width=config.model.width,
+        input_size=info["input_shape"][1], seed=config.seed), config.memory_format)
     torch.set_num_threads(config.threads)
     strategy = make_strategy(config.strategy, len(architecture), config.seed)
     role = EdgeRole(index, architecture, optimizer)
