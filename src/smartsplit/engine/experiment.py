@@ -166,9 +166,6 @@ class Experiment:
         b, now = self.config.fleet.budgets, self.clock_s
         return self.traces.forecast(ids, b.forecast_quantile, max(0.0, now - b.forecast_window_s), max(now, 0.0))
 
-    def budget_forecast(self, device_id: int) -> int:
-        return int(self.budget_forecasts(np.array([device_id]))[0])
-
     def candidates(self) -> Candidates:
         """Every device online now, with its budget forecast and its predicted peaks and times per cut, as
         columns. Figures at a cut are predicted when a strategy first reads them, and a device's are kept until

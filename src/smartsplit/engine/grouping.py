@@ -1,22 +1,22 @@
 """Which of a round's devices step together (``kernels.grouped``), and the steps they defer until then.
 
-A device may be grouped when its step is the whole model's step and depends on no other device: it trains its
-whole model alone (its cut is the last unit), or it is split and its edge keeps a server-side copy for it alone
-(``edge_copies: per-device``, SplitFed-v1's way); it may not move its cut, no strategy observer watches its
-steps, it trains with SGD, and it shares its steps' batch sizes with other devices of the round. A split
-device's units are then held in two places, the device's and its copy at the edge (``EdgeRole.own_copy``),
-and its waiting steps train both; since every such step is the whole model's, devices of every cut stack into
-one computation (grouping by cut would only make smaller groups of the same arithmetic). Devices that share
-a server-side copy (SplitFed-v2, SmartSplit) are never grouped: the copy trains on their steps in simulated
-arrival order. While a device may wait, the simulated round runs as always (plans, budgets, the clock, out-of-memory checks at a
-step's start, drop-outs) but its steps' arithmetic waits; when the round's simulation ends, every group's
-waiting steps run together, step by step, and the devices report. A waiting step needs the plain plan (the
-whole batch at once, nothing recomputed) at a budget that holds its peak; a device whose plan or budget stops
-allowing that runs its waiting steps one at a time there and then, and goes on alone.
+A device may be grouped when its step is the whole model's step and depends on no other device: it trains its whole
+model alone (its cut is the last unit), or it is split and its edge keeps a server-side copy for it alone
+(``edge_copies: per-device``, SplitFed-v1's way); it may not move its cut, no strategy observer watches its steps,
+it trains with SGD, and it shares its steps' batch sizes with other devices of the round. A split device's units are
+then held in two places, the device's and its copy at the edge (``EdgeRole.own_copy``), and its waiting steps train
+both; since every such step is the whole model's, devices of every cut stack into one computation (grouping by cut
+would only make smaller groups of the same arithmetic). Devices that share a server-side copy (SplitFed-v2,
+SmartSplit) are never grouped: the copy trains on their steps in simulated arrival order. While a device may wait,
+the simulated round runs as always (plans, budgets, the clock, out-of-memory checks at a step's start, drop-outs)
+but its steps' arithmetic waits; when the round's simulation ends, every group's waiting steps run together, step by
+step, and the devices report. A waiting step needs the plain plan (the whole batch at once, nothing recomputed) at a
+budget that holds its peak; a device whose plan or budget stops allowing that runs its waiting steps one at a time
+there and then, and goes on alone.
 
 Whether grouping pays is measured, not assumed: ``mode: auto`` times a group's steps one client at a time and
-together once per model, input shape, batch, group size (a power of two) and compute device on this machine (kept in the cache,
-so a machine decides once and every later run decides the same), and groups when together is at least
+together once per model, input shape, batch, group size (a power of two) and compute device on this machine (kept in
+the cache, so a machine decides once and every later run decides the same), and groups when together is at least
 ``MARGIN`` times faster. ``always`` always groups (tests, GPUs), ``never`` never does. Each decision is recorded in
 ``choices``.
 """

@@ -1,13 +1,13 @@
 """A call's tensors in one buffer, so that a message to a worker process crosses in one piece.
 
-``multiprocessing`` sends every CPU tensor of a message through shared memory with a file descriptor of its own;
-a round's instructions and results hold a hundred or more small tensors (each device's copy of the weights), and
-passing their descriptors costs more than copying their bytes. ``pack`` pickles a value with every plain CPU
-tensor replaced by a reference into one flat byte buffer (its strides kept, so a channels-last weight stays
-channels-last); ``unpack`` gives the value back, each tensor copied out of the received buffer into storage of its
-own (as plain pickling gives it: what a role holds is what it measures, and the buffer is let go at once). A tensor
-object that appears twice in the value comes back as one tensor; a tensor that needs its
-autograd history, or whose elements are not one block (a strided slice), is pickled as usual.
+``multiprocessing`` sends every CPU tensor of a message through shared memory with a file descriptor of its own; a
+round's instructions and results hold a hundred or more small tensors (each device's copy of the weights), and
+passing their descriptors costs more than copying their bytes. ``pack`` pickles a value with every plain CPU tensor
+replaced by a reference into one flat byte buffer (its strides kept, so a channels-last weight stays channels-last);
+``unpack`` gives the value back, each tensor copied out of the received buffer into storage of its own (as plain
+pickling gives it: what a role holds is what it measures, and the buffer is let go at once). A tensor object that
+appears twice in the value comes back as one tensor; a tensor that needs its autograd history, or whose elements are
+not one block (a strided slice), is pickled as usual.
 """
 
 from __future__ import annotations
