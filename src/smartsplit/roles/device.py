@@ -454,6 +454,9 @@ class DeviceRole:
                 edge.trained(len(r.batches[j]))
         self._note_held()
         r.deferred = 0
+        self._forget_waiting()
+
+    def _forget_waiting(self) -> None:
         self.deferring, self._edge_copy, self._waiting_cut_bytes = False, None, 0
 
     # ---- units moving to and from the edge
@@ -501,7 +504,7 @@ class DeviceRole:
         report = r.report(self.device, times, unread_budget=self.trace.at(0.0))
         observations = r.observations if r.steps else []
         self._round = None
-        self.deferring, self._edge_copy, self._waiting_cut_bytes = False, None, 0
+        self._forget_waiting()
         return DeviceResult(update, report, observations)
 
     @property
