@@ -99,6 +99,34 @@ def test_the_parallel_engine_gives_the_sequential_metrics(tmp_path, strategy, ov
         assert sum(r["dropouts"] for r in got) > 0
 
 
+def test_the_parallel_engine_trains_a_part_here_with_workers_started_before_torch_is_imported(tmp_path):
+    """``smartsplit run`` starts the parallel engine's workers (``WorkerPool``) as soon as it has read the config,
+    before this process imports torch, so that they start while it does; this process trains one part of each
+    round itself, so two workers are this process and one spawned."""
+    from smartsplit.runtime.pool import WorkerPool
+    from smartsplit.runtime.workers import ProcessRounds
+
+    code = "import sys, smartsplit.cli, smartsplit.config, smartsplit.runtime.pool; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+    c = config(tmp_path, "engine=parallel", "workers=2", "strategy.name=fedavg", *ROOMY)
+    pool = WorkerPool.for_run(c)
+    assert pool.processes == 1
+    with pytest.raises(ValueError, match="another config"):
+        ProcessRounds(config(tmp_path, "engine=parallel", "workers=2", *ROOMY), pool=pool)
+    engine = ProcessRounds(c, pool=pool)
+    try:
+        x = Experiment(c, executor=engine)
+        record = x.run_round(0)
+        trained_here = set(x._device_roles)  # a device's role exists in this process once it trained here
+        assert record.participants == 5 and 0 < len(trained_here) < 5
+    finally:
+        engine.close()
+    assert WorkerPool.for_run(config(tmp_path, "engine=parallel", "workers=1")) is None  # nothing to spawn
+    assert WorkerPool.for_run(config(tmp_path)) is None
+
+
 def test_compare_gives_a_run_that_trains_apart_the_cores_left_idle(tmp_path):
     """Three runs on two cores: the two split runs start first, each in its own process; FedAvg, whose devices
     train apart, starts last with the parallel engine on both cores. Every run's metrics are its sequential

@@ -12,22 +12,32 @@ from smartsplit.records import MB
 
 def _run(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
-    from smartsplit.runtime.embedded import resume_config, run_experiment
+    from smartsplit.runtime.pool import WorkerPool
 
     args.set += _engine_overrides(args)
     if args.resume:
         if args.config or args.out or args.overwrite:
             raise SmartSplitError("run --resume RUN_DIR continues the run in RUN_DIR with its own config.yaml: give no "
                                   "CONFIG, --out or --overwrite with it")
+        from smartsplit.runtime.embedded import resume_config
+
         config, out = resume_config(args.resume, args.set), args.resume
     elif args.config:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
+    pool = WorkerPool.for_run(config)  # the parallel engine's workers start while this process imports torch
     from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, result_line, summary_rows
     from smartsplit.reports.table import format_table
+    from smartsplit.runtime.embedded import run_experiment, start_engine
 
-    summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
+    engine = start_engine(config, pool=pool)
+    try:
+        summary = run_experiment(config, out, progress=not args.quiet, resume=bool(args.resume),
+                                 overwrite=args.overwrite, executor=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     if not args.quiet:
         print(format_table(SUMMARY_HEADERS, summary_rows([summary])))
     print(profiles_line([summary.profiles]))

@@ -71,7 +71,7 @@ class RayRounds(WorkerRounds):
             self.close()
             raise
 
-    def _on_workers(self, method: str, calls: list[tuple]) -> list:
+    def _on_workers(self, method: str, calls: list[tuple], here=None) -> list:  # the driver trains no part
         return self._ray.get([getattr(actor, method).remote(*args) for actor, args in zip(self._actors, calls)])
 
     def _shared(self, value):

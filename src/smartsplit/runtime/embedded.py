@@ -22,10 +22,12 @@ from smartsplit.config import Config, build_config
 from smartsplit.engine.build import profile_sources
 from smartsplit.engine.experiment import Experiment, RoundExecutor
 from smartsplit.errors import SmartSplitError
+from smartsplit.kernels.step import start_optimizers
 from smartsplit.records import RoundRecord, strict_json
 from smartsplit.reports.summary import RunSummary, profiles_line, summarise
 from smartsplit.runtime.allocator import collector_frozen, tune_allocator
 from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
+from smartsplit.runtime.pool import WorkerPool
 from smartsplit.strategies import Strategy
 
 
@@ -84,12 +86,13 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     return build_config(raw, overrides, source=str(path))
 
 
-def start_engine(config: Config, strategy: Strategy | None = None):
-    """The ``RoundExecutor`` of ``config.engine`` (None: sequential, in this process), started; close it after."""
+def start_engine(config: Config, strategy: Strategy | None = None, pool: WorkerPool | None = None):
+    """The ``RoundExecutor`` of ``config.engine`` (None: sequential, in this process), started; close it after.
+    ``pool``: the parallel engine's worker processes, already started (``WorkerPool.for_run``)."""
     if config.engine == "parallel":
         from smartsplit.runtime.workers import ProcessRounds
 
-        return ProcessRounds(config, strategy, config.workers)
+        return ProcessRounds(config, strategy, config.workers, pool)
     if config.engine == "ray":
         from smartsplit.runtime.cluster import RayRounds
 
@@ -163,6 +166,7 @@ def _run(config: Config, run_dir: Path, progress: bool, resume: bool, strategy: 
     engine = executor or start_engine(config, strategy)
     try:
         experiment = Experiment(config, strategy, executor=engine)
+        start_optimizers(config.training.optimizer)
     except BaseException:
         if engine is not executor:
             engine.close()

@@ -12,35 +12,30 @@ bit for bit.
 Each worker holds a replica of the experiment's roles (data, fleet, shards, traces, on-device managers),
 built from the same config and seed, so a round's message to it is only the instructions of its part; the
 global model's weights travel in the instructions as they do to real devices. ``ProcessRounds`` runs the
-workers as local processes; ``smartsplit.runtime.cluster`` runs the same replicas as Ray actors.
+workers as local processes, this one among them (its own experiment trains one part of each round);
+``smartsplit.runtime.cluster`` runs the same replicas as Ray actors.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
+from typing import Any, Callable
 
 import torch
 
 from smartsplit.config import Config
 from smartsplit.engine.round import RoundOutcome, RoundParts, assemble
 from smartsplit.errors import SmartSplitError
+from smartsplit.kernels.step import start_optimizers
 from smartsplit.runtime.allocator import freeze_collector, tune_allocator
-from smartsplit.runtime.packing import Packed, pack, unpack
+from smartsplit.runtime.packing import pack, unpack
+from smartsplit.runtime.pool import WorkerPool, default_workers
 from smartsplit.roles.central import Evaluation, batch_scores, summarise_scores
 from smartsplit.messages import EdgeInstructions, RoundInstructions
 from smartsplit.strategies.base import StepObserver
 
-
-
-def default_workers(threads: int) -> int:
-    """One worker per ``threads`` cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(threads, 1))
 
 
 @dataclass(frozen=True)
@@ -97,6 +92,7 @@ class Replica:
         tune_allocator()
         strategy = pickle.loads(strategy_blob) if strategy_blob is not None else None
         self.experiment = Experiment(config, strategy)
+        start_optimizers(config.training.optimizer)
         freeze_collector()  # for the worker's life
 
     def train(self, part: Part, edge_instructions: list[EdgeInstructions], clock_s: float,
@@ -130,20 +126,6 @@ def strategy_blob(strategy) -> bytes | None:
                               "engine: sequential") from None
 
 
-_replica: Replica | None = None  # the worker process's own (set by its initializer)
-
-
-def _start_worker(config_json: str, blob: bytes | None) -> None:
-    global _replica
-    _replica = Replica(Config.model_validate_json(config_json), blob)
-
-
-def _call_replica(method: str, args: Packed) -> Packed:
-    """``Replica.<method>(*args)`` in a worker process: the arguments and the result cross packed
-    (``runtime.packing``)."""
-    return pack(getattr(_replica, method)(*unpack(args)))
-
-
 def batch_ranges(examples: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
     """The test set's batches in ``workers`` contiguous runs, as (first, last) batch indices."""
     count = -(-examples // batch_size)
@@ -159,8 +141,9 @@ class WorkerRounds:
     workers: int
     single_part_here = True  # a round of one part trains in this process, without the round trip
 
-    def _on_workers(self, method: str, calls: list[tuple]) -> list:
-        """``Replica.<method>(*args)`` for each ``args`` in ``calls``, at most one per worker at a time."""
+    def _on_workers(self, method: str, calls: list[tuple], here: Callable[..., Any]) -> list:
+        """``Replica.<method>(*args)`` for each ``args`` in ``calls``, at most one per worker at a time, in order;
+        ``here(*args)`` does the same in this process, for executors that count it as one of their workers."""
         raise NotImplementedError
 
     def __call__(self, experiment, device_instructions: list[RoundInstructions],
@@ -169,7 +152,11 @@ class WorkerRounds:
         if len(parts) <= 1 and self.single_part_here:
             return experiment.train_here(device_instructions, edge_instructions, observer)
         calls = [(part, edge_instructions, experiment.clock_s, observer) for part in parts]
-        trained = self._on_workers("train", calls)
+
+        def here(part: Part, edge_instructions, clock_s, observer) -> tuple[RoundParts, dict]:
+            return experiment.train_part(part.instructions, edge_instructions, part.edges, observer), {}
+
+        trained = self._on_workers("train", calls, here)
         if experiment.meter is not None:
             for _, sources in trained:
                 experiment.meter.sources.update(sources)
@@ -179,7 +166,8 @@ class WorkerRounds:
         """``roles.central.evaluate``'s figures, the batches scored in the workers at once."""
         state = self._shared(model.state_dict())
         ranges = batch_ranges(len(test), batch_size, self.workers)
-        scores = self._on_workers("score", [(state, batch_size, a, b) for a, b in ranges])
+        scores = self._on_workers("score", [(state, batch_size, a, b) for a, b in ranges],
+                                  lambda state, batch_size, a, b: batch_scores(model, test, batch_size, a, b))
         return summarise_scores([s for part in scores for s in part], len(test))
 
     def _shared(self, value):
@@ -188,19 +176,24 @@ class WorkerRounds:
 
 
 class ProcessRounds(WorkerRounds):
-    """Trains each round's independent parts in ``workers`` local processes."""
+    """Trains each round's independent parts in ``workers`` local processes: this one, which trains a part itself
+    while it waits for the others, and ``workers - 1`` spawned ones (``pool``: already started, for this config
+    and strategy, by ``WorkerPool.for_run``)."""
 
-    def __init__(self, config: Config, strategy=None, workers: int | None = None) -> None:
+    def __init__(self, config: Config, strategy=None, workers: int | None = None, pool: WorkerPool | None = None) -> None:
         self.workers = workers or default_workers(config.threads)
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
-                                         initializer=_start_worker, initargs=(config.model_dump_json(), strategy_blob(strategy)))
-        for _ in range(self.workers):  # the pool starts a worker per call waiting: start them all now, so that they
-            self._pool.submit(int)  # build their replicas while this process builds its experiment, not in round 1
+        blob = strategy_blob(strategy)
+        if pool is not None and (pool.processes, pool.config_json, pool.strategy_blob) != (
+                self.workers - 1, config.model_dump_json(), blob):
+            raise ValueError("ProcessRounds: the pool was started for another config, strategy or worker count")
+        self._pool = pool or (WorkerPool(config, self.workers - 1, blob) if self.workers > 1 else None)
 
-    def _on_workers(self, method: str, calls: list[tuple]) -> list:
-        futures = [self._pool.submit(_call_replica, method, pack(args)) for args in calls]
+    def _on_workers(self, method: str, calls: list[tuple], here: Callable[..., Any]) -> list:
+        if not calls:
+            return []
+        futures = [self._pool.submit(method, pack(args)) for args in calls[1:]]
         try:
-            return [unpack(f.result()) for f in futures]
+            return [here(*calls[0])] + [unpack(f.result()) for f in futures]
         except BrokenProcessPool:
             raise SmartSplitError(
                 "engine: parallel: a worker process died (its error is above). A script that runs experiments with "
@@ -208,4 +201,5 @@ class ProcessRounds(WorkerRounds):
                 "import the script); else run with engine: sequential") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
