@@ -120,12 +120,32 @@ def tail(path: str, lines: int = 15) -> str:
 
 
 def smartsplit_child(timers_path: str, cli_args: list[str]) -> int:
-    """``smartsplit.cli.main(cli_args)``, with timers around the engine's calls, written to ``timers_path``."""
+    """``smartsplit.cli.main(cli_args)``, with timers around the engine's calls, written to ``timers_path``. The
+    timers go in once the run has started its workers (``WorkerPool.for_run``, which the CLI calls before it
+    imports torch), so that this process imports torch when the CLI would, not before."""
     import smartsplit.cli as cli
+    from smartsplit.runtime.pool import WorkerPool
+
+    timers: dict = {"rounds": [], "outside_rounds": {}}
+    for_run = WorkerPool.for_run.__func__
+
+    def start_workers_then_timers(cls, config):
+        pool = for_run(cls, config)
+        install_timers(timers)
+        return pool
+
+    WorkerPool.for_run = classmethod(start_workers_then_timers)
+    try:
+        return cli.main(cli_args)
+    finally:
+        Path(timers_path).write_text(json.dumps(timers))
+
+
+def install_timers(timers: dict) -> None:
+    """Timers around the engine's calls: each round's (``timers["rounds"]``) and the rest (``outside_rounds``)."""
     from smartsplit.engine import experiment as engine
     from smartsplit.roles import central
 
-    timers: dict = {"rounds": [], "outside_rounds": {}}
     current: dict | None = None
     running: set[str] = set()  # keys being timed now: a call inside another of the same key is not counted twice
 
@@ -187,10 +207,6 @@ def smartsplit_child(timers_path: str, cli_args: list[str]) -> int:
         return finish(self, *args, **kwargs)
 
     central.CentralRole.finish_round = timed_finish
-    try:
-        return cli.main(cli_args)
-    finally:
-        Path(timers_path).write_text(json.dumps(timers))
 
 
 def run_smartsplit(args, workdir: Path, variant: list[str] = (), tag: str = "") -> dict:
