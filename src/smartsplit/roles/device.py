@@ -331,25 +331,20 @@ class DeviceRole:
         holds every unit (it then computes the loss and runs backward itself). Raises ``DeviceOutOfMemory``
         (and records the event) when the forward saves more than the plan and the budget allow."""
         r, plan = self._state, self._state.plan
+        unguarded = self._guard_cannot_trip()
         if self.deferring:
-            if r.deferred == r.step and not plan.segments and plan.micro_batch >= len(r.y) and r.budget >= plan.peak_bytes:
-                r.deferred += 1  # the plain plan at a budget that holds it: the guard cannot trip; run it later
+            if r.deferred == r.step and unguarded:
+                r.deferred += 1  # run it later, with others (the guard it skips could not have tripped)
                 r.crossed = len(r.y) * self._waiting_cut_bytes
                 return None
             self.catch_up()  # its plan or budget no longer allows waiting: on alone from here
         n, size = len(r.y), plan.micro_batch
         start = micro_batch * size
         xb, yb = r.x[start : start + size], r.y[start : start + size]
-        # the guard: what the plan predicts the forward holds, plus the room the budget leaves above its peak, plus
-        # the cut activation (which the last unit may save; it is counted apart)
-        limit = max(plan.held_bytes + r.budget - plan.peak_bytes, 0) + plan.memory.cut_io // 2
-        try:
-            with count_saved_bytes(exclude=[*r.units[: r.cut].parameters(), xb], limit=limit) as saved:
-                activation = device_forward(r.units[: r.cut], xb, plan.segments, saved)
-        except DeviceOutOfMemory:
-            r.oom_events += 1
-            raise
-        saved.discount(activation)
+        if unguarded:
+            activation = device_forward(r.units[: r.cut], xb, plan.segments)
+        else:
+            activation = self._guarded_forward(xb)
         if r.cut == len(self.architecture):
             loss, grad = edge_backward(nn.Sequential(), activation, yb, n)
             backward_into(activation, grad)
@@ -358,6 +353,28 @@ class DeviceRole:
         r.pending = activation
         r.crossed += activation.numel() * activation.element_size()
         return Activation(self.id, r.step, micro_batch, start + size >= n, activation.detach(), yb, n)
+
+    def _guard_cannot_trip(self) -> bool:
+        """The step runs its plain plan (nothing recomputed, one micro-batch) at a budget that holds the plan's
+        peak: its forward saves what the plan's profile says, which the guard's limit covers."""
+        r, plan = self._state, self._state.plan
+        return not plan.segments and plan.micro_batch >= len(r.y) and r.budget >= plan.peak_bytes
+
+    def _guarded_forward(self, xb: torch.Tensor) -> torch.Tensor:
+        """The forward to the cut, counting what it saves for backward: the count that crosses the guard's limit
+        raises ``DeviceOutOfMemory`` (and records the event). The limit: what the plan predicts the forward holds,
+        plus the room the budget leaves above its peak, plus the cut activation (which the last unit may save;
+        it is counted apart)."""
+        r, plan = self._state, self._state.plan
+        limit = max(plan.held_bytes + r.budget - plan.peak_bytes, 0) + plan.memory.cut_io // 2
+        try:
+            with count_saved_bytes(exclude=[*r.units[: r.cut].parameters(), xb], limit=limit) as saved:
+                activation = device_forward(r.units[: r.cut], xb, plan.segments, saved)
+        except DeviceOutOfMemory:
+            r.oom_events += 1
+            raise
+        saved.discount(activation)
+        return activation
 
     def backward(self, gradient: Gradient) -> None:
         r = self._state
