@@ -18,11 +18,15 @@ its round times are the metrics' ``wall_s``. The ceiling trains exactly SmartSpl
 devices' batch sizes, from the metrics) on the same data, normalised the same way, with the same 10 evaluations:
 client by client (one device's batch per step, as every federated engine trains), and as one large batch (each
 local step's batches of all the round's devices in one step: the arithmetic ceiling, what the same samples
-cost on this machine when nothing keeps the clients apart).
+cost on this machine when nothing keeps the clients apart), and with ``--ceiling-processes N`` client by client
+in N one-thread processes at once, each training every N-th batch (data-parallel plain PyTorch: what the
+parallel engine's processes could reach; its evaluation figures are one process's, each evaluates the whole
+test set).
 
     .venv/bin/python benchmarks/throughput.py                                    # SmartSplit, ceiling at 1 and 2 threads
     .venv/bin/python benchmarks/throughput.py --set threads=2                    # any --set goes to smartsplit run
     .venv/bin/python benchmarks/throughput.py --flower /tmp/flwr-venv/bin/python # and Flower (benchmarks/flower_workload.py)
+    .venv/bin/python benchmarks/throughput.py --ceiling-processes 2              # and the ceiling as 2 processes at once
 """
 
 from __future__ import annotations
@@ -90,26 +94,38 @@ def _tree_memory_kb(root: int) -> int:
 def launch(command: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``command`` to its end: wall time from launch to exit, its peak RSS (wait4: the largest process of its
     tree, waited-for children included) and the peak summed PSS of its tree, sampled every second by a thread."""
+    return launch_all([command], [log], env)
+
+
+def launch_all(commands: list[list[str]], logs: list[Path], env: dict | None = None) -> dict:
+    """``launch`` for ``commands`` started at once: wall time until the last exits, the largest peak RSS, the
+    peak of their trees' summed PSS, CPU times summed; rc is the first non-zero exit status, else 0."""
     import threading
 
     stop, tree_kb = threading.Event(), [0]
-
-    def sample(pid: int) -> None:
-        while not stop.wait(1.0):
-            tree_kb[0] = max(tree_kb[0], _tree_memory_kb(pid))
-
     started = time.perf_counter()
-    with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        sampler = threading.Thread(target=sample, args=(child.pid,), daemon=True)
-        sampler.start()
+    outs = [open(log, "w") for log in logs]
+    children = [subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env) for c, o in zip(commands, outs)]
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            tree_kb[0] = max(tree_kb[0], sum(_tree_memory_kb(c.pid) for c in children))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    codes, rss, user, system = [], 0.0, 0.0, 0.0
+    for child in children:
         _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        codes.append(child.returncode)
+        rss, user, system = max(rss, usage.ru_maxrss / MB), user + usage.ru_utime, system + usage.ru_stime
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    return {"rc": child.returncode, "process_s": wall, "peak_rss_mb": usage.ru_maxrss / MB,
-            "peak_tree_pss_mb": tree_kb[0] / MB, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "log": str(log)}
+    for out in outs:
+        out.close()
+    return {"rc": next((c for c in codes if c), 0), "process_s": wall, "peak_rss_mb": rss,
+            "peak_tree_pss_mb": tree_kb[0] / MB, "user_s": user, "sys_s": system, "log": str(logs[0])}
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -356,34 +372,45 @@ def ceiling_child(plan_path: str, result_path: str) -> None:
 
 
 def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = False,
-                memory_format: str = "contiguous") -> dict:
+                memory_format: str = "contiguous", processes: int = 1) -> dict:
     """Plain PyTorch on SmartSplit's samples: one device's batch at a time, or (``large``) each local step's
     batches of all the round's devices as one batch: the arithmetic ceiling, what the samples cost when nothing
-    keeps them apart; its convolution weights laid out in ``memory_format``."""
+    keeps them apart; its convolution weights laid out in ``memory_format``. With ``processes`` > 1 (client by
+    client only), that many processes of ``threads`` threads each train every ``processes``-th batch at once:
+    what data-parallel training of the same samples costs on this machine, the ceiling of the parallel engine."""
     c = smartsplit["config"]
-    tag = f"{'large-' if large else ''}{threads}{'' if memory_format == 'contiguous' else '-' + memory_format}"
-    plan_path, result_path = workdir / f"ceiling-{tag}-plan.json", workdir / f"ceiling-{tag}.json"
-    plan_path.write_text(json.dumps({
-        "threads": threads, "seed": c["seed"], "lr": c["training"]["lr"], "momentum": c["training"]["momentum"],
-        "memory_format": memory_format,
-        "eval_batch": c["training"]["eval_batch_size"],
-        "rounds": [r["large_batches" if large else "batches"] for r in smartsplit["rounds"]],
-        "root": c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
-    }))
+    tag = (f"{'large-' if large else ''}{f'{processes}x' if processes > 1 else ''}{threads}"
+           f"{'' if memory_format == 'contiguous' else '-' + memory_format}")
     if c["training"]["optimizer"] != "sgd" or c["data"]["dataset"] != "fashion-mnist" or c["data"].get("pad_to"):
         raise SystemExit("the ceiling knows SGD on unpadded Fashion-MNIST only; keep those in the config")
-    measured = launch([sys.executable, __file__, "--ceiling-child", str(plan_path), str(result_path)],
-                      workdir / f"ceiling-{tag}.log")
+    if large and processes > 1:
+        raise SystemExit("the ceiling runs as one large batch in one process only")
+    commands, results = [], []
+    for p in range(processes):
+        plan_path, result_path = workdir / f"ceiling-{tag}-{p}-plan.json", workdir / f"ceiling-{tag}-{p}.json"
+        plan_path.write_text(json.dumps({
+            "threads": threads, "seed": c["seed"], "lr": c["training"]["lr"], "momentum": c["training"]["momentum"],
+            "memory_format": memory_format,
+            "eval_batch": c["training"]["eval_batch_size"],
+            "rounds": [r["large_batches" if large else "batches"][p::processes] for r in smartsplit["rounds"]],
+            "root": c["data"]["root"] or "/usr/share/datasets/fashion-mnist",
+        }))
+        commands.append([sys.executable, __file__, "--ceiling-child", str(plan_path), str(result_path)])
+        results.append(result_path)
+    measured = launch_all(commands, [workdir / f"ceiling-{tag}-{p}.log" for p in range(processes)])
     if measured["rc"] != 0:
         raise SystemExit(f"the ceiling failed (exit {measured['rc']}):\n{tail(measured['log'])}")
-    out = json.loads(result_path.read_text())
-    rounds = out["rounds"]
+    outs = [json.loads(r.read_text()) for r in results]
+    rounds = [{"samples": sum(o["rounds"][i]["samples"] for o in outs), "steps": sum(o["rounds"][i]["steps"] for o in outs),
+               "train_s": max(o["rounds"][i]["train_s"] for o in outs), "eval_s": max(o["rounds"][i]["eval_s"] for o in outs),
+               "accuracy": outs[0]["rounds"][i]["accuracy"]} for i in range(len(outs[0]["rounds"]))]
     kind = "one large batch" if large else "client by client"
     layout = "" if memory_format == "contiguous" else f", {memory_format}"
-    return {"name": f"plain PyTorch, {kind} ({threads} thr{layout})", **measured, "rounds": rounds,
+    width = f"{processes} proc x {threads} thr" if processes > 1 else f"{threads} thr"
+    return {"name": f"plain PyTorch, {kind} ({width}{layout})", **measured, "rounds": rounds,
             "samples": sum(r["samples"] for r in rounds), "steps": sum(r["steps"] for r in rounds),
             "train_s": sum(r["train_s"] for r in rounds), "eval_s": sum(r["eval_s"] for r in rounds),
-            "evaluations": len(rounds), "test_examples": out["test_examples"], "final_accuracy": rounds[-1]["accuracy"],
+            "evaluations": len(rounds), "test_examples": outs[0]["test_examples"], "final_accuracy": rounds[-1]["accuracy"],
             "round_train_s": [r["train_s"] for r in rounds], "round_samples": [r["samples"] for r in rounds]}
 
 
@@ -468,6 +495,9 @@ def main() -> None:
                         "memory_format=channels_last is the plain loop laid out so too")
     parser.add_argument("--flower", metavar="PYTHON", help="a Python with flwr[simulation]==1.42.0 and torch: also "
                         "run benchmarks/flower_workload.py with it")
+    parser.add_argument("--ceiling-processes", default="", metavar="N[,N]",
+                        help="also run the client-by-client ceiling as N processes of 1 thread at once, each training "
+                             "every N-th batch (the parallel engine's ceiling: data-parallel plain PyTorch)")
     parser.add_argument("--out", default="runs/throughput/throughput.json",
                         help="results as JSON; logs and SmartSplit's run folder go beside it")
     args = parser.parse_args()
@@ -492,6 +522,9 @@ def main() -> None:
             for large in (False, True):
                 rows.append(run_ceiling(threads, ss, workdir, large, memory_format))
                 print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
+        for processes in [int(v) for v in args.ceiling_processes.split(",") if v.strip()]:
+            rows.append(run_ceiling(1, ss, workdir, False, memory_format, processes))
+            print(f"{rows[-1]['name']}: {rows[-1]['process_s']:.1f} s", flush=True)
     plain = [r for r in rows if r["name"].startswith("plain")]
     test_examples = plain[0]["test_examples"] if plain else 10000  # the test set's size, as the ceiling read it
     if args.flower:
