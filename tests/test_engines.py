@@ -100,13 +100,13 @@ def test_the_parallel_engine_gives_the_sequential_metrics(tmp_path, strategy, ov
 
 
 def test_the_parallel_engine_trains_a_part_here_with_workers_started_before_torch_is_imported(tmp_path):
-    """``smartsplit run`` starts the parallel engine's workers (``WorkerPool``) as soon as it has read the config,
-    before this process imports torch, so that they start while it does; this process trains one part of each
-    round itself, so two workers are this process and one spawned."""
+    """``smartsplit run`` starts the parallel engine's workers (``WorkerPool``) once it has read the config and
+    checked the run folder, before this process imports torch, so that they start while it does; this process
+    trains one part of each round itself, so two workers are this process and one spawned."""
     from smartsplit.runtime.pool import WorkerPool
     from smartsplit.runtime.workers import ProcessRounds
 
-    code = "import sys, smartsplit.cli, smartsplit.config, smartsplit.runtime.pool; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    code = "import sys, smartsplit.cli, smartsplit.config, smartsplit.runtime.folder, smartsplit.runtime.pool; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 

@@ -12,6 +12,7 @@ from smartsplit.records import MB
 
 def _run(args: argparse.Namespace) -> None:
     from smartsplit.config import load_config
+    from smartsplit.runtime.folder import check_run_folder, run_folder
     from smartsplit.runtime.pool import WorkerPool
 
     args.set += _engine_overrides(args)
@@ -26,6 +27,7 @@ def _run(args: argparse.Namespace) -> None:
         config, out = load_config(args.config, args.set), args.out
     else:
         raise SmartSplitError("run: give a CONFIG file, or --resume RUN_DIR")
+    check_run_folder(run_folder(config, out), resume=bool(args.resume), overwrite=args.overwrite)  # before workers
     pool = WorkerPool.for_run(config)  # the parallel engine's workers start while this process imports torch
     from smartsplit.reports.summary import SUMMARY_HEADERS, profiles_line, result_line, summary_rows
     from smartsplit.reports.table import format_table

@@ -26,7 +26,7 @@ from smartsplit.kernels.step import start_optimizers
 from smartsplit.records import RoundRecord, strict_json
 from smartsplit.reports.summary import RunSummary, profiles_line, summarise
 from smartsplit.runtime.allocator import collector_frozen, tune_allocator
-from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state
+from smartsplit.runtime.folder import STATE_FORMAT, RunLock, check_run_folder, clear_run, fingerprint, load_state, run_folder
 from smartsplit.runtime.pool import WorkerPool
 from smartsplit.strategies import Strategy
 
@@ -109,7 +109,7 @@ def run_experiment(config: Config, run_dir: str | Path | None = None, progress: 
     files are replaced) or ``resume``: then the run continues after its last saved round, and its metrics match
     those of a run that was never interrupted.
     """
-    run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
+    run_dir = run_folder(config, run_dir)
     check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)

@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from smartsplit.config import Config
 from smartsplit.errors import SmartSplitError
 
@@ -37,6 +35,11 @@ def check_writable(path: Path, what: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SmartSplitError(f"{what} {path}: cannot be created ({exc.strerror}); choose another path") from None
+
+
+def run_folder(config: Config, run_dir: str | Path | None = None) -> Path:
+    """Where ``config``'s run writes: ``run_dir``, or by default ``<output_dir>/<name>``."""
+    return Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
 
 
 def check_run_folder(run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> None:
@@ -106,6 +109,8 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
 def load_state(run_dir: Path, config: Config, records: int) -> dict | None:
     """The saved state of the run in ``run_dir``, checked against ``config``; None if the run has no finished
     round yet (it then starts from round 0). ``records``: rounds its metrics.jsonl holds."""
+    import torch  # here, not above: the CLI checks a run folder before it imports torch
+
     path = run_dir / "state.pt"
     if not path.exists():
         if records:
