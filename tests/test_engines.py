@@ -106,7 +106,8 @@ def test_the_parallel_engine_trains_a_part_here_with_workers_started_before_torc
     from smartsplit.runtime.pool import WorkerPool
     from smartsplit.runtime.workers import ProcessRounds
 
-    code = "import sys, smartsplit.cli, smartsplit.config, smartsplit.runtime.folder, smartsplit.runtime.pool; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    code = ("import sys, smartsplit.cli, smartsplit.config, smartsplit.runtime.folder, smartsplit.runtime.pool; "
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
