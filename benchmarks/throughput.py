@@ -401,9 +401,11 @@ def run_ceiling(threads: int, smartsplit: dict, workdir: Path, large: bool = Fal
     if measured["rc"] != 0:
         raise SystemExit(f"the ceiling failed (exit {measured['rc']}):\n{tail(measured['log'])}")
     outs = [json.loads(r.read_text()) for r in results]
-    rounds = [{"samples": sum(o["rounds"][i]["samples"] for o in outs), "steps": sum(o["rounds"][i]["steps"] for o in outs),
-               "train_s": max(o["rounds"][i]["train_s"] for o in outs), "eval_s": max(o["rounds"][i]["eval_s"] for o in outs),
-               "accuracy": outs[0]["rounds"][i]["accuracy"]} for i in range(len(outs[0]["rounds"]))]
+    rounds = []  # the processes' rounds side by side: samples and steps add up, a round lasts as its slowest
+    for each in zip(*(o["rounds"] for o in outs)):
+        rounds.append({"samples": sum(r["samples"] for r in each), "steps": sum(r["steps"] for r in each),
+                       "train_s": max(r["train_s"] for r in each), "eval_s": max(r["eval_s"] for r in each),
+                       "accuracy": each[0]["accuracy"]})
     kind = "one large batch" if large else "client by client"
     layout = "" if memory_format == "contiguous" else f", {memory_format}"
     width = f"{processes} proc x {threads} thr" if processes > 1 else f"{threads} thr"
