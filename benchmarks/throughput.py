@@ -454,7 +454,7 @@ def figures(row: dict, test_examples: int) -> dict:
             "eval_sps": row["evaluations"] * n / row["eval_s"], "process_sps": row["samples"] / row["process_s"]}
 
 
-NAME = 56
+NAME = 64
 
 
 def print_table(rows: list[dict]) -> None:
