@@ -1,9 +1,9 @@
 """``engine: parallel``'s worker processes, which a run starts before this process imports torch.
 
 A spawned worker spends its first seconds importing torch and building its replica of the experiment. Started
-as the first thing a run does (``smartsplit run`` starts them as soon as it has read the config), that happens
-while this process imports torch and builds its own experiment, instead of in round 1. So this module imports
-nothing heavy: a worker imports its replica (``runtime.workers``) itself.
+as the first thing a run does (``smartsplit run`` starts them once it has read the config and checked the run
+folder), that happens while this process imports torch and builds its own experiment, instead of in round 1.
+So this module imports nothing heavy: a worker imports its replica (``runtime.workers``) itself.
 """
 
 from __future__ import annotations
