@@ -24,7 +24,7 @@ from smartsplit.data import Dataset
 from smartsplit.kernels.aggregate import unit_state, unit_states
 from smartsplit.kernels.grouped import Client
 from smartsplit.kernels.structure import materialise, structure_of
-from smartsplit.kernels.step import backward_into, device_forward, edge_backward, make_optimizer, reference_step
+from smartsplit.kernels.step import backward_into, device_forward, make_optimizer, own_loss_backward, reference_step
 from smartsplit.fleet import BudgetTrace, Device
 from smartsplit.memory.ondevice import DevicePlan, OnDeviceManager
 from smartsplit.meter.held import held_bytes
@@ -346,9 +346,7 @@ class DeviceRole:
         else:
             activation = self._guarded_forward(xb)
         if r.cut == len(self.architecture):
-            loss, grad = edge_backward(nn.Sequential(), activation, yb, n)
-            backward_into(activation, grad)
-            r.loss_sum += loss
+            r.loss_sum += own_loss_backward(activation, yb, n)
             return None
         r.pending = activation
         r.crossed += activation.numel() * activation.element_size()
