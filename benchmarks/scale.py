@@ -40,14 +40,13 @@ def resident_mb() -> float:
 
 
 def warm_up(experiment) -> None:
-    """What a process pays once whatever its fleet, kept out of round 1: torch imports ``torch._dynamo`` when it
-    makes its first optimizer (seconds), and the first forward and backward set up their kernels."""
-    import torch
+    """What a process pays once whatever its fleet, kept out of round 1 as ``smartsplit run`` keeps it: torch
+    imports ``torch._dynamo`` when it makes its first optimizer (``start_optimizers``, seconds), and the first
+    forward and backward set up their kernels."""
+    from smartsplit.kernels.step import start_optimizers
 
-    model = copy.deepcopy(experiment.architecture)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    model(experiment.train.x[:2]).sum().backward()
-    optimizer.step()
+    start_optimizers(experiment.config.training.optimizer)
+    copy.deepcopy(experiment.architecture)(experiment.train.x[:2]).sum().backward()
 
 
 def measure(devices: int, strategy: str, sets: list[str]) -> dict:
